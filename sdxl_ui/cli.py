@@ -1,0 +1,215 @@
+"""Command line: `python -m sdxl_ui generate | doctor | bench`.
+
+Exit codes: 0 success, 2 bad input (one line naming the field), 1 any other failure (model, memory, device).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .schema import ErrorEvent, GenerationRequest, LogEvent, ProgressEvent, ResultEvent, ValidationError
+from .settings import AppSettings, AttentionChoice, DeviceChoice, OffloadChoice, Precision, Toggle
+
+EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def add_settings_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by the CLI and app.py. Every default is None so SDXL_UI_* environment values apply."""
+    g = parser.add_argument_group("model and device (also SDXL_UI_* environment variables)")
+    g.add_argument("--model", help="hub id, local diffusers folder, .safetensors file, or 'tiny' (offline demo); "
+                                   "default stabilityai/stable-diffusion-xl-base-1.0 or $SDXL_UI_MODEL")
+    g.add_argument("--refiner", help="refiner hub id/folder/file, 'none', or 'auto' (default)")
+    g.add_argument("--use-refiner", choices=[c.value for c in Toggle], help="auto: on for high quality on GPU")
+    g.add_argument("--device", choices=[c.value for c in DeviceChoice])
+    g.add_argument("--precision", choices=[c.value for c in Precision])
+    g.add_argument("--attention", choices=[c.value for c in AttentionChoice])
+    g.add_argument("--offload", choices=[c.value for c in OffloadChoice])
+    g.add_argument("--vae-tiling", choices=[c.value for c in Toggle])
+    g.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    g.add_argument("--outputs", help="folder for generated images (default ./outputs)")
+    g.add_argument("--local-files-only", action="store_true", default=None,
+                   help="never contact the hub (like HF_HUB_OFFLINE=1)")
+    g.add_argument("--single-file-config", help="local diffusers SDXL folder giving the config for a .safetensors")
+
+
+def settings_from_args(args) -> AppSettings:
+    names = ["model", "refiner", "use_refiner", "device", "precision", "attention", "offload", "vae_tiling",
+             "threads", "outputs", "local_files_only", "single_file_config"]
+    return AppSettings.from_env(**{n: getattr(args, n, None) for n in names})
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sdxl_ui", description="SDXL image generation, any hardware")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate image(s) headless")
+    add_settings_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative", default="")
+    gen.add_argument("--quality", default="high", help="high | fast")
+    gen.add_argument("--steps", help="requested steps (CPU runs × 0.7)")
+    gen.add_argument("--guidance")
+    gen.add_argument("--seed", help="0 … 4294967295; random when omitted")
+    gen.add_argument("--width")
+    gen.add_argument("--height")
+    gen.add_argument("--scheduler", default="auto")
+    gen.add_argument("--images", default="1", help="images per run, 1-4 (seeds seed, seed+1, …)")
+    gen.add_argument("--out", help="output .png (default: a new file under --outputs)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+
+    doc = sub.add_parser("doctor", help="print the hardware probe, the plan and the expected report")
+    add_settings_args(doc)
+    doc.add_argument("--json", action="store_true")
+    doc.add_argument("--probe-json", help="replay a probe recorded on another machine (doctor --json output)")
+
+    bench = sub.add_parser("bench", help="benchmark the full SDXL architecture against stock diffusers")
+    add_settings_args(bench)
+    bench.add_argument("--arch", choices=["full", "tiny"], default="full")
+    bench.add_argument("--res", type=int, default=512)
+    bench.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
+    bench.add_argument("--bench-device", "--target", dest="bench_device", choices=["auto", "cpu", "cuda"],
+                       default="auto")
+    bench.add_argument("--only", choices=["both", "baseline", "plan"], default="both")
+    bench.add_argument("--compile", action="store_true", help="also time torch.compile (long warm-up)")
+    bench.add_argument("--json", action="store_true")
+    return parser
+
+
+def _fail(message: str, code: int, as_json: bool, kind: str) -> int:
+    if as_json:
+        print(json.dumps({"ok": False, "error": message, "kind": kind}, ensure_ascii=False))
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _result_json(result: ResultEvent, note: str | None) -> dict:
+    return {
+        "ok": True, "path": result.path, "seed": result.seed, "model": result.model, "note": note,
+        "device": result.device, "dtype": result.dtype, "steps_requested": result.steps_requested,
+        "steps_run": result.steps_run, "refiner": result.refiner,
+        "optimizations": result.report.to_list(),
+        "timings": {"load_s": result.timings.load_s, "generate_s": result.timings.generate_s,
+                    "total_s": result.timings.total_s},
+        "parameters": result.parameters, "save_error": result.save_error,
+    }
+
+
+def cmd_generate(args) -> int:
+    from .models import ModelLoadError
+    from .schema import DEMO_NOTE
+    from .service import GenerationService, check_output_path
+
+    try:
+        settings = settings_from_args(args)
+        request = GenerationRequest.from_raw(
+            prompt=args.prompt, negative_prompt=args.negative, quality=args.quality, steps=args.steps,
+            guidance=args.guidance, seed=args.seed, width=args.width, height=args.height,
+            scheduler=args.scheduler, images=args.images)
+        out = check_output_path(args.out) if args.out else None
+        service = GenerationService(settings)
+        service.source  # noqa: B018 - validates --model before any work
+    except ValidationError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT, args.json, "validation")
+    except ModelLoadError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT, args.json, "model")
+    results: list[ResultEvent] = []
+    for event in service.generate(request, output_path=out):
+        if isinstance(event, ResultEvent):
+            results.append(event)
+        elif isinstance(event, ErrorEvent):
+            code = EXIT_BAD_INPUT if event.kind == "validation" else EXIT_FAIL
+            return _fail(event.message, code, args.json, event.kind)
+        elif isinstance(event, ProgressEvent) and not args.json:
+            print(f"   {event.line()}", file=sys.stderr)
+    note = DEMO_NOTE if settings.is_tiny else None
+    if args.json:
+        data = _result_json(results[0], note)
+        if len(results) > 1:
+            data["images"] = [_result_json(r, note) for r in results]
+        print(json.dumps(data, ensure_ascii=False, indent=1))
+    else:
+        for r in results:
+            print(r.path or f"(not saved: {r.save_error})")
+    return EXIT_OK if all(r.path for r in results) else EXIT_FAIL
+
+
+def cmd_doctor(args) -> int:
+    from .optimize import expected_report
+    from .policy import PlanError, make_plan
+    from .schema import HardwareProbe
+
+    try:
+        settings = settings_from_args(args)
+        if args.probe_json:
+            try:
+                probe = HardwareProbe.from_dict(json.loads(Path(args.probe_json).read_text(encoding="utf-8")))
+            except (OSError, ValueError) as exc:
+                raise ValidationError("probe_json", args.probe_json, f"cannot be read as probe JSON ({exc})")
+        else:
+            from .device import probe_hardware
+
+            probe = probe_hardware()
+    except ValidationError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT, args.json, "validation")
+    model_kind = "tiny" if settings.is_tiny else "sdxl"
+    size = 256 if settings.is_tiny else 1024
+    try:
+        plan = make_plan(probe, settings, model_kind, size, size, True)
+    except PlanError as exc:
+        if args.json:
+            print(json.dumps({"probe": probe.to_dict(), "plan": None, "error": str(exc)}, ensure_ascii=False,
+                             indent=1))
+        else:
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    rep = expected_report(plan, probe)
+    if args.json:
+        print(json.dumps({"probe": probe.to_dict(), "plan": plan.to_dict(), "optimizations": rep.to_list()},
+                         ensure_ascii=False, indent=1))
+        return EXIT_OK
+    c = probe.cuda
+    print(f"torch {probe.torch_version} on {probe.os}")
+    print(f"CPU  {probe.cpu.model_name}: {probe.cpu.physical_cores} cores, flags {', '.join(probe.cpu.flags)}, "
+          f"RAM {probe.cpu.ram_available_gb}/{probe.cpu.ram_total_gb} GB free")
+    if c.available:
+        print(f"CUDA {c.device_name} {c.sm}, {c.vram_total_gb} GB; torch arch list {', '.join(c.arch_list)}; "
+              f"kernel test {'passed' if c.kernel_ok else 'FAILED: ' + str(c.kernel_error)}")
+    else:
+        print(f"CUDA not available (torch CUDA build: {c.version or 'none'})")
+    print(f"MPS  {'available' if probe.mps.available else 'not available'}")
+    print(f"xformers {probe.xformers.version or 'not installed'}")
+    print(f"\nPlan: {plan.device}, {plan.dtype} — {plan.reason}")
+    print(f"Memory: {plan.reasons['memory']}")
+    print("\nExpected optimization report:")
+    for line in rep.log_lines():
+        print(f"   {line}")
+    return EXIT_OK
+
+
+def setup_logging(level: int) -> None:
+    """Console logging for the CLI and app.py (never at import)."""
+    import os
+
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    # xformers warns at import that its CUDA kernels cannot load on a CPU build; our report states the xformers
+    # status itself (not applicable on CPU / kernels do not run), so its import-time warning is only noise.
+    logging.getLogger("xformers").setLevel(logging.ERROR)
+    # transformers warns that image processors fall back to PIL without torchvision (we never install it).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    quiet = getattr(args, "json", False)
+    setup_logging(logging.WARNING if quiet else logging.INFO)
+    if args.command == "generate":
+        return cmd_generate(args)
+    if args.command == "doctor":
+        return cmd_doctor(args)
+    from .bench import cmd_bench
+
+    return cmd_bench(args)

@@ -1,0 +1,151 @@
+"""probe_hardware(): the only code that asks torch and the OS about hardware (style rule 2).
+
+`torch.cuda.is_available()` only says a driver and a device exist. A new GPU (e.g. an RTX 5090, sm_120)
+on a torch build without kernels for it reports available and then fails on the first real op with
+"no kernel image is available for execution on the device". So the probe runs a small matmul and conv
+on the device and records the outcome; the policy decides from that, never from `is_available()` alone.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import platform
+
+from .schema import CpuInfo, CudaInfo, HardwareProbe, MpsInfo, XformersInfo
+
+log = logging.getLogger(__name__)
+
+INTERESTING_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+
+
+def _gb(n_bytes: float) -> float:
+    return round(n_bytes / 1024**3, 2)
+
+
+def _cpu_info() -> CpuInfo:
+    import psutil
+
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:  # macOS / Windows: no /proc; Apple silicon has no AVX anyway
+        pass
+    memory = psutil.virtual_memory()
+    logical = os.cpu_count() or 1
+    return CpuInfo(
+        physical_cores=psutil.cpu_count(logical=False) or logical,
+        logical_cores=logical,
+        model_name=model,
+        flags=tuple(f for f in INTERESTING_CPU_FLAGS if f in flags),
+        ram_total_gb=_gb(memory.total),
+        ram_available_gb=_gb(memory.available),
+    )
+
+
+def _kernel_smoke_test(torch, device: str) -> str | None:
+    """Run a small matmul and conv on ``device`` and wait for them. Returns None or the error text."""
+    try:
+        a = torch.randn(64, 64, device=device, dtype=torch.float16 if device != "cpu" else torch.float32)
+        b = (a @ a).float().sum()
+        x = torch.randn(1, 4, 16, 16, device=device)
+        w = torch.randn(8, 4, 3, 3, device=device)
+        y = torch.nn.functional.conv2d(x, w, padding=1).sum()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if not torch.isfinite(b + y):
+            return "smoke test produced non-finite values"
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure means "do not use this device"
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+def _sdpa_backends(torch, device: str) -> tuple[str, ...]:
+    """Which scaled_dot_product_attention backends actually run on ``device`` (tested, not assumed)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    q = torch.randn(1, 2, 64, 64, device=device, dtype=dtype)
+    names = {
+        SDPBackend.FLASH_ATTENTION: "flash",
+        SDPBackend.EFFICIENT_ATTENTION: "mem_efficient",
+        SDPBackend.CUDNN_ATTENTION: "cudnn",
+        SDPBackend.MATH: "math",
+    }
+    working = []
+    for backend, name in names.items():
+        try:
+            with sdpa_kernel([backend]):
+                torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            working.append(name)
+        except Exception:  # noqa: BLE001 - "not usable here" is the answer we want
+            continue
+    return tuple(working)
+
+
+def _xformers_info(cuda_ok: bool, torch) -> XformersInfo:
+    try:
+        version = importlib.metadata.version("xformers")
+    except importlib.metadata.PackageNotFoundError:
+        return XformersInfo()
+    if not cuda_ok:
+        return XformersInfo(version=version)  # CUDA-only kernels: nothing to test here
+    try:
+        import xformers.ops
+
+        q = torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.float16)
+        xformers.ops.memory_efficient_attention(q, q, q)
+        torch.cuda.synchronize()
+        return XformersInfo(version=version, kernel_ok=True)
+    except Exception as exc:  # noqa: BLE001 - an installed xformers is not a working xformers
+        return XformersInfo(version=version, kernel_ok=False, kernel_error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+def _cuda_info(torch) -> CudaInfo:
+    if not torch.cuda.is_available():
+        return CudaInfo(available=False, version=torch.version.cuda)
+    props = torch.cuda.get_device_properties(0)
+    error = _kernel_smoke_test(torch, "cuda")
+    free = total = None
+    try:
+        free, total = torch.cuda.mem_get_info(0)
+    except Exception:  # noqa: BLE001 - a device without kernels may fail here too
+        total = props.total_memory
+    return CudaInfo(
+        available=True,
+        version=torch.version.cuda,
+        device_name=props.name,
+        capability=(props.major, props.minor),
+        arch_list=tuple(torch.cuda.get_arch_list()),
+        kernel_ok=error is None,
+        kernel_error=error,
+        vram_total_gb=_gb(total) if total else None,
+        vram_free_gb=_gb(free) if free else None,
+    )
+
+
+def probe_hardware() -> HardwareProbe:
+    """Look at the machine once. Takes well under a second on CPU; a GPU adds its kernel tests."""
+    import torch
+
+    cuda = _cuda_info(torch)
+    mps_ok = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    sdpa = {"cpu": _sdpa_backends(torch, "cpu")}
+    if cuda.kernel_ok:
+        sdpa["cuda"] = _sdpa_backends(torch, "cuda")
+    return HardwareProbe(
+        torch_version=torch.__version__,
+        cuda=cuda,
+        mps=MpsInfo(available=mps_ok),
+        cpu=_cpu_info(),
+        xformers=_xformers_info(bool(cuda.kernel_ok), torch),
+        sdpa_backends=sdpa,
+        os=f"{platform.system()} {platform.release()} ({platform.machine()})",
+    )

@@ -1,0 +1,88 @@
+"""A1111-style PNG `parameters` text chunk: write, read, parse.
+
+Format (what AUTOMATIC1111, Civitai and most viewers read):
+    <prompt>
+    Negative prompt: <negative>
+    Steps: 35, Sampler: Euler, CFG scale: 8.0, Seed: 7, Size: 256x256, Model: tiny, ...
+Prompts are stored as text (PIL writes iTXt/UTF-8 when they are not Latin-1), never interpreted.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+KEY_VALUE = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def _quote(value: str) -> str:
+    """Quote a value that contains the separator, as A1111 does."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if ("," in text or ":" in text or '"' in text) else text
+
+
+@dataclass(frozen=True)
+class ImageParameters:
+    prompt: str
+    negative_prompt: str
+    steps: int
+    sampler: str
+    cfg_scale: float
+    seed: int
+    width: int
+    height: int
+    model: str
+    device: str
+    dtype: str
+    refiner: bool = False
+    note: str | None = None
+
+    def to_text(self) -> str:
+        fields = [
+            ("Steps", self.steps), ("Sampler", self.sampler), ("CFG scale", self.cfg_scale), ("Seed", self.seed),
+            ("Size", f"{self.width}x{self.height}"), ("Model", self.model), ("Device", self.device),
+            ("Dtype", self.dtype), ("Refiner", "yes" if self.refiner else "no"),
+        ]
+        if self.note:
+            fields.append(("Note", self.note))
+        tail = ", ".join(f"{k}: {_quote(v)}" for k, v in fields)
+        # A prompt line that itself starts with "Negative prompt:" would confuse readers; keep it as is (rare).
+        return f"{self.prompt}\nNegative prompt: {self.negative_prompt}\n{tail}"
+
+
+def parse_parameters(text: str) -> dict:
+    """Parse a `parameters` chunk back into {'prompt', 'negative_prompt', <key>: <str value>...}."""
+    *head, last = text.split("\n")
+    prompt_lines, negative_lines, in_negative = [], [], False
+    for line in head:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].lstrip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    out = {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines)}
+    for key, value in KEY_VALUE.findall(last):
+        value = value.strip()
+        if value.startswith('"'):
+            value = json.loads(value)
+        out[key.strip()] = value
+    return out
+
+
+def save_png(image, target: Path | IO[bytes], params: ImageParameters, extra: dict | None = None) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", params.to_text())  # falls back to iTXt (UTF-8) for non-Latin-1 text
+    if extra:
+        info.add_text("sdxl_ui", json.dumps(extra, ensure_ascii=False))
+    image.save(target, format="PNG", pnginfo=info)
+
+
+def read_parameters(path: str | Path) -> str | None:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        return img.text.get("parameters")

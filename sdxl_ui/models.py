@@ -1,0 +1,330 @@
+"""Load the SDXL base (and refiner) from a hub id, a local diffusers folder or a single .safetensors file,
+or build the offline ``tiny`` demo model: the full SDXL architecture at toy width, random weights.
+
+Every failure becomes a ModelLoadError whose message says what was tried and the ways out.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .schema import DEMO_NOTE
+from .settings import DEFAULT_MODEL, TINY
+
+log = logging.getLogger(__name__)
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+TINY_SEED = 0
+TINY_SIZE = 256
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded. The message is meant for the user as it is."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "tiny" | "hub" | "folder" | "single_file"
+    location: str
+
+    @property
+    def model_kind(self) -> str:
+        """For the memory estimate: 'tiny' or 'sdxl' (anything real is assumed SDXL-sized)."""
+        return "tiny" if self.kind == "tiny" else "sdxl"
+
+    @property
+    def native_size(self) -> int:
+        return TINY_SIZE if self.kind == "tiny" else 1024
+
+    @property
+    def label(self) -> str:
+        return "tiny" if self.kind == "tiny" else self.location
+
+
+@dataclass
+class LoadedModels:
+    base: Any  # StableDiffusionXLPipeline
+    refiner: Any | None  # StableDiffusionXLImg2ImgPipeline sharing text_encoder_2 and the VAE
+    source: ModelSource
+    load_s: float
+
+    @property
+    def note(self) -> str | None:
+        return DEMO_NOTE if self.source.kind == "tiny" else None
+
+
+def resolve_source(spec: str, field: str = "model") -> ModelSource:
+    """Classify a --model / --refiner value, without loading anything."""
+    spec = str(spec).strip()
+    if spec.lower() == TINY:
+        return ModelSource("tiny", TINY)
+    path = Path(spec).expanduser()
+    if spec.lower().endswith((".safetensors", ".ckpt")):
+        if not path.is_file():
+            raise ModelLoadError(f"{field}: checkpoint file {spec!r} does not exist")
+        if spec.lower().endswith(".ckpt"):
+            raise ModelLoadError(f"{field}: {spec!r} is a pickle .ckpt; only .safetensors files are loaded "
+                                 "(pickles can run code). Convert it to .safetensors first")
+        return ModelSource("single_file", str(path.resolve()))
+    if path.is_dir():
+        return ModelSource("folder", str(path.resolve()))
+    if path.exists():
+        raise ModelLoadError(f"{field}: {spec!r} is a file but not a .safetensors checkpoint")
+    if spec.startswith((".", "/", "~")) or os.sep in spec.replace("/", "", 1) or not HUB_ID.match(spec):
+        raise ModelLoadError(
+            f"{field}: {spec!r} is not 'tiny', an existing diffusers folder, a .safetensors file, or a hub id "
+            "like 'stabilityai/stable-diffusion-xl-base-1.0' (if it is a local path: it does not exist)"
+        )
+    return ModelSource("hub", spec)
+
+
+def _ways_out(what: str) -> str:
+    return (
+        f"Ways out: (1) download it while online: `huggingface-cli download {what}` (or run once with network "
+        "access, without HF_HUB_OFFLINE); (2) point at a local copy: --model /path/to/diffusers-folder or "
+        "--model /path/to/model.safetensors; (3) try the app offline with the demo model: --model tiny"
+    )
+
+
+# ---------------------------------------------------------------- tiny demo model
+
+def _byte_level_alphabet() -> list[str]:
+    """GPT-2/CLIP's reversible byte -> printable character map (every byte gets a visible character)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _clip_tokenizer():
+    """A real CLIPTokenizer whose byte-level vocabulary is generated in code (no merges, no download)."""
+    from transformers import CLIPTokenizer
+
+    chars = _byte_level_alphabet()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _tiny_components(torch):
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = _clip_tokenizer()
+    vocab = len(tokenizer)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    common = dict(vocab_size=vocab, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, max_position_embeddings=77,
+                  layer_norm_eps=1e-5, hidden_act="quick_gelu")
+    # SDXL: encoder 1 = CLIP ViT-L text (768), encoder 2 = OpenCLIP bigG text with projection (1280 -> 1280).
+    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                       num_hidden_layers=2, projection_dim=32, **common))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                                     num_hidden_layers=2, projection_dim=32, **common))
+    # Same block layout as SDXL base (no attention at full latent res; text_time conditioning), toy widths.
+    unet = UNet2DConditionModel(
+        sample_size=TINY_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64), attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 1, 2),
+        cross_attention_dim=32 + 64, use_linear_projection=True, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # (orig size, crop, target size) x 8 + pooled text
+    )
+    # Four levels like the real VAE, so the latent scale factor stays 8.
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=TINY_SIZE, scaling_factor=0.13025, force_upcast=True,
+    )
+    # SDXL refiner layout: text encoder 2 only, aesthetic-score conditioning (5 time ids instead of 6).
+    refiner_unet = UNet2DConditionModel(
+        sample_size=TINY_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64, 64), attention_head_dim=(2, 4, 4, 4), cross_attention_dim=64,
+        use_linear_projection=True, norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=5 * 8 + 32,
+    )
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+    )
+    for module in (te1, te2, unet, vae, refiner_unet):
+        module.eval()
+    return dict(tokenizer=tokenizer, te1=te1, te2=te2, unet=unet, vae=vae, refiner_unet=refiner_unet,
+                scheduler=scheduler)
+
+
+def build_tiny(with_refiner: bool = True, dtype: str = "float32"):
+    """(base, refiner) tiny pipelines, identical on every call (fixed seed; built in about a second)."""
+    import torch
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        c = _tiny_components(torch)
+    for key in ("te1", "te2", "unet", "vae", "refiner_unet"):
+        # Plain nn.Module.to: diffusers' ModelMixin.to warns about fp32-only modules, and these have none.
+        torch.nn.Module.to(c[key], dtype=_torch_dtype(dtype))
+    base = StableDiffusionXLPipeline(
+        vae=c["vae"], text_encoder=c["te1"], text_encoder_2=c["te2"], tokenizer=c["tokenizer"],
+        tokenizer_2=c["tokenizer"], unet=c["unet"], scheduler=c["scheduler"], force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    refiner = None
+    if with_refiner:
+        refiner = StableDiffusionXLImg2ImgPipeline(
+            vae=c["vae"], text_encoder=None, text_encoder_2=c["te2"], tokenizer=None, tokenizer_2=c["tokenizer"],
+            unet=c["refiner_unet"], scheduler=c["scheduler"], requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False, add_watermarker=False,
+        )
+    base.set_progress_bar_config(disable=True)
+    if refiner is not None:
+        refiner.set_progress_bar_config(disable=True)
+    return base, refiner
+
+
+# ---------------------------------------------------------------- real loading
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _check_folder(path: Path, want_refiner: bool, field: str) -> None:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(f"{field}: folder {str(path)!r} is not a diffusers pipeline (no model_index.json). "
+                             "Point at the folder that holds model_index.json, or at a single .safetensors file")
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{field}: {index} cannot be read ({exc})") from None
+    if "StableDiffusionXL" not in class_name:
+        raise ModelLoadError(f"{field}: folder {str(path)!r} holds a {class_name or 'unknown'} pipeline, "
+                             "not Stable Diffusion XL")
+
+
+def _load_kwargs(location: str, dtype: str, is_folder: bool) -> dict:
+    kwargs: dict = {"torch_dtype": _torch_dtype(dtype), "add_watermarker": False}
+    if is_folder:
+        files = [p.name for p in Path(location).rglob("*") if p.is_file()]
+        kwargs["use_safetensors"] = True if any(f.endswith(".safetensors") for f in files) else None
+        if dtype in ("float16", "bfloat16") and any(".fp16." in f for f in files):
+            kwargs["variant"] = "fp16"
+    else:
+        kwargs["use_safetensors"] = True
+        if dtype in ("float16", "bfloat16"):
+            kwargs["variant"] = "fp16"  # the hub repos ship fp16 weights: half the download
+    return kwargs
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _from_pretrained(cls, source: ModelSource, dtype: str, local_files_only: bool, field: str, **extra):
+    is_folder = source.kind == "folder"
+    kwargs = {**_load_kwargs(source.location, dtype, is_folder), **extra}
+    if is_folder:
+        return cls.from_pretrained(source.location, local_files_only=True, **kwargs)
+    attempts = [True] if (local_files_only or _offline()) else [True, False]
+    last: Exception | None = None
+    for cached_only in attempts:
+        for variant in ([kwargs.get("variant"), None] if kwargs.get("variant") else [None]):
+            try:
+                options = {**kwargs, "variant": variant}
+                return cls.from_pretrained(source.location, local_files_only=cached_only, **options)
+            except (OSError, ValueError) as exc:  # not cached / unreachable / no such variant
+                last = exc
+    where = "the local Hugging Face cache" + ("" if len(attempts) == 1 else " and the hub (unreachable?)")
+    first_line = str(last).strip().splitlines()[0] if last and str(last).strip() else type(last).__name__
+    raise ModelLoadError(
+        f"{field}: could not load {source.location!r}: it is not in {where}"
+        f"{' (offline mode: HF_HUB_OFFLINE / --local-files-only)' if len(attempts) == 1 else ''}. "
+        f"Last error: {first_line[:300]}. {_ways_out(source.location)}"
+    )
+
+
+def _from_single_file(cls, source: ModelSource, dtype: str, config: str | None, field: str, **extra):
+    try:
+        from safetensors import safe_open
+
+        with safe_open(source.location, framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:  # noqa: BLE001 - corrupt/truncated files raise various errors
+        raise ModelLoadError(f"{field}: {source.location!r} is not a valid .safetensors file ({exc})") from None
+    if not any(k.startswith(("model.diffusion_model.", "conditioner.")) for k in keys):
+        raise ModelLoadError(f"{field}: {source.location!r} does not look like an SDXL checkpoint "
+                             f"({len(keys)} tensors, none under model.diffusion_model.)")
+    try:
+        return cls.from_single_file(source.location, torch_dtype=_torch_dtype(dtype), config=config,
+                                    local_files_only=_offline() or None, **extra)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{field}: could not build a pipeline from {source.location!r}: {str(exc).splitlines()[0][:300]}. "
+            "diffusers needs the matching model config: run once online, or pass --single-file-config with a "
+            f"local diffusers SDXL folder. {_ways_out(DEFAULT_MODEL)}"
+        ) from None
+
+
+def load_models(source: ModelSource, refiner_spec: str | None, dtype: str, vae_dtype: str, want_refiner: bool,
+                local_files_only: bool = False, single_file_config: str | None = None) -> LoadedModels:
+    """Load base (+ refiner sharing text_encoder_2 and the VAE) in ``dtype``; the VAE in ``vae_dtype``."""
+    import torch
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    start = time.perf_counter()
+    refiner = None
+    try:
+        if source.kind == "tiny":
+            base, tiny_refiner = build_tiny(with_refiner=want_refiner, dtype=dtype)
+            if refiner_spec == TINY:
+                refiner = tiny_refiner
+        elif source.kind == "single_file":
+            base = _from_single_file(StableDiffusionXLPipeline, source, dtype, single_file_config, "model",
+                                     add_watermarker=False)
+        else:
+            if source.kind == "folder":
+                _check_folder(Path(source.location), False, "model")
+            base = _from_pretrained(StableDiffusionXLPipeline, source, dtype, local_files_only, "model")
+        if want_refiner and refiner is None and refiner_spec and refiner_spec != TINY:
+            ref_source = resolve_source(refiner_spec, field="refiner")
+            shared = dict(text_encoder_2=base.text_encoder_2, vae=base.vae)
+            if ref_source.kind == "single_file":
+                refiner = _from_single_file(StableDiffusionXLImg2ImgPipeline, ref_source, dtype,
+                                            None, "refiner", add_watermarker=False, **shared)
+            else:
+                if ref_source.kind == "folder":
+                    _check_folder(Path(ref_source.location), True, "refiner")
+                refiner = _from_pretrained(StableDiffusionXLImg2ImgPipeline, ref_source, dtype, local_files_only,
+                                           "refiner", **shared)
+    except ModelLoadError:
+        raise
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        raise ModelLoadError(f"model: out of memory while loading {source.label} ({exc}); close other programs, "
+                             "or use --precision bf16/fp16 to halve the weights") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. a folder with missing/corrupt component files
+        raise ModelLoadError(f"model: could not load {source.label!r}: {type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from None
+    if base.vae.dtype != _torch_dtype(vae_dtype):
+        torch.nn.Module.to(base.vae, dtype=_torch_dtype(vae_dtype))  # the VAE has no fp32-only submodules
+    for pipe in (base, refiner):
+        if pipe is not None:
+            pipe.set_progress_bar_config(disable=True)
+    return LoadedModels(base=base, refiner=refiner, source=source, load_s=time.perf_counter() - start)

@@ -1,0 +1,205 @@
+"""apply(plan, models) and report(models, ...): the report is read back from the live pipeline.
+
+The plan says what we intended; only the pipeline's own state (attention processor classes, module dtypes and
+devices, accelerate offload hooks, VAE tiling flags, scheduler class, torch thread count) says what is true.
+``expected_report`` is the plan-only version that ``doctor`` prints before any weights are loaded.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from .schema import HardwareProbe, OptimizationReport, OptimizationRow, Plan, Status
+
+log = logging.getLogger(__name__)
+
+SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+PROCESSOR_LABELS = {
+    "AttnProcessor2_0": "sdpa",
+    "XFormersAttnProcessor": "xformers",
+    "SlicedAttnProcessor": "sliced",
+    "AttnProcessor": "classic",
+}
+
+
+def _short(dtype) -> str:
+    name = str(dtype).replace("torch.", "")
+    return SHORT_DTYPE.get(name, name)
+
+
+def apply(plan: Plan, models) -> None:
+    """Put the loaded pipelines into the state the plan asks for. Idempotent: safe to call per request."""
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
+    pipes = [p for p in (models.base, models.refiner) if p is not None]
+    for pipe in pipes:
+        if plan.offload == "none" and pipe.device.type != plan.device and not _offload_kind(pipe):
+            pipe.to(plan.device)
+        if plan.attention == "xformers":
+            pipe.enable_xformers_memory_efficient_attention()
+        elif plan.attention_slicing:
+            pipe.enable_attention_slicing("auto")
+        else:
+            pipe.unet.set_attn_processor(AttnProcessor2_0())
+            pipe.vae.set_attn_processor(AttnProcessor2_0())
+        if plan.vae_tiling:
+            pipe.vae.enable_tiling()
+        else:
+            pipe.vae.disable_tiling()
+        if plan.vae_slicing:
+            pipe.vae.enable_slicing()
+        else:
+            pipe.vae.disable_slicing()
+    # Offload last and only once: after it, no .to(device) (diffusers' contract).
+    for pipe in pipes:
+        if plan.offload == "model" and not _offload_kind(pipe):
+            pipe.enable_model_cpu_offload()
+        elif plan.offload == "sequential" and not _offload_kind(pipe):
+            pipe.enable_sequential_cpu_offload()
+
+
+def _offload_kind(pipe) -> str | None:
+    """'model' / 'sequential' from the accelerate hooks actually attached to the UNet, else None."""
+    hook = getattr(pipe.unet, "_hf_hook", None)
+    if hook is None:
+        return None
+    names = {type(hook).__name__} | {type(h).__name__ for h in getattr(hook, "hooks", ())}
+    if "CpuOffload" in names:
+        return "model"
+    if "AlignDevicesHook" in names:
+        return "sequential"
+    return "unknown"
+
+
+def _xformers_row(probe: HardwareProbe, device_type: str, active: bool) -> OptimizationRow:
+    xf = probe.xformers
+    if active:
+        return OptimizationRow("xformers", Status.ACTIVE, f"{xf.version} memory-efficient attention")
+    if not xf.version:
+        return OptimizationRow("xformers", Status.UNAVAILABLE, "not installed (optional; PyTorch SDPA is as fast)")
+    if device_type != "cuda":
+        return OptimizationRow("xformers", Status.NOT_APPLICABLE,
+                               f"{xf.version} installed, not applicable on {device_type.upper()} (CUDA-only kernels)")
+    if xf.kernel_ok is False:
+        return OptimizationRow("xformers", Status.UNAVAILABLE,
+                               f"{xf.version} installed but its kernels do not run: {xf.kernel_error}")
+    return OptimizationRow("xformers", Status.OFF,
+                           f"{xf.version} works here; PyTorch SDPA chosen (--attention xformers to use it)")
+
+
+def _processors(pipe) -> Counter:
+    counts: Counter = Counter()
+    for module in (pipe.unet, pipe.vae):
+        for processor in module.attn_processors.values():
+            counts[type(processor).__name__] += 1
+    return counts
+
+
+def _module_dtypes(pipe) -> dict[str, str]:
+    out = {}
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            out[name] = f"{_short(module.dtype)}@{module.device.type}"
+    return out
+
+
+def report(models, plan: Plan, probe: HardwareProbe, use_refiner: bool | None = None) -> OptimizationReport:
+    """Rows built from the pipeline's state; ``plan`` only supplies the *reasons* for rows that are off."""
+    import torch
+
+    base = models.base
+    r = plan.reasons
+    rows: list[OptimizationRow] = []
+    dtypes = _module_dtypes(base)
+    devices = sorted({v.split("@")[1] for v in dtypes.values()})
+    offload = _offload_kind(base)
+    execution = str(base._execution_device) if offload else ", ".join(devices)
+    rows.append(OptimizationRow("device", Status.ACTIVE, f"{execution.split(':')[0]} — {r['device']}"))
+    unet_dtype = _short(base.unet.dtype)
+    rows.append(OptimizationRow(
+        "precision", Status.ACTIVE,
+        f"{unet_dtype} UNet/text encoders, {_short(base.vae.dtype)} VAE ({', '.join(f'{k} {v}' for k, v in dtypes.items())})"
+        f" — {r['dtype']}"))
+
+    processors = _processors(base)
+    kinds = {PROCESSOR_LABELS.get(name, name) for name in processors}
+    listing = ", ".join(f"{n}×{name}" for name, n in sorted(processors.items()))
+    device_type = execution.split(":")[0]
+    backends = ", ".join(probe.sdpa_backends.get("cuda" if device_type == "cuda" else "cpu", ()))
+    if "sdpa" in kinds:
+        flavour = "CPU flash kernel" if device_type == "cpu" and "flash" in backends else f"backends: {backends}"
+        rows.append(OptimizationRow("PyTorch SDPA attention", Status.ACTIVE, f"{flavour}; processors: {listing}"))
+    else:
+        rows.append(OptimizationRow("PyTorch SDPA attention", Status.OFF, f"processors: {listing}"))
+
+    rows.append(_xformers_row(probe, device_type, active="xformers" in kinds))
+
+    if "sliced" in kinds:
+        rows.append(OptimizationRow("attention slicing", Status.ACTIVE, r["attention_slicing"]))
+    else:
+        rows.append(OptimizationRow("attention slicing", Status.OFF, r["attention_slicing"]))
+
+    if device_type in ("cpu", "mps") and not offload:
+        rows.append(OptimizationRow("CPU offload", Status.NOT_APPLICABLE, r["offload"]))
+    elif offload:
+        rows.append(OptimizationRow("CPU offload", Status.ACTIVE, f"{offload} offload hooks attached — {r['offload']}"))
+    else:
+        rows.append(OptimizationRow("CPU offload", Status.OFF, r["offload"]))
+
+    vae = base.vae
+    rows.append(OptimizationRow("VAE tiling", Status.ACTIVE if vae.use_tiling else Status.OFF, r["vae_tiling"]))
+    rows.append(OptimizationRow("VAE slicing", Status.ACTIVE if vae.use_slicing else Status.OFF, r["vae_slicing"]))
+
+    refiner_on = models.refiner is not None if use_refiner is None else use_refiner and models.refiner is not None
+    if refiner_on:
+        rows.append(OptimizationRow("Refinement", Status.ACTIVE,
+                                    f"refiner loaded ({_short(models.refiner.unet.dtype)}), shares text encoder 2 "
+                                    f"and VAE — {r['refiner']}"))
+    else:
+        rows.append(OptimizationRow("Refinement", Status.OFF, r["refiner"]))
+
+    rows.append(OptimizationRow("scheduler", Status.ACTIVE, type(base.scheduler).__name__))
+    factor = plan.steps_factor
+    rows.append(OptimizationRow("steps policy", Status.ACTIVE if factor != 1.0 else Status.OFF,
+                                f"× {factor:g} (50 → {plan.steps_for(50)}) — {r['steps_factor']}"))
+    threads = torch.get_num_threads()
+    rows.append(OptimizationRow("CPU threads", Status.ACTIVE if device_type == "cpu" else Status.NOT_APPLICABLE,
+                                f"torch uses {threads} — {r['threads']}"))
+    return OptimizationReport(rows=tuple(rows), source="pipeline")
+
+
+def expected_report(plan: Plan, probe: HardwareProbe) -> OptimizationReport:
+    """What ``report`` should say once a model is loaded with this plan (for ``doctor``; no weights needed)."""
+    r = plan.reasons
+    dev = plan.device
+    rows = [
+        OptimizationRow("device", Status.ACTIVE, f"{dev} — {r['device']}"),
+        OptimizationRow("precision", Status.ACTIVE,
+                        f"{SHORT_DTYPE[plan.dtype]} UNet/text encoders, {SHORT_DTYPE[plan.vae_dtype]} VAE — {r['dtype']}"),
+    ]
+    backends = ", ".join(probe.sdpa_backends.get("cuda" if dev == "cuda" else "cpu", ()))
+    if plan.attention in ("sdpa",):
+        flavour = "CPU flash kernel" if dev == "cpu" and "flash" in backends else f"backends: {backends or 'untested'}"
+        rows.append(OptimizationRow("PyTorch SDPA attention", Status.ACTIVE, flavour))
+    else:
+        rows.append(OptimizationRow("PyTorch SDPA attention", Status.OFF, r["attention"]))
+    rows.append(_xformers_row(probe, dev, active=plan.attention == "xformers"))
+    rows.append(OptimizationRow("attention slicing", Status.ACTIVE if plan.attention_slicing else Status.OFF,
+                                r["attention_slicing"]))
+    if dev != "cuda":
+        rows.append(OptimizationRow("CPU offload", Status.NOT_APPLICABLE, r["offload"]))
+    else:
+        rows.append(OptimizationRow("CPU offload", Status.ACTIVE if plan.offload != "none" else Status.OFF,
+                                    r["offload"]))
+    rows.append(OptimizationRow("VAE tiling", Status.ACTIVE if plan.vae_tiling else Status.OFF, r["vae_tiling"]))
+    rows.append(OptimizationRow("VAE slicing", Status.ACTIVE if plan.vae_slicing else Status.OFF, r["vae_slicing"]))
+    rows.append(OptimizationRow("Refinement", Status.ACTIVE if plan.refiner else Status.OFF, r["refiner"]))
+    rows.append(OptimizationRow("steps policy", Status.ACTIVE if plan.steps_factor != 1.0 else Status.OFF,
+                                f"× {plan.steps_factor:g} (50 → {plan.steps_for(50)}) — {r['steps_factor']}"))
+    rows.append(OptimizationRow("CPU threads", Status.ACTIVE if dev == "cpu" else Status.NOT_APPLICABLE,
+                                f"{plan.threads or 'default'} — {r['threads']}"))
+    return OptimizationReport(rows=tuple(rows), source="plan")

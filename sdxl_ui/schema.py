@@ -1,0 +1,436 @@
+"""Data shared by every layer: requests, events, plans, reports.
+
+Imports neither torch nor gradio, so the UI, the CLI and the tests can use it cheaply.
+Every validation error names the field and the value (style rule 4).
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+MAX_SEED = 2**32 - 1
+MIN_SIDE, MAX_SIDE = 64, 2048
+MAX_STEPS = 150
+MAX_GUIDANCE = 30.0
+MAX_IMAGES = 4
+MAX_PROMPT_CHARS = 10_000
+DEMO_NOTE = "demo model — random weights, output is noise"
+
+
+class ValidationError(ValueError):
+    """Bad user input. ``field`` and ``value`` say exactly what was wrong."""
+
+    def __init__(self, field_name: str, value: Any, problem: str):
+        self.field = field_name
+        self.value = value
+        self.problem = problem
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"{field_name}: {problem} (got {shown})")
+
+
+class Quality(str, enum.Enum):
+    HIGH = "high"
+    FAST = "fast"
+
+
+class Scheduler(str, enum.Enum):
+    """Samplers offered to the user. ``auto`` = the quality preset's choice."""
+
+    AUTO = "auto"
+    EULER = "euler"
+    EULER_A = "euler_a"
+    DPMPP_2M = "dpmpp_2m"
+    DPMPP_2M_KARRAS = "dpmpp_2m_karras"
+    DDIM = "ddim"
+    UNIPC = "unipc"
+
+
+# A1111 sampler names, for the PNG `parameters` chunk.
+SAMPLER_LABELS = {
+    Scheduler.EULER: "Euler",
+    Scheduler.EULER_A: "Euler a",
+    Scheduler.DPMPP_2M: "DPM++ 2M",
+    Scheduler.DPMPP_2M_KARRAS: "DPM++ 2M Karras",
+    Scheduler.DDIM: "DDIM",
+    Scheduler.UNIPC: "UniPC",
+}
+
+
+@dataclass(frozen=True)
+class QualityPreset:
+    steps: int
+    guidance: float
+    scheduler: Scheduler
+    why: str
+
+
+# High quality follows the seed (50 steps, guidance 8.0, refiner on GPU). Fast uses DPM++ 2M with
+# Karras sigmas: a second-order multistep solver whose error falls quickly with step count, so 20 steps
+# look close to 50 Euler steps (diffusers' scheduler docs; the usual "few steps" choice in A1111/ComfyUI).
+PRESETS: dict[Quality, QualityPreset] = {
+    Quality.HIGH: QualityPreset(50, 8.0, Scheduler.EULER, "seed's high-quality preset"),
+    Quality.FAST: QualityPreset(
+        20, 6.0, Scheduler.DPMPP_2M_KARRAS, "DPM++ 2M Karras converges in few steps"
+    ),
+}
+
+
+def _enum(cls, field_name: str, value: Any):
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(str(value).strip().lower())
+    except ValueError:
+        choices = ", ".join(m.value for m in cls)
+        raise ValidationError(field_name, value, f"must be one of {choices}") from None
+
+
+def _int(field_name: str, value: Any) -> int:
+    """Coerce user input (also strings from forms and the CLI) to int, or raise naming the field."""
+    if isinstance(value, bool):
+        raise ValidationError(field_name, value, "must be a whole number")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise ValidationError(field_name, value, "must be a whole number")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                as_float = float(text)
+            except ValueError:
+                raise ValidationError(field_name, value, "must be a whole number") from None
+            return _int(field_name, as_float)
+    raise ValidationError(field_name, value, "must be a whole number")
+
+
+def _float(field_name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValidationError(field_name, value, "must be a number")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValidationError(field_name, value, "must be a number") from None
+    if not math.isfinite(number):
+        raise ValidationError(field_name, value, "must be a finite number")
+    return number
+
+
+def _in_range(field_name: str, value, low, high):
+    if not low <= value <= high:
+        raise ValidationError(field_name, value, f"must be between {low} and {high}")
+    return value
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One user request. Validated on construction; ``from_raw`` also coerces strings."""
+
+    prompt: str
+    negative_prompt: str = ""
+    quality: Quality = Quality.HIGH
+    steps: int | None = None  # None = the quality preset's steps
+    guidance: float | None = None  # None = the quality preset's guidance
+    width: int | None = None  # None = the model's native size (1024 for SDXL, 256 for the tiny demo)
+    height: int | None = None
+    seed: int | None = None  # None = random; the used seed is always reported
+    scheduler: Scheduler = Scheduler.AUTO
+    images: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValidationError("prompt", self.prompt, "must not be empty")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise ValidationError("prompt", self.prompt, f"is longer than {MAX_PROMPT_CHARS} characters")
+        if not isinstance(self.negative_prompt, str):
+            raise ValidationError("negative_prompt", self.negative_prompt, "must be text")
+        if len(self.negative_prompt) > MAX_PROMPT_CHARS:
+            raise ValidationError(
+                "negative_prompt", self.negative_prompt, f"is longer than {MAX_PROMPT_CHARS} characters"
+            )
+        object.__setattr__(self, "quality", _enum(Quality, "quality", self.quality))
+        object.__setattr__(self, "scheduler", _enum(Scheduler, "scheduler", self.scheduler))
+        if self.steps is not None:
+            object.__setattr__(self, "steps", _in_range("steps", _int("steps", self.steps), 1, MAX_STEPS))
+        if self.guidance is not None:
+            guidance = _in_range("guidance", _float("guidance", self.guidance), 0.0, MAX_GUIDANCE)
+            object.__setattr__(self, "guidance", guidance)
+        for name in ("width", "height"):
+            if getattr(self, name) is None:
+                continue
+            side = _in_range(name, _int(name, getattr(self, name)), MIN_SIDE, MAX_SIDE)
+            if side % 8:
+                raise ValidationError(name, side, "must be a multiple of 8")
+            object.__setattr__(self, name, side)
+        if self.seed is not None:
+            object.__setattr__(self, "seed", _in_range("seed", _int("seed", self.seed), 0, MAX_SEED))
+        object.__setattr__(self, "images", _in_range("images", _int("images", self.images), 1, MAX_IMAGES))
+
+    @classmethod
+    def from_raw(cls, **raw: Any) -> "GenerationRequest":
+        """Build from loosely typed input (form fields, CLI strings). Blank optional fields mean default."""
+        cleaned: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in cls.__dataclass_fields__:
+                raise ValidationError(key, value, "is not a known field")
+            if key in ("steps", "guidance", "seed", "negative_prompt", "width", "height") and (
+                value is None or (isinstance(value, str) and not value.strip())
+            ):
+                continue  # blank optional field: use the default
+            cleaned[key] = value
+        return cls(**cleaned)
+
+    @property
+    def preset(self) -> QualityPreset:
+        return PRESETS[self.quality]
+
+    @property
+    def requested_steps(self) -> int:
+        return self.steps if self.steps is not None else self.preset.steps
+
+    @property
+    def guidance_scale(self) -> float:
+        return self.guidance if self.guidance is not None else self.preset.guidance
+
+    @property
+    def sampler(self) -> Scheduler:
+        return self.preset.scheduler if self.scheduler is Scheduler.AUTO else self.scheduler
+
+
+# ---------------------------------------------------------------- optimization report
+
+class Status(str, enum.Enum):
+    ACTIVE = "active"
+    OFF = "off"
+    UNAVAILABLE = "unavailable"
+    NOT_APPLICABLE = "not_applicable"
+
+
+@dataclass(frozen=True)
+class OptimizationRow:
+    name: str
+    status: Status
+    detail: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "status": self.status.value, "detail": self.detail}
+
+    def log_line(self) -> str:
+        mark = "✓" if self.status is Status.ACTIVE else "–"
+        label = {
+            Status.ACTIVE: "",
+            Status.OFF: " off",
+            Status.UNAVAILABLE: " unavailable",
+            Status.NOT_APPLICABLE: " not applicable",
+        }[self.status]
+        return f"{mark} {self.name}{label}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class OptimizationReport:
+    rows: tuple[OptimizationRow, ...]
+    source: str  # "pipeline" (read back from the live pipeline) or "plan" (doctor, before loading)
+
+    def to_list(self) -> list[dict]:
+        return [row.to_dict() for row in self.rows]
+
+    def get(self, name: str) -> OptimizationRow:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(name)
+
+    def log_lines(self) -> list[str]:
+        return [row.log_line() for row in self.rows]
+
+
+# ---------------------------------------------------------------- hardware probe
+
+@dataclass(frozen=True)
+class CudaInfo:
+    available: bool = False
+    version: str | None = None
+    device_name: str | None = None
+    capability: tuple[int, int] | None = None
+    arch_list: tuple[str, ...] = ()
+    kernel_ok: bool | None = None  # None = not tested (no CUDA device)
+    kernel_error: str | None = None
+    vram_total_gb: float | None = None
+    vram_free_gb: float | None = None
+
+    @property
+    def sm(self) -> str | None:
+        return f"sm_{self.capability[0]}{self.capability[1]}" if self.capability else None
+
+
+@dataclass(frozen=True)
+class MpsInfo:
+    available: bool = False
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    physical_cores: int = 1
+    logical_cores: int = 1
+    model_name: str = "unknown"
+    flags: tuple[str, ...] = ()
+    ram_total_gb: float = 0.0
+    ram_available_gb: float = 0.0
+
+    @property
+    def has_fast_bf16(self) -> bool:
+        return "avx512_bf16" in self.flags or "amx_bf16" in self.flags
+
+
+@dataclass(frozen=True)
+class XformersInfo:
+    version: str | None = None  # None = not installed
+    kernel_ok: bool | None = None  # None = not tested (no working CUDA device)
+    kernel_error: str | None = None
+
+
+@dataclass(frozen=True)
+class HardwareProbe:
+    torch_version: str
+    cuda: CudaInfo = field(default_factory=CudaInfo)
+    mps: MpsInfo = field(default_factory=MpsInfo)
+    cpu: CpuInfo = field(default_factory=CpuInfo)
+    xformers: XformersInfo = field(default_factory=XformersInfo)
+    sdpa_backends: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # device -> backends that ran
+    os: str = "unknown"
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["sdpa_backends"] = {k: list(v) for k, v in self.sdpa_backends.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "HardwareProbe":
+        """Read a probe written by ``doctor --json`` (possibly on another machine, possibly older)."""
+        if "probe" in data and "torch_version" not in data:
+            data = data["probe"]  # a whole doctor JSON was given
+
+        def part(kind, key):
+            raw = dict(data.get(key) or {})
+            known = {k: v for k, v in raw.items() if k in kind.__dataclass_fields__}
+            for name, value in known.items():
+                if isinstance(value, list):
+                    known[name] = tuple(value)
+            return kind(**known)
+
+        if "torch_version" not in data:
+            raise ValidationError("probe", "…", "has no torch_version: is this a `doctor --json` file?")
+        return cls(
+            torch_version=str(data["torch_version"]),
+            cuda=part(CudaInfo, "cuda"),
+            mps=part(MpsInfo, "mps"),
+            cpu=part(CpuInfo, "cpu"),
+            xformers=part(XformersInfo, "xformers"),
+            sdpa_backends={k: tuple(v) for k, v in (data.get("sdpa_backends") or {}).items()},
+            os=str(data.get("os", "unknown")),
+        )
+
+
+# ---------------------------------------------------------------- plan
+
+@dataclass(frozen=True)
+class Plan:
+    """Every decision the policy made, each with its reason (keys of ``reasons`` = field names)."""
+
+    device: str  # "cuda" | "mps" | "cpu"
+    dtype: str  # "float32" | "float16" | "bfloat16"
+    vae_dtype: str
+    attention: str  # "sdpa" | "xformers" | "sliced" | "classic"
+    attention_slicing: bool
+    offload: str  # "none" | "model" | "sequential"
+    vae_tiling: bool
+    vae_slicing: bool
+    steps_factor: float
+    refiner: bool
+    threads: int | None  # None = leave torch's default (GPU devices)
+    memory_needed_gb: float
+    memory_available_gb: float | None
+    reasons: Mapping[str, str]
+
+    @property
+    def reason(self) -> str:
+        return self.reasons["device"]
+
+    def steps_for(self, requested: int) -> int:
+        return max(1, round(requested * self.steps_factor))
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["reasons"] = dict(self.reasons)
+        data["reason"] = self.reason
+        return data
+
+
+# ---------------------------------------------------------------- events
+
+@dataclass(frozen=True)
+class LogEvent:
+    message: str
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    step: int  # steps done so far in this run (all stages, all images)
+    total: int
+    elapsed_s: float
+    eta_s: float | None
+    s_per_step: float | None
+    stage: str = ""
+    preview: Any = None  # PIL.Image or None
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total if self.total else 0.0
+
+    def line(self) -> str:
+        rate = f"{self.s_per_step:.2f} s/step" if self.s_per_step else "… s/step"
+        eta = f"ETA {self.eta_s:.0f} s" if self.eta_s is not None else "ETA …"
+        stage = f"{self.stage} · " if self.stage else ""
+        return f"{stage}step {self.step}/{self.total} · {self.fraction * 100:.0f} % · {rate} · {eta}"
+
+
+@dataclass(frozen=True)
+class Timings:
+    load_s: float
+    generate_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class ResultEvent:
+    image: Any  # PIL.Image
+    path: str | None  # None when saving failed (see save_error)
+    seed: int
+    index: int  # which image of the run (0-based)
+    steps_requested: int
+    steps_run: int
+    refiner: bool
+    timings: Timings
+    report: OptimizationReport
+    model: str
+    device: str
+    dtype: str
+    parameters: str  # the PNG `parameters` text
+    save_error: str | None = None
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """A run that failed. ``message`` is for the user (no traceback); ``kind`` for code."""
+
+    message: str
+    kind: str  # "validation" | "model" | "memory" | "cancelled" | "runtime" | "busy"

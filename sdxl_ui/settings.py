@@ -1,0 +1,132 @@
+"""Application settings from command-line flags and ``SDXL_UI_*`` environment variables.
+
+Closed choices are Enums with ``auto`` (style rule 3). Nothing here touches hardware.
+"""
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Mapping
+
+from .schema import ValidationError
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+DEFAULT_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
+TINY = "tiny"
+
+
+class DeviceChoice(str, enum.Enum):
+    AUTO = "auto"
+    CUDA = "cuda"
+    MPS = "mps"
+    CPU = "cpu"
+
+
+class Precision(str, enum.Enum):
+    AUTO = "auto"
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class AttentionChoice(str, enum.Enum):
+    AUTO = "auto"
+    SDPA = "sdpa"
+    XFORMERS = "xformers"
+    SLICED = "sliced"
+
+
+class OffloadChoice(str, enum.Enum):
+    AUTO = "auto"
+    NONE = "none"
+    MODEL = "model"
+    SEQUENTIAL = "sequential"
+
+
+class Toggle(str, enum.Enum):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+PRECISION_DTYPES = {Precision.FP32: "float32", Precision.FP16: "float16", Precision.BF16: "bfloat16"}
+
+
+def parse_choice(cls, field_name: str, value) -> enum.Enum:
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(str(value).strip().lower())
+    except ValueError:
+        choices = ", ".join(m.value for m in cls)
+        raise ValidationError(field_name, value, f"must be one of {choices}") from None
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    model: str = DEFAULT_MODEL
+    refiner: str = "auto"  # "auto" = the default refiner for the default model, the tiny one for tiny
+    use_refiner: Toggle = Toggle.AUTO  # "on" forces the two-stage path (e.g. to test it on CPU)
+    device: DeviceChoice = DeviceChoice.AUTO
+    precision: Precision = Precision.AUTO
+    attention: AttentionChoice = AttentionChoice.AUTO
+    offload: OffloadChoice = OffloadChoice.AUTO
+    vae_tiling: Toggle = Toggle.AUTO
+    threads: int = 0  # 0 = physical cores
+    outputs: Path = Path("outputs")
+    local_files_only: bool = False
+    single_file_config: str | None = None  # diffusers config (folder or hub id) for a single .safetensors
+
+    def __post_init__(self):
+        object.__setattr__(self, "use_refiner", parse_choice(Toggle, "use_refiner", self.use_refiner))
+        object.__setattr__(self, "device", parse_choice(DeviceChoice, "device", self.device))
+        object.__setattr__(self, "precision", parse_choice(Precision, "precision", self.precision))
+        object.__setattr__(self, "attention", parse_choice(AttentionChoice, "attention", self.attention))
+        object.__setattr__(self, "offload", parse_choice(OffloadChoice, "offload", self.offload))
+        object.__setattr__(self, "vae_tiling", parse_choice(Toggle, "vae_tiling", self.vae_tiling))
+        object.__setattr__(self, "outputs", Path(self.outputs))
+        if not str(self.model).strip():
+            raise ValidationError("model", self.model, "must not be empty")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ValidationError("threads", self.threads, "must be 0 (auto) or a positive whole number")
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model == TINY
+
+    @property
+    def refiner_source(self) -> str | None:
+        """The refiner to load when the plan wants one, or None when there is none to load."""
+        if self.refiner.strip().lower() == "none":
+            return None
+        if self.refiner != "auto":
+            return self.refiner
+        if self.is_tiny:
+            return TINY
+        if self.model == DEFAULT_MODEL:
+            return DEFAULT_REFINER
+        return None  # a custom base has no known matching refiner; --refiner names one
+
+    def with_(self, **changes) -> "AppSettings":
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "AppSettings":
+        """Defaults < SDXL_UI_* environment < explicit overrides (flags). None overrides are ignored."""
+        env = os.environ if env is None else env
+        values: dict = {}
+        for name in cls.__dataclass_fields__:
+            key = f"SDXL_UI_{name.upper()}"
+            if key in env and env[key] != "":
+                values[name] = env[key]
+        if "threads" in values:
+            try:
+                values["threads"] = int(values["threads"])
+            except ValueError:
+                raise ValidationError("SDXL_UI_THREADS", values["threads"], "must be a whole number") from None
+        if "local_files_only" in values:
+            values["local_files_only"] = values["local_files_only"].lower() in ("1", "true", "yes")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
