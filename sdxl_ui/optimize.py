@@ -90,12 +90,10 @@ def _xformers_row(probe: HardwareProbe, device_type: str, active: bool) -> Optim
                            f"{xf.version} works here; PyTorch SDPA chosen (--attention xformers to use it)")
 
 
-def _processors(pipe) -> Counter:
-    counts: Counter = Counter()
-    for module in (pipe.unet, pipe.vae):
-        for processor in module.attn_processors.values():
-            counts[type(processor).__name__] += 1
-    return counts
+def _processors(pipe) -> dict[str, Counter]:
+    """Attention processor classes per module, read from the live modules."""
+    return {name: Counter(type(p).__name__ for p in getattr(pipe, name).attn_processors.values())
+            for name in ("unet", "vae")}
 
 
 def _module_dtypes(pipe) -> dict[str, str]:
@@ -126,8 +124,10 @@ def report(models, plan: Plan, probe: HardwareProbe, use_refiner: bool | None = 
         f" — {r['dtype']}"))
 
     processors = _processors(base)
-    kinds = {PROCESSOR_LABELS.get(name, name) for name in processors}
-    listing = ", ".join(f"{n}×{name}" for name, n in sorted(processors.items()))
+    # The UNet is where the attention time goes: its processors decide the status; the listing shows all.
+    kinds = {PROCESSOR_LABELS.get(name, name) for name in processors["unet"]}
+    listing = "; ".join(f"{module} " + ", ".join(f"{n}×{cls}" for cls, n in sorted(counts.items()))
+                        for module, counts in processors.items() if counts)
     device_type = execution.split(":")[0]
     backends = ", ".join(probe.sdpa_backends.get("cuda" if device_type == "cuda" else "cpu", ()))
     if "sdpa" in kinds:

@@ -42,12 +42,13 @@ class PlanError(ValueError):
 class MemoryEstimate:
     weights_gb: float
     refiner_gb: float
-    step_gb: float
-    decode_gb: float
+    step_gb: float  # one guided UNet step
+    decode_gb: float  # the VAE decode
+    overhead_gb: float  # runtime / allocator overhead on top of the larger of step and decode
 
     @property
     def total_gb(self) -> float:
-        return self.weights_gb + self.refiner_gb + max(self.step_gb, self.decode_gb) + RUNTIME_OVERHEAD_GB
+        return round(self.weights_gb + self.refiner_gb + max(self.step_gb, self.decode_gb) + self.overhead_gb, 2)
 
 
 def model_param_count(model_kind: str) -> tuple[int, int]:
@@ -74,7 +75,12 @@ def estimate_memory(
     vae_b = DTYPE_BYTES[vae_dtype]
     decode = (VAE_TILED_DECODE_GB_FP32 if tiled else VAE_DECODE_GB_PER_MP_FP32 * megapixels) * vae_b / 4 * scale
     refiner_gb = refiner_params * b / 1e9 if refiner else 0.0
-    return MemoryEstimate(round(weights, 2), round(refiner_gb, 2), round(step, 2), round(decode, 2))
+    if device == "cuda":  # measured peak: weights + ~3 GB per megapixel (see GPU_WORK_GB_PER_MP)
+        overhead = max(0.0, GPU_WORK_GB_PER_MP * megapixels * scale - max(step, decode))
+    else:
+        overhead = RUNTIME_OVERHEAD_GB
+    return MemoryEstimate(round(weights, 2), round(refiner_gb, 2), round(step, 2), round(decode, 2),
+                          round(overhead, 2))
 
 
 # ---------------------------------------------------------------- device
@@ -221,13 +227,13 @@ def make_plan(
     # Offload (CUDA only): thresholds from the estimate, not from the seed's "20 GB" rule.
     offload = "none"
     if device != "cuda":
-        reasons["offload"] = f"not applicable on {device.upper()} (models already live in system memory)"
+        reasons["offload"] = f"{device.upper()}: the models already live in system memory"
         if settings.offload in (OffloadChoice.MODEL, OffloadChoice.SEQUENTIAL):
             reasons["offload"] += f"; --offload {settings.offload.value} ignored"
     elif settings.offload is not OffloadChoice.AUTO:
         offload, reasons["offload"] = settings.offload.value, f"forced by --offload {settings.offload.value}"
     else:
-        full_need = est.weights_gb + est.refiner_gb + GPU_WORK_GB_PER_MP * width * height / 1024**2
+        full_need = est.total_gb
         biggest = (SDXL_PARAMS["unet"] if model_kind != "tiny" else 1e6) * DTYPE_BYTES[dtype] / 1e9
         model_need = biggest + est.step_gb + 0.5
         if full_need * OFFLOAD_MARGIN <= available:
@@ -269,14 +275,17 @@ def make_plan(
         reasons["attention_slicing"] = f"on: ~{est.total_gb:.1f} GB needed, {where}"
     elif slicing:
         reasons["attention_slicing"] = "on: forced by --attention sliced"
+    elif offload != "none":
+        reasons["attention_slicing"] = (f"off: {offload} offload makes room ({where}); slicing would only slow "
+                                        "each step (+67 % on an H200)")
     else:
         reasons["attention_slicing"] = (f"{where}, ~{est.total_gb:.1f} GB needed: slicing would only slow each "
                                         "step (+67 % on an H200)")
 
     # Refuse with numbers when even the weights cannot fit.
-    if device != "cuda" and est.weights_gb + est.refiner_gb + RUNTIME_OVERHEAD_GB > available:
+    if device != "cuda" and est.weights_gb + est.refiner_gb + est.overhead_gb > available:
         raise PlanError(
-            f"memory: the model needs ~{est.weights_gb + est.refiner_gb + RUNTIME_OVERHEAD_GB:.1f} GB "
+            f"memory: the model needs ~{est.weights_gb + est.refiner_gb + est.overhead_gb:.1f} GB "
             f"({dtype} weights{' + refiner' if want_refiner else ''}), {where}; try closing other programs, "
             f"{'--use-refiner off, ' if want_refiner else ''}"
             f"{'--precision bf16, ' if dtype == 'float32' else ''}or --model tiny to test the app"
@@ -293,9 +302,10 @@ def make_plan(
         steps_factor, threads = 1.0, None
         reasons["steps_factor"] = f"{device.upper()}: steps as requested"
         reasons["threads"] = "torch default (the GPU does the work)"
-    reasons["vae_slicing"] = "off: one image per pipeline call, nothing to slice"
+    reasons["vae_slicing"] = "one image per pipeline call: nothing to slice"
     reasons["memory"] = (f"~{est.total_gb:.1f} GB needed (weights {est.weights_gb:.1f}, refiner {est.refiner_gb:.1f}, "
-                         f"step {est.step_gb:.1f}, decode {est.decode_gb:.1f}), {where}")
+                         f"step {est.step_gb:.1f}, decode {est.decode_gb:.1f}, overhead {est.overhead_gb:.1f}), "
+                         f"{where}")
     return Plan(
         device=device,
         dtype=dtype,

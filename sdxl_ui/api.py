@@ -1,0 +1,61 @@
+"""The seed document's Python API:
+
+    from sdxl_ui import ImageService
+    ok = await ImageService().generate_image(prompt="A beautiful landscape", output_path="/tmp/out.png",
+                                             num_inference_steps=50, high_quality=True)
+
+Returns True/False, logs the seed-style lines through `logging` (logger "sdxl_ui"), and runs the pipeline in a
+worker thread so the event loop never blocks. ``ImageService(model="tiny")`` or SDXL_UI_MODEL=tiny selects the
+offline demo model.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from .schema import ErrorEvent, GenerationRequest, Quality, ResultEvent, ValidationError
+from .settings import AppSettings
+
+log = logging.getLogger("sdxl_ui")
+
+
+class ImageService:
+    def __init__(self, model: str | None = None, settings: AppSettings | None = None, **setting_overrides):
+        from .service import GenerationService
+
+        if settings is None:
+            settings = AppSettings.from_env(model=model, **setting_overrides)
+        self.service = GenerationService(settings)
+        self.last_result: ResultEvent | None = None
+        self.last_error: str | None = None
+
+    async def generate_image(self, prompt: str, output_path: str | Path, num_inference_steps: int = 50,
+                             high_quality: bool = True, negative_prompt: str = "", guidance_scale: float | None = None,
+                             seed: int | None = None, width: int | None = None, height: int | None = None) -> bool:
+        """Generate one image to ``output_path``. True on success; False (and ``last_error``) otherwise."""
+        return await asyncio.to_thread(self._generate, prompt, output_path, num_inference_steps, high_quality,
+                                       negative_prompt, guidance_scale, seed, width, height)
+
+    def _generate(self, prompt, output_path, steps, high_quality, negative, guidance, seed, width, height) -> bool:
+        self.last_result, self.last_error = None, None
+        try:
+            request = GenerationRequest(prompt=prompt, negative_prompt=negative or "", steps=steps,
+                                        quality=Quality.HIGH if high_quality else Quality.FAST, guidance=guidance,
+                                        seed=seed, width=width, height=height)
+        except ValidationError as exc:
+            return self._fail(str(exc))
+        # The service logs each line (🎨 …, Mode: …, ✓/– …, ✅ Image saved to …) to the "sdxl_ui" logger.
+        for event in self.service.generate(request, output_path=output_path):
+            if isinstance(event, ErrorEvent):
+                return self._fail(event.message)
+            if isinstance(event, ResultEvent):
+                self.last_result = event
+        if self.last_result is None or self.last_result.path is None:
+            return self._fail(self.last_result.save_error if self.last_result else "no image was produced")
+        return True
+
+    def _fail(self, message: str) -> bool:
+        self.last_error = message
+        log.error("❌ %s", message)
+        return False

@@ -1,0 +1,52 @@
+"""Shared fixtures: the tiny demo model (built offline in about a second) and recorded hardware probes."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+PROBES = Path(__file__).parent / "probes"
+ROOT = Path(__file__).resolve().parent.parent
+
+# Tests never touch the network: hub lookups fail fast instead of waiting on timeouts.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+logging.getLogger("xformers").setLevel(logging.ERROR)
+
+
+def load_probe(name: str):
+    from sdxl_ui.schema import HardwareProbe
+
+    return HardwareProbe.from_dict(json.loads((PROBES / f"{name}.json").read_text()))
+
+
+@pytest.fixture(scope="session")
+def tiny_service(tmp_path_factory):
+    """One loaded tiny model for the whole session (CPU, this machine's real probe)."""
+    from sdxl_ui.service import GenerationService
+    from sdxl_ui.settings import AppSettings
+
+    outputs = tmp_path_factory.mktemp("outputs")
+    service = GenerationService(AppSettings(model="tiny", outputs=outputs))
+    service.ensure_loaded()
+    return service
+
+
+def run(service, request, **kwargs):
+    """Collect a generation's events into (results, errors, logs, progress)."""
+    from sdxl_ui.schema import ErrorEvent, LogEvent, ProgressEvent, ResultEvent
+
+    out = {"results": [], "errors": [], "logs": [], "progress": []}
+    for event in service.generate(request, **kwargs):
+        if isinstance(event, ResultEvent):
+            out["results"].append(event)
+        elif isinstance(event, ErrorEvent):
+            out["errors"].append(event)
+        elif isinstance(event, LogEvent):
+            out["logs"].append(event.message)
+        elif isinstance(event, ProgressEvent):
+            out["progress"].append(event)
+    return out

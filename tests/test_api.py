@@ -1,0 +1,48 @@
+import asyncio
+import logging
+
+from sdxl_ui import ImageService
+
+
+def test_seed_api_returns_true_writes_the_file_and_logs_seed_style_lines(tmp_path, caplog):
+    service = ImageService(model="tiny", outputs=tmp_path)
+    target = tmp_path / "landscape.png"
+
+    async def main():
+        ticks = 0
+
+        async def ticker():  # the event loop must keep running while the image is generated
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(ticker())
+        ok = await service.generate_image(prompt="A beautiful landscape", output_path=str(target),
+                                          num_inference_steps=50, high_quality=True)
+        task.cancel()
+        return ok, ticks
+
+    with caplog.at_level(logging.INFO, logger="sdxl_ui"):
+        ok, ticks = asyncio.run(main())
+    assert ok is True and target.is_file()
+    assert ticks > 5
+    text = caplog.text
+    assert "🎨 Generating image for prompt: 'A beautiful landscape'" in text
+    assert "Mode: HIGH QUALITY (base steps=35, guidance=8)" in text
+    assert "Refinement: DISABLED (CPU mode)" in text
+    assert "✓ PyTorch SDPA attention" in text
+    assert f"✅ Image saved to {target}" in text
+
+
+def test_seed_api_returns_false_on_a_bad_path(tmp_path, caplog):
+    service = ImageService(model="tiny", outputs=tmp_path)
+    with caplog.at_level(logging.ERROR, logger="sdxl_ui"):
+        ok = asyncio.run(service.generate_image(prompt="x", output_path=str(tmp_path / "missing" / "x.png")))
+    assert ok is False
+    assert "output_path" in service.last_error and "does not exist" in caplog.text
+
+
+def test_seed_api_selects_tiny_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SDXL_UI_MODEL", "tiny")
+    assert ImageService(outputs=tmp_path).service.settings.is_tiny

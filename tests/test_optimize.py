@@ -1,0 +1,94 @@
+"""The report is read back from the live pipeline: change the pipeline, the report follows."""
+import pytest
+from conftest import load_probe
+
+from sdxl_ui.models import load_models, resolve_source
+from sdxl_ui.optimize import apply, expected_report, report
+from sdxl_ui.policy import make_plan
+from sdxl_ui.settings import AppSettings
+
+
+def loaded(precision="auto", **settings):
+    probe = load_probe("cpu_epyc_avx512_bf16")
+    s = AppSettings(model="tiny", precision=precision, **settings)
+    plan = make_plan(probe, s, "tiny", 256, 256)
+    models = load_models(resolve_source("tiny"), s.refiner_source, plan.dtype, plan.vae_dtype, plan.refiner)
+    apply(plan, models)
+    return models, plan, probe
+
+
+def status(rep, name):
+    return rep.get(name).status.value
+
+
+def test_report_follows_attention_slicing_flipped_on_the_pipeline():
+    models, plan, probe = loaded()
+    rep = report(models, plan, probe)
+    assert rep.source == "pipeline"
+    assert status(rep, "attention slicing") == "off" and status(rep, "PyTorch SDPA attention") == "active"
+    models.base.enable_attention_slicing()  # behind the plan's back
+    rep = report(models, plan, probe)
+    assert status(rep, "attention slicing") == "active"
+    assert status(rep, "PyTorch SDPA attention") == "off"
+    assert "SlicedAttnProcessor" in rep.get("PyTorch SDPA attention").detail
+    apply(plan, models)  # re-applying the plan restores SDPA
+    assert status(report(models, plan, probe), "attention slicing") == "off"
+
+
+def test_report_reads_module_dtypes():
+    models, plan, probe = loaded()
+    assert "bf16 UNet" in report(models, plan, probe).get("precision").detail
+    models32, plan32, _ = loaded(precision="fp32")
+    detail = report(models32, plan32, probe).get("precision").detail
+    assert detail.startswith("fp32 UNet") and "unet fp32@cpu" in detail
+    import torch
+
+    torch.nn.Module.to(models32.base.unet, dtype=torch.bfloat16)  # change only the UNet
+    assert "unet bf16@cpu" in report(models32, plan32, probe).get("precision").detail
+
+
+def test_report_reads_vae_tiling_threads_and_refiner():
+    models, plan, probe = loaded()
+    rep = report(models, plan, probe)
+    assert status(rep, "VAE tiling") == "off" and status(rep, "Refinement") == "off"
+    models.base.vae.enable_tiling()
+    assert status(report(models, plan, probe), "VAE tiling") == "active"
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert "torch uses 1" in report(models, plan, probe).get("CPU threads").detail
+    finally:
+        torch.set_num_threads(before)
+    with_refiner, plan_r, _ = loaded(use_refiner="on")
+    assert status(report(with_refiner, plan_r, probe), "Refinement") == "active"
+
+
+def test_xformers_is_reported_not_applicable_on_cpu_and_unavailable_when_absent():
+    models, plan, probe = loaded()
+    row = report(models, plan, probe).get("xformers")
+    assert row.status.value == "not_applicable" and "CUDA-only" in row.detail
+    absent = load_probe("cpu_avx2_no_bf16")
+    assert report(models, plan, absent).get("xformers").status.value == "unavailable"
+
+
+@pytest.mark.parametrize("name", ["h100_80gb", "laptop_rtx4060_8gb", "rtx5090_torch_without_sm120"])
+def test_expected_report_rows_match_the_plan(name):
+    probe = load_probe(name)
+    plan = make_plan(probe, AppSettings())
+    rep = expected_report(plan, probe)
+    assert rep.source == "plan"
+    assert status(rep, "CPU offload") == {"none": "off", "model": "active"}.get(plan.offload, "not_applicable") \
+        if plan.device == "cuda" else status(rep, "CPU offload") == "not_applicable"
+    assert status(rep, "Refinement") == ("active" if plan.refiner else "off")
+    assert status(rep, "attention slicing") == "off"
+
+
+def test_log_lines_are_seed_style():
+    models, plan, probe = loaded()
+    lines = report(models, plan, probe).log_lines()
+    assert any(l.startswith("✓ PyTorch SDPA attention: CPU flash kernel") for l in lines)
+    assert any(l.startswith("– xformers not applicable: 0.0.35 installed, not applicable on CPU") or
+               l.startswith("– xformers not applicable") for l in lines)
+    assert any(l.startswith("– attention slicing off:") and "slicing would only slow" in l for l in lines)
