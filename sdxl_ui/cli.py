@@ -198,6 +198,7 @@ def setup_logging(level: int) -> None:
     # xformers warns at import that its CUDA kernels cannot load on a CPU build; our report states the xformers
     # status itself (not applicable on CPU / kernels do not run), so its import-time warning is only noise.
     logging.getLogger("xformers").setLevel(logging.ERROR)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own health checks, one line each
     # transformers warns that image processors fall back to PIL without torchvision (we never install it).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

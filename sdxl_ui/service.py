@@ -147,6 +147,7 @@ class GenerationService:
         self._load_lock = threading.Lock()
         self._device_lock = threading.Lock()
         self.load_error: str | None = None
+        self.loading = False
 
     # ------------------------------------------------------------ state
     @property
@@ -192,16 +193,22 @@ class GenerationService:
         with self._load_lock:
             if self._models is not None:
                 return self._models, 0.0
+            self.loading = True
+            ticker_stop = threading.Event()
             try:
                 source = self.source
                 plan = self.plan
                 emit(LogEvent(f"Loading model {source.label} ({plan.dtype} on {plan.device})…"))
+                threading.Thread(target=_tick, args=(ticker_stop, emit), daemon=True).start()
                 want_refiner = plan.refiner or self.settings.use_refiner is Toggle.ON
                 models = load_models(source, self.settings.refiner_source, plan.dtype, plan.vae_dtype,
                                      want_refiner, self.settings.local_files_only, self.settings.single_file_config)
             except (ModelLoadError, PlanError) as exc:
                 self.load_error = str(exc)
                 raise
+            finally:
+                ticker_stop.set()
+                self.loading = False
             self._models = models
             self.load_error = None
             note = f" — {models.note}" if models.note else ""
@@ -214,6 +221,33 @@ class GenerationService:
         from .optimize import report
 
         return report(self._models, self.plan, self.probe)
+
+    def status(self) -> dict:
+        """What the page's status panel shows: model, device, state, and the optimization report
+        (read back from the pipeline once loaded; the planned one before)."""
+        from .optimize import expected_report
+        from .schema import DEMO_NOTE
+
+        out: dict = {"model": self.settings.model, "note": None, "device": "?", "dtype": "?", "rows": []}
+        try:
+            source = self.source
+            out["note"] = DEMO_NOTE if source.kind == "tiny" else None
+            plan = self.plan
+        except (ModelLoadError, PlanError) as exc:
+            return {**out, "state": "error", "message": str(exc)}
+        rep = self.current_report() or expected_report(plan, self.probe)
+        state = "loaded" if self.loaded else "loading…" if self.loading else "error" if self.load_error else "not loaded"
+        return {**out, "device": plan.device, "dtype": plan.dtype, "state": state, "message": self.load_error,
+                "rows": rep.to_list(), "source": rep.source}
+
+    def steps_note(self, requested: int) -> str:
+        """E.g. '50 → 35 on CPU' (the steps policy), or '' when steps run as requested."""
+        try:
+            plan = self.plan
+        except (ModelLoadError, PlanError):
+            return ""
+        run = plan.steps_for(int(requested))
+        return f"{int(requested)} → {run} on {plan.device.upper()} (× {plan.steps_factor:g})" if run != requested else ""
 
     # ------------------------------------------------------------ generation
     def generate(self, request: GenerationRequest, cancel: CancelToken | None = None,
@@ -415,6 +449,13 @@ class GenerationService:
                 return path
             except FileExistsError:
                 continue
+
+
+def _tick(stop: threading.Event, emit, every_s: float = 3.0) -> None:
+    """Loading has no progress callback: say every few seconds that it is still going."""
+    start = time.perf_counter()
+    while not stop.wait(every_s):
+        emit(LogEvent(f"… still loading the model ({time.perf_counter() - start:.0f} s)"))
 
 
 def _refiner_off(plan: Plan) -> str:

@@ -1,0 +1,58 @@
+"""Pure HTML rendering for the page: log, progress bar, status panel. Every user string is escaped here."""
+from __future__ import annotations
+
+import html
+
+LOG_LIMIT = 400  # lines kept in the log pane per run
+
+
+def log_html(lines: list[str]) -> str:
+    body = "\n".join(html.escape(line) for line in lines[-LOG_LIMIT:])
+    return f'<pre class="sdxl-log" id="sdxl-log">{body}</pre>'
+
+
+def progress_html(fraction: float, line: str) -> str:
+    pct = max(0.0, min(1.0, fraction)) * 100
+    return (f'<div class="sdxl-progress"><div class="sdxl-bar" style="width:{pct:.1f}%"></div></div>'
+            f'<div class="sdxl-step" id="sdxl-step">{html.escape(line)}</div>')
+
+
+STATUS_MARK = {"active": "✓", "off": "–", "unavailable": "✗", "not_applicable": "n/a"}
+
+
+def status_html(status: dict) -> str:
+    """status: {model, note, device, dtype, state, message, rows: [{name, status, detail}], share}."""
+    e = html.escape
+    parts = [f'<div class="sdxl-status" id="sdxl-status">']
+    parts.append(f"<div><b>Model</b> {e(status.get('model', '?'))}"
+                 + (f' <span class="sdxl-demo">{e(status["note"])}</span>' if status.get("note") else "")
+                 + f" · <b>Device</b> {e(str(status.get('device', '?')))}"
+                 + f" · <b>Precision</b> {e(str(status.get('dtype', '?')))}"
+                 + f" · <b>State</b> {e(status.get('state', '?'))}</div>")
+    if status.get("message"):
+        parts.append(f'<div class="sdxl-warn">{e(status["message"])}</div>')
+    if status.get("share"):
+        parts.append(f'<div class="sdxl-share">{e(status["share"])}</div>')
+    rows = status.get("rows") or []
+    if rows:
+        source = "read back from the loaded pipeline" if status.get("source") == "pipeline" else "planned"
+        parts.append(f'<details open><summary>Optimizations ({e(source)})</summary><table class="sdxl-report">')
+        for row in rows:
+            parts.append(f"<tr><td>{STATUS_MARK.get(row['status'], '?')}</td><td>{e(row['name'])}</td>"
+                         f"<td>{e(row['status'])}</td><td>{e(row['detail'])}</td></tr>")
+        parts.append("</table></details>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+CSS = """
+.sdxl-log {max-height: 22em; overflow-y: auto; font-size: 0.85em; white-space: pre-wrap; margin: 0;}
+.sdxl-progress {height: 0.6em; background: #ddd; border-radius: 0.3em; overflow: hidden;}
+.sdxl-bar {height: 100%; background: #3b82f6; transition: width 0.2s;}
+.sdxl-step {font-family: monospace; font-size: 0.9em; margin-top: 0.2em;}
+.sdxl-status table {font-size: 0.8em; border-collapse: collapse;}
+.sdxl-status td {padding: 0 0.5em; vertical-align: top;}
+.sdxl-demo {background: #fde68a; color: #000; padding: 0 0.3em; border-radius: 0.2em;}
+.sdxl-warn {background: #fee2e2; color: #7f1d1d; padding: 0.3em; border-radius: 0.2em; margin: 0.3em 0;}
+.sdxl-share {background: #e0f2fe; color: #0c4a6e; padding: 0.3em; border-radius: 0.2em; margin: 0.3em 0;}
+"""
