@@ -188,8 +188,9 @@ class GenerationService:
             self._plan = None
             self.load_error = None
 
-    def ensure_loaded(self, emit: Callable[[object], None] = lambda e: None) -> tuple[LoadedModels, float]:
+    def ensure_loaded(self, emit: Callable[[object], None] | None = None) -> tuple[LoadedModels, float]:
         """Load once; returns (models, seconds spent loading in this call)."""
+        emit = emit or _log_event
         with self._load_lock:
             if self._models is not None:
                 return self._models, 0.0
@@ -449,6 +450,11 @@ class GenerationService:
                 return path
             except FileExistsError:
                 continue
+
+
+def _log_event(event) -> None:
+    if isinstance(event, LogEvent):
+        log.info(event.message)
 
 
 def _tick(stop: threading.Event, emit, every_s: float = 3.0) -> None:

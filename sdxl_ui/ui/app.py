@@ -107,7 +107,7 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
                     guidance = gr.Slider(0, 30, value=preset.guidance, step=0.5, label="Guidance (CFG)")
                     with gr.Row():
                         seed = gr.Number(label="Seed (blank = random)", value=None, precision=0, elem_id="seed")
-                        images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images per run")
+                        images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images per run", elem_id="images")
                     size = gr.Dropdown(sizes, value=sizes[0], label="Size")
                     with gr.Row(visible=False) as custom_row:
                         width = gr.Number(label="Width", value=native, precision=0)
@@ -178,6 +178,7 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
                 return
             token = runs.start(session)
             paths = list(session_history or [])
+            shown: dict = {}
             try:
                 for event in service.generate(req, cancel=token):
                     if isinstance(event, LogEvent):
@@ -192,13 +193,15 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
                     elif isinstance(event, ResultEvent):
                         if event.path:
                             paths.append(event.path)
-                        yield {output: event.path or event.image, used_seed: event.seed, gallery: list(paths),
-                               history: list(paths), log_pane: log_html(lines)}
+                        shown = {output: event.path or event.image, used_seed: event.seed, gallery: list(paths),
+                                 history: list(paths)}
+                        yield {**shown, log_pane: log_html(lines)}
                     elif isinstance(event, ErrorEvent):
                         lines.append(f"❌ {event.message}" if event.kind != "cancelled" else f"⏹ {event.message}")
                         yield {log_pane: log_html(lines), progress: progress_html(0, event.message)}
                         return
-                yield {progress: progress_html(1.0, "done"), log_pane: log_html(lines),
+                # The last update repeats the results, so an API client (which keeps the last one) gets them.
+                yield {**shown, progress: progress_html(1.0, "done"), log_pane: log_html(lines),
                        status_panel: status_update()}
             finally:
                 runs.finish(session, token)

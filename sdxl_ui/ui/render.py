@@ -8,7 +8,8 @@ LOG_LIMIT = 400  # lines kept in the log pane per run
 
 def log_html(lines: list[str]) -> str:
     body = "\n".join(html.escape(line) for line in lines[-LOG_LIMIT:])
-    return f'<pre class="sdxl-log" id="sdxl-log">{body}</pre>'
+    # column-reverse keeps the scroll position pinned to the newest line while lines stream in.
+    return f'<div class="sdxl-logbox"><pre class="sdxl-log" id="sdxl-log">{body}</pre></div>'
 
 
 def progress_html(fraction: float, line: str) -> str:
@@ -46,7 +47,8 @@ def status_html(status: dict) -> str:
 
 
 CSS = """
-.sdxl-log {max-height: 22em; overflow-y: auto; font-size: 0.85em; white-space: pre-wrap; margin: 0;}
+.sdxl-logbox {max-height: 22em; overflow-y: auto; display: flex; flex-direction: column-reverse;}
+.sdxl-log {font-size: 0.85em; white-space: pre-wrap; margin: 0;}
 .sdxl-progress {height: 0.6em; background: #ddd; border-radius: 0.3em; overflow: hidden;}
 .sdxl-bar {height: 100%; background: #3b82f6; transition: width 0.2s;}
 .sdxl-step {font-family: monospace; font-size: 0.9em; margin-top: 0.2em;}

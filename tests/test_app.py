@@ -1,0 +1,221 @@
+"""The running app: gradio_client, a real browser (Debian's Chromium via Playwright), and --share offline."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from sdxl_ui.metadata import parse_parameters, read_parameters
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class App:
+    def __init__(self, *args, env=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.lines: list[str] = []
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen([sys.executable, "app.py", "--port", str(self.port), *args], cwd=ROOT,
+                                     env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        end = time.time() + timeout
+        while time.time() < end:
+            if text in self.output:
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"app exited early:\n{self.output}")
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} not printed within {timeout} s:\n{self.output}")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    outputs = tmp_path_factory.mktemp("app-outputs")
+    running = App("--model", "tiny", "--outputs", str(outputs))
+    running.wait_for("Running on local URL")
+    running.wait_for("Model loaded")  # preloaded in the background after launch
+    yield running
+    running.stop()
+
+
+GENERATE_ARGS = dict(negative_text="", quality_label="High quality", n_steps=10, cfg=8.0, n_images=1,
+                     size_label="Native (256×256)", w=256, h=256, sched="auto")
+
+
+def test_gradio_client_generate_returns_png_with_parameters_and_log(app):
+    from gradio_client import Client
+
+    client = Client(app.url, verbose=False)
+    result = client.predict(prompt_text="a red fox", seed_value=7, api_name="/generate", **GENERATE_ARGS)
+    log_html, progress_html, preview, image, used_seed = result[:5]
+    assert used_seed == 7
+    params = parse_parameters(read_parameters(image))
+    assert params["prompt"] == "a red fox" and params["Seed"] == "7" and params["Steps"] == "7"
+    assert "✓ PyTorch SDPA attention" in log_html and "xformers not applicable" in log_html
+    assert re.search(r"step 7/7 · 100 % · [\d.]+ s/step · ETA 0 s", log_html)
+    assert "Mode: HIGH QUALITY (base steps=7, guidance=8)" in log_html
+
+
+def test_bad_input_through_the_page_handler_is_one_clear_line(app):
+    from gradio_client import Client
+
+    client = Client(app.url, verbose=False)
+    args = {**GENERATE_ARGS, "size_label": "Custom", "w": 100}
+    log_html = client.predict(prompt_text="x", seed_value=None, api_name="/generate", **args)[0]
+    assert "❌ width: must be a multiple of 8 (got 100)" in log_html and "Traceback" not in log_html
+    ok = client.predict(prompt_text="a fox", seed_value=1, api_name="/generate", **GENERATE_ARGS)
+    assert ok[4] == 1  # the next request succeeds
+
+
+def test_two_clients_are_served_one_after_the_other_each_with_its_own_image(app):
+    from gradio_client import Client
+
+    jobs = []
+    for seed in (101, 202):
+        client = Client(app.url, verbose=False)
+        jobs.append(client.submit(prompt_text="a fox", seed_value=seed, api_name="/generate",
+                                  **{**GENERATE_ARGS, "n_steps": 100}))
+    ranks = []
+    while not all(job.done() for job in jobs):
+        status = jobs[1].status()
+        if status.rank is not None:
+            ranks.append(status.rank)
+        time.sleep(0.05)
+    seeds = [job.result()[4] for job in jobs]
+    images = [job.result()[3] for job in jobs]
+    assert seeds == [101, 202]
+    assert parse_parameters(read_parameters(images[0]))["Seed"] == "101"
+    assert parse_parameters(read_parameters(images[1]))["Seed"] == "202"
+    assert [job.result()[5] for job in jobs][0] != [job.result()[5] for job in jobs][1]  # separate galleries
+    assert ranks and max(ranks) >= 0  # the second job waited in the queue with a position
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `apt-get install -y chromium` (.ci/run does this)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
+def step_text(page) -> str:
+    return page.locator("#sdxl-step").inner_text()
+
+
+def test_browser_generate_shows_steps_preview_and_image_then_stop_cancels(app, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.goto(app.url)
+    page.get_by_label("Prompt", exact=True).fill("a red fox <b>not bold</b>")
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#sdxl-step')?.textContent.includes('step 1/35')",
+                           timeout=30_000)
+    page.wait_for_function("document.querySelector('#sdxl-step')?.textContent.includes('step 35/35')",
+                           timeout=60_000)
+    page.wait_for_selector("#output img", timeout=60_000)
+    page.wait_for_selector("#preview img", timeout=10_000)
+    log = page.locator("#log").inner_text()
+    assert "a red fox <b>not bold</b>" in log  # shown as text, not markup
+    assert "✓ PyTorch SDPA attention" in log and "ETA" in log and "✅ Image saved to" in log
+    assert page.locator("#log b").count() == 0
+    assert page.locator("#status-panel").inner_text().count("demo model") == 1
+    # SDXL_UI_UPDATE_SCREENSHOT=1 refreshes the README's picture; otherwise the shot goes to a temp file.
+    target = ROOT / "assets" / "screenshot.png" if os.environ.get("SDXL_UI_UPDATE_SCREENSHOT") else tmp_path / "s.png"
+    page.screenshot(path=str(target))
+    assert target.stat().st_size > 10_000
+
+    # A longer run: 4 images × (150 × 0.7) steps; Stop after it has started.
+    page.get_by_text("Advanced").click()
+    page.locator("#steps input[type=number]").fill("150")
+    page.locator("#steps input[type=number]").blur()
+    page.locator("#images input[type=number]").fill("4")
+    page.locator("#images input[type=number]").blur()
+    page.locator("#generate").click()
+    page.wait_for_function("/step [0-9]+\\/[0-9]+/.test(document.querySelector('#sdxl-step')?.textContent)"
+                           " && !document.querySelector('#sdxl-step').textContent.includes('35/35')",
+                           timeout=30_000)
+    page.locator("#stop").click()
+    page.wait_for_function("document.querySelector('#log')?.textContent.includes('cancelled at step')",
+                           timeout=20_000)
+    cancelled = re.search(r"cancelled at step (\d+)/(\d+)", page.locator("#log").inner_text())
+    assert cancelled and int(cancelled.group(2)) == 4 * 105 and int(cancelled.group(1)) < 4 * 105
+    # The device is free: the next run completes.
+    page.locator("#steps input[type=number]").fill("10")
+    page.locator("#steps input[type=number]").blur()
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#sdxl-step')?.textContent.includes('done')",
+                           timeout=60_000)
+    page.close()
+
+
+def test_two_browser_sessions_each_see_only_their_own_images(app, browser):
+    pages = [browser.new_context().new_page() for _ in range(2)]
+    for i, page in enumerate(pages):
+        page.goto(app.url)
+        page.get_by_label("Prompt", exact=True).fill(f"session {i}")
+    for page in pages:
+        page.locator("#generate").click()
+    for page in pages:
+        page.wait_for_function("document.querySelector('#sdxl-step')?.textContent.includes('done')",
+                               timeout=90_000)
+    seeds = [page.locator("#used-seed input").input_value() for page in pages]
+    assert seeds[0] != seeds[1]
+    for i, page in enumerate(pages):
+        assert f"session {i}" in page.locator("#log").inner_text()
+        assert f"session {1 - i}" not in page.locator("#log").inner_text()
+        assert page.locator("#gallery img").count() >= 1
+        page.context.close()
+
+
+def test_share_without_auth_prints_generated_credentials_and_keeps_serving_offline(tmp_path):
+    import urllib.request
+
+    running = App("--model", "tiny", "--share", "--outputs", str(tmp_path))
+    try:
+        running.wait_for("Serving locally only", timeout=120)
+        out = running.output
+        creds = re.search(r"Share login — user: (\S+)\s+password: (\S+)", out)
+        assert creds and len(creds.group(2)) >= 12
+        assert "Share link could not be created" in out
+        with urllib.request.urlopen(running.url, timeout=10) as response:  # still serving, behind a login
+            assert response.status == 200
+        assert running.proc.poll() is None
+    finally:
+        running.stop()
