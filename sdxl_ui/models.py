@@ -221,7 +221,7 @@ def _check_folder(path: Path, want_refiner: bool, field: str) -> None:
 
 
 def _load_kwargs(location: str, dtype: str, is_folder: bool) -> dict:
-    kwargs: dict = {"torch_dtype": _torch_dtype(dtype), "add_watermarker": False}
+    kwargs: dict = {"dtype": _torch_dtype(dtype), "add_watermarker": False}  # diffusers 0.42: dtype, not torch_dtype
     if is_folder:
         files = [p.name for p in Path(location).rglob("*") if p.is_file()]
         kwargs["use_safetensors"] = True if any(f.endswith(".safetensors") for f in files) else None

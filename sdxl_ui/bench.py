@@ -1,0 +1,358 @@
+"""`python -m sdxl_ui bench`: the full SDXL base architecture (random weights, no download), stock diffusers
+against this project's plan, in one run.
+
+Each configuration runs in its own child process, built directly in its dtype: its peak RSS is its own
+(ru_maxrss of that process), and the fp32 baseline's ~14 GB are gone before the plan is built.
+Timed per configuration: guided UNet step (batch 2, best of --steps after one warm-up step), text encoding,
+VAE decode; UNet FLOPs come from torch's FlopCounterMode on a meta-device copy (no compute needed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+
+# SDXL 1.0 base, from the published configs (stabilityai/stable-diffusion-xl-base-1.0).
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+SDXL_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, scaling_factor=0.13025, force_upcast=True,
+)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                 num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+EXPECTED_PARAMS = {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840,
+                   "vae": 83_653_863}
+PROMPT = "a photograph of a red fox in the snow, golden hour, highly detailed"
+
+
+# ---------------------------------------------------------------- child: one configuration
+
+def _build_full(torch, dtype, device):
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .models import _clip_tokenizer
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build straight in the target dtype: no fp32 copy ever exists
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            unet = UNet2DConditionModel(**SDXL_UNET)
+            te1 = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+            te2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))
+            vae = AutoencoderKL(**SDXL_VAE)
+    finally:
+        torch.set_default_dtype(previous)
+    tokenizer = _clip_tokenizer()  # byte-level stand-in: token ids < 514, valid for the 49408-entry embedding
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, add_watermarker=False)
+    for module in (unet, te1, te2, vae):
+        module.eval()
+    return pipe
+
+
+def _build_tiny(torch, dtype, device):
+    from .models import build_tiny
+
+    base, _ = build_tiny(with_refiner=False, dtype=str(dtype).replace("torch.", ""))
+    return base.to(device)
+
+
+def _params(pipe) -> dict:
+    return {name: sum(p.numel() for p in getattr(pipe, name).parameters())
+            for name in ("unet", "text_encoder", "text_encoder_2", "vae")}
+
+
+def unet_tflops(torch, unet_config: dict, res: int) -> float:
+    """TFLOP of one guided step (batch 2) at res², counted on a meta-device copy."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config)
+        x, inputs = _unet_inputs(torch, unet.config, res, "meta", torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        unet(x, **inputs)
+    return counter.get_total_flops() / 1e12
+
+
+def vae_decode_tflops(torch, vae_config: dict, res: int) -> float:
+    from diffusers import AutoencoderKL
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**vae_config)
+        z = torch.randn(1, 4, res // 8, res // 8)
+    with FlopCounterMode(display=False) as counter:
+        vae.decode(z)
+    return counter.get_total_flops() / 1e12
+
+
+def _unet_inputs(torch, config, res, device, dtype):
+    latent = res // 8
+    gen = torch.Generator("cpu").manual_seed(0)
+    x = torch.randn(2, 4, latent, latent, generator=gen).to(device, dtype)
+    hidden = torch.randn(2, 77, config.cross_attention_dim, generator=gen).to(device, dtype)
+    pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    text_embeds = torch.randn(2, pooled_dim, generator=gen).to(device, dtype)
+    time_ids = torch.tensor([[res, res, 0, 0, res, res]] * 2, dtype=dtype, device=device)
+    timestep = torch.tensor(999.0, device=device)
+    return x, dict(timestep=timestep, encoder_hidden_states=hidden,
+                   added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})
+
+
+def matmul_peak_gflops(torch, dtype, device, n: int = 4096, repeats: int = 5) -> float:
+    a = torch.randn(n, n, dtype=torch.float32).to(device, dtype)
+    b = torch.randn(n, n, dtype=torch.float32).to(device, dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _sync(torch, device)
+        t = time.perf_counter()
+        a @ b
+        _sync(torch, device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def _sync(torch, device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+
+
+def run_configuration(spec: dict) -> dict:
+    """One configuration, in this process: build, warm up, time. ``spec`` comes from the parent."""
+    import torch
+
+    from .models import LoadedModels, ModelSource
+    from .optimize import apply, report
+    from .schema import HardwareProbe
+    from .service import decode_latents
+
+    torch.set_flush_denormal(True)
+    kind, arch, res, steps, device = spec["kind"], spec["arch"], spec["res"], spec["steps"], spec["device"]
+    dtype = getattr(torch, spec["dtype"])
+    t0 = time.perf_counter()
+    build = _build_full if arch == "full" else _build_tiny
+    pipe = build(torch, dtype, device)
+    build_s = time.perf_counter() - t0
+    params = _params(pipe)
+    out: dict = {"kind": kind, "dtype": spec["dtype"], "device": device, "res": res, "build_s": round(build_s, 1),
+                 "params": params}
+    grad_context = torch.no_grad  # what the stock pipeline's __call__ uses
+    if kind == "plan":
+        from .policy import make_plan
+
+        probe = HardwareProbe.from_dict(spec["probe"])
+        plan = make_plan(probe, _settings(spec), "tiny" if arch == "tiny" else "sdxl", res, res, True)
+        models = LoadedModels(base=pipe, refiner=None, source=ModelSource("bench", f"sdxl-{arch}-random"),
+                              load_s=build_s)
+        apply(plan, models)
+        out["report"] = report(models, plan, probe).to_list()
+        out["threads"] = torch.get_num_threads()
+        grad_context = torch.inference_mode
+    else:
+        out["threads"] = torch.get_num_threads()
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+    with grad_context():
+        t = time.perf_counter()
+        prompt_embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+            PROMPT, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt="")
+        _sync(torch, device)
+        out["text_encode_s"] = round(time.perf_counter() - t, 3)
+
+        x, inputs = _unet_inputs(torch, pipe.unet.config, res, device, dtype)
+        times = []
+        unet = pipe.unet
+        if spec.get("compile"):
+            unet = torch.compile(pipe.unet)
+        for i in range(steps + 1):  # step 0 is the warm-up (and, with --compile, the compilation)
+            _sync(torch, device)
+            t = time.perf_counter()
+            unet(x, **inputs)
+            _sync(torch, device)
+            times.append(time.perf_counter() - t)
+            print(f"PROGRESS {kind}: {'warm-up' if i == 0 else f'step {i}/{steps}'} {times[-1]:.2f} s",
+                  file=sys.stderr, flush=True)
+        out["warmup_s"] = round(times[0], 3)
+        out["s_per_step"] = round(min(times[1:]), 4)
+        out["step_times_s"] = [round(v, 4) for v in times[1:]]
+
+        latents = torch.randn(1, 4, res // 8, res // 8, generator=torch.Generator("cpu").manual_seed(0))
+        t = time.perf_counter()
+        image = decode_latents(pipe, latents.to(device, pipe.vae.dtype))
+        _sync(torch, device)
+        out["vae_decode_s"] = round(time.perf_counter() - t, 3)
+        out["vae_output_ok"] = image.size == (res, res)
+    out["peak_rss_gb"] = round(_rss_gb(), 2)
+    if str(device).startswith("cuda"):
+        out["peak_vram_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+    out["matmul_peak_gflops"] = round(matmul_peak_gflops(torch, dtype, device), 1)
+    return out
+
+
+def _settings(spec):
+    from .settings import AppSettings
+
+    return AppSettings(model="tiny" if spec["arch"] == "tiny" else "stabilityai/stable-diffusion-xl-base-1.0",
+                       device=spec["device_choice"], precision=spec.get("precision", "auto"))
+
+
+# ---------------------------------------------------------------- parent: the command
+
+def _child(spec: dict) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+        path = f.name
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "sdxl_ui.bench", path], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        result_line = None
+        for line in proc.stderr:  # stream progress lines
+            if line.startswith("PROGRESS "):
+                print(f"   {line[9:].rstrip()}", file=sys.stderr, flush=True)
+        stdout = proc.stdout.read()
+        proc.wait()
+        for line in stdout.splitlines():
+            if line.startswith("RESULT "):
+                result_line = line[7:]
+        if proc.returncode != 0 or result_line is None:
+            raise RuntimeError(f"bench child for {spec['kind']} failed (exit {proc.returncode}); "
+                               f"output: {stdout[-500:]}")
+        return json.loads(result_line)
+    finally:
+        os.unlink(path)
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from .cli import settings_from_args
+    from .device import probe_hardware
+    from .policy import CPU_STEPS_FACTOR, make_plan
+
+    settings = settings_from_args(args)
+    probe = probe_hardware()
+    device_choice = args.bench_device if args.bench_device != "auto" else settings.device.value
+    plan_settings = settings.with_(device=device_choice, model="stabilityai/stable-diffusion-xl-base-1.0")
+    plan = make_plan(probe, plan_settings, "tiny" if args.arch == "tiny" else "sdxl", args.res, args.res, True)
+    device = plan.device
+    say = (lambda *a: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say(f"bench: SDXL {args.arch} architecture, {args.res}², {args.steps} timed step(s) after a warm-up, "
+        f"on {device} ({probe.cpu.model_name if device == 'cpu' else probe.cuda.device_name})")
+    base_spec = {"arch": args.arch, "res": args.res, "steps": args.steps, "device": device,
+                 "device_choice": device_choice, "probe": probe.to_dict()}
+    results = {}
+    configs = []
+    if args.only in ("both", "baseline"):
+        configs.append(("baseline", {"kind": "baseline", "dtype": "float32"}))
+    if args.only in ("both", "plan"):
+        configs.append(("plan", {"kind": "plan", "dtype": plan.dtype, "precision": settings.precision.value}))
+    if args.compile:
+        configs.append(("compiled", {"kind": "plan", "dtype": plan.dtype, "precision": settings.precision.value,
+                                     "compile": True}))
+    for name, extra in configs:
+        say(f"-- building and timing {name} ({extra['dtype']})… (minutes on CPU)")
+        results[name] = _child({**base_spec, **extra})
+        results[name]["kind"] = name
+
+    unet_tf = unet_tflops(torch, SDXL_UNET if args.arch == "full" else _tiny_unet_config(), args.res)
+    unet_tf_1024 = unet_tflops(torch, SDXL_UNET if args.arch == "full" else _tiny_unet_config(), 1024)
+    vae_tf = vae_decode_tflops(torch, SDXL_VAE, args.res) if args.arch == "full" else None
+    vae_tf_1024 = vae_decode_tflops(torch, SDXL_VAE, 1024) if args.arch == "full" else None
+    hq_steps = round(50 * (CPU_STEPS_FACTOR if device == "cpu" else 1.0))
+    for r in results.values():
+        r["unet_tflop_per_step"] = round(unet_tf, 3)
+        r["gflops"] = round(unet_tf * 1e3 / r["s_per_step"], 1)
+        r["pct_of_peak"] = round(100 * r["gflops"] / r["matmul_peak_gflops"], 1)
+        # Projection to a 1024² High-quality image: FLOP-scaled step and decode times + text encoding.
+        step_1024 = r["s_per_step"] * unet_tf_1024 / unet_tf
+        decode_1024 = r["vae_decode_s"] * (vae_tf_1024 / vae_tf if vae_tf else (1024 / args.res) ** 2)
+        r["projected_1024_hq_s"] = round(hq_steps * step_1024 + r["text_encode_s"] + decode_1024, 1)
+        if args.arch == "full":
+            r["params_ok"] = r["params"] == EXPECTED_PARAMS
+    summary = {
+        "date": date.today().isoformat(), "arch": args.arch, "res": args.res, "timed_steps": args.steps,
+        "device": device, "machine": _machine(probe, device), "torch": probe.torch_version,
+        "expected_params": EXPECTED_PARAMS if args.arch == "full" else None, "hq_steps": hq_steps,
+        **{name: r for name, r in results.items()},
+    }
+    if "plan" in results:
+        summary["peak_gflops"] = results["plan"]["matmul_peak_gflops"]
+    if "baseline" in results and "plan" in results:
+        summary["ratio"] = round(results["baseline"]["s_per_step"] / results["plan"]["s_per_step"], 2)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(format_table(summary))
+    if args.arch == "full" and not all(r.get("params_ok") for r in results.values()):
+        print("error: parameter counts differ from SDXL base 1.0", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _tiny_unet_config():
+    from .models import build_tiny
+
+    base, _ = build_tiny(with_refiner=False)
+    return {k: v for k, v in base.unet.config.items() if not k.startswith("_")}
+
+
+def _machine(probe, device) -> str:
+    if device == "cuda":
+        return f"{probe.cuda.device_name} ({probe.cuda.vram_total_gb} GB)"
+    return f"{probe.cpu.model_name}, {probe.cpu.physical_cores} cores, {probe.cpu.ram_total_gb:.0f} GB"
+
+
+def format_table(s: dict) -> str:
+    rows = [r for k, r in s.items() if isinstance(r, dict) and "s_per_step" in r]
+    head = (f"SDXL {s['arch']} architecture on {s['machine']} ({s['device']}), torch {s['torch']}, "
+            f"{s['res']}², {s['date']}")
+    lines = [head, "",
+             f"{'config':<10} {'dtype':<9} {'s/step':>8} {'TFLOP':>6} {'GFLOP/s':>8} {'peak':>7} {'%':>5} "
+             f"{'text s':>7} {'VAE s':>6} {'RSS GB':>7} {'HQ 1024² s':>10}"]
+    for r in rows:
+        lines.append(f"{r['kind']:<10} {r['dtype']:<9} {r['s_per_step']:>8.3f} {r['unet_tflop_per_step']:>6.2f} "
+                     f"{r['gflops']:>8.1f} {r['matmul_peak_gflops']:>7.1f} {r['pct_of_peak']:>5.1f} "
+                     f"{r['text_encode_s']:>7.2f} {r['vae_decode_s']:>6.2f} {r['peak_rss_gb']:>7.2f} "
+                     f"{r['projected_1024_hq_s']:>10.1f}")
+        if "peak_vram_gb" in r:
+            lines[-1] += f"  VRAM {r['peak_vram_gb']} GB"
+    if "ratio" in s:
+        lines += ["", f"speed-up of the plan over stock diffusers (baseline s/step ÷ plan s/step): {s['ratio']}×"]
+    lines.append(f"HQ 1024² = {s['hq_steps']} steps × FLOP-scaled step time + text encoding + FLOP-scaled decode")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # child process: python -m sdxl_ui.bench SPEC.json
+    import logging
+
+    logging.getLogger("xformers").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    with open(sys.argv[1], encoding="utf-8") as spec_file:
+        result = run_configuration(json.load(spec_file))
+    print("RESULT " + json.dumps(result), flush=True)
