@@ -198,6 +198,8 @@ def run_configuration(spec: dict) -> dict:
             times.append(time.perf_counter() - t)
             print(f"PROGRESS {kind}: {'warm-up' if i == 0 else f'step {i}/{steps}'} {times[-1]:.2f} s",
                   file=sys.stderr, flush=True)
+        # ru_maxrss only grows: read here, it is the peak through text encoding and the UNet steps.
+        out["peak_rss_step_gb"] = round(_rss_gb(), 2)
         out["warmup_s"] = round(times[0], 3)
         out["s_per_step"] = round(min(times[1:]), 4)
         out["step_times_s"] = [round(v, 4) for v in times[1:]]
@@ -261,7 +263,8 @@ def cmd_bench(args) -> int:
     plan_settings = settings.with_(device=device_choice, model="stabilityai/stable-diffusion-xl-base-1.0")
     plan = make_plan(probe, plan_settings, "tiny" if args.arch == "tiny" else "sdxl", args.res, args.res, True)
     device = plan.device
-    say = (lambda *a: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    def say(msg):  # progress goes to stderr, also with --json (stdout holds only the JSON object)
+        print(msg, file=sys.stderr, flush=True)
     say(f"bench: SDXL {args.arch} architecture, {args.res}², {args.steps} timed step(s) after a warm-up, "
         f"on {device} ({probe.cpu.model_name if device == 'cpu' else probe.cuda.device_name})")
     base_spec = {"arch": args.arch, "res": args.res, "steps": args.steps, "device": device,
@@ -334,17 +337,19 @@ def format_table(s: dict) -> str:
             f"{s['res']}², {s['date']}")
     lines = [head, "",
              f"{'config':<10} {'dtype':<9} {'s/step':>8} {'TFLOP':>6} {'GFLOP/s':>8} {'peak':>7} {'%':>5} "
-             f"{'text s':>7} {'VAE s':>6} {'RSS GB':>7} {'HQ 1024² s':>10}"]
+             f"{'text s':>7} {'VAE s':>6} {'RSS step':>8} {'RSS all':>7} {'HQ 1024² s':>10}"]
     for r in rows:
         lines.append(f"{r['kind']:<10} {r['dtype']:<9} {r['s_per_step']:>8.3f} {r['unet_tflop_per_step']:>6.2f} "
                      f"{r['gflops']:>8.1f} {r['matmul_peak_gflops']:>7.1f} {r['pct_of_peak']:>5.1f} "
-                     f"{r['text_encode_s']:>7.2f} {r['vae_decode_s']:>6.2f} {r['peak_rss_gb']:>7.2f} "
+                     f"{r['text_encode_s']:>7.2f} {r['vae_decode_s']:>6.2f} {r['peak_rss_step_gb']:>8.2f} "
+                     f"{r['peak_rss_gb']:>7.2f} "
                      f"{r['projected_1024_hq_s']:>10.1f}")
         if "peak_vram_gb" in r:
             lines[-1] += f"  VRAM {r['peak_vram_gb']} GB"
     if "ratio" in s:
         lines += ["", f"speed-up of the plan over stock diffusers (baseline s/step ÷ plan s/step): {s['ratio']}×"]
     lines.append(f"HQ 1024² = {s['hq_steps']} steps × FLOP-scaled step time + text encoding + FLOP-scaled decode")
+    lines.append("RSS step = peak RSS through text encoding and UNet steps; RSS all = including the VAE decode")
     return "\n".join(lines)
 
 

@@ -109,7 +109,8 @@ def cmd_generate(args) -> int:
             prompt=args.prompt, negative_prompt=args.negative, quality=args.quality, steps=args.steps,
             guidance=args.guidance, seed=args.seed, width=args.width, height=args.height,
             scheduler=args.scheduler, images=args.images)
-        out = check_output_path(args.out) if args.out else None
+        # On the command line a relative --out is relative to the current folder, as in any shell tool.
+        out = check_output_path(Path(args.out).expanduser().absolute()) if args.out else None
         service = GenerationService(settings)
         service.source  # noqa: B018 - validates --model before any work
     except ValidationError as exc:

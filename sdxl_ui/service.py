@@ -63,20 +63,34 @@ class CancelToken:
         return self._event.is_set()
 
 
-def check_output_path(path: str | Path) -> Path:
-    """An explicit output file: must be .png in an existing, writable folder (checked before minutes of work)."""
-    import os
+def check_output_path(path: str | Path, outputs: Path | None = None) -> Path:
+    """An explicit output file, checked before minutes of work: a .png in an existing, writable folder.
 
-    target = Path(path).expanduser()
+    A relative path is a name inside the outputs folder and may not climb out of it ("../../x.png" is refused);
+    an absolute path is honoured as given (the CLI makes the user's relative paths absolute first).
+    """
+    import tempfile
+
+    raw = str(path)
+    target = Path(raw).expanduser()
     if target.suffix.lower() != ".png":
-        raise ValidationError("output_path", str(path), "must end with .png (PNG keeps the parameters chunk)")
+        raise ValidationError("output_path", raw, "must end with .png (PNG keeps the parameters chunk)")
+    if not target.is_absolute():
+        root = (outputs or Path("outputs")).resolve()
+        target = (root / target).resolve()
+        if root != target.parent and root not in target.parents:
+            raise ValidationError("output_path", raw, f"leaves the outputs folder {str(root)!r}")
+        target.parent.mkdir(parents=True, exist_ok=True)
     if target.is_dir():
-        raise ValidationError("output_path", str(path), "is a folder; give a file name ending in .png")
-    parent = target.parent if str(target.parent) else Path(".")
+        raise ValidationError("output_path", raw, "is a folder; give a file name ending in .png")
+    parent = target.parent
     if not parent.is_dir():
-        raise ValidationError("output_path", str(path), f"folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ValidationError("output_path", str(path), f"folder {str(parent)!r} is not writable")
+        raise ValidationError("output_path", raw, f"folder {str(parent)!r} does not exist")
+    try:  # os.access says yes to root everywhere; only a real file creation tells
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise ValidationError("output_path", raw, f"folder {str(parent)!r} is not writable ({exc.strerror})") from None
     return target
 
 
@@ -127,6 +141,21 @@ def decode_latents(pipe, latents):
     return pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; the CPU allocator raises MemoryError or a RuntimeError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+GPU_FAILURE_MARKERS = ("cuda error", "no kernel image", "cublas", "cudnn", "device-side assert", "mps backend")
+
+
+def is_gpu_failure(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in GPU_FAILURE_MARKERS)
+
+
 def memory_advice(device: str) -> str:
     if device == "cuda":
         return ("try a smaller size, --offload model (or sequential), or --attention sliced; "
@@ -145,9 +174,10 @@ class GenerationService:
         self._models: LoadedModels | None = None
         self._plan: Plan | None = None
         self._load_lock = threading.Lock()
-        self._device_lock = threading.Lock()
+        self._device_lock = threading.RLock()  # re-entrant: the one-time CPU fallback re-runs inside the lock
         self.load_error: str | None = None
         self.loading = False
+        self._fell_back = False
 
     # ------------------------------------------------------------ state
     @property
@@ -241,6 +271,14 @@ class GenerationService:
         return {**out, "device": plan.device, "dtype": plan.dtype, "state": state, "message": self.load_error,
                 "rows": rep.to_list(), "source": rep.source}
 
+    def _fall_back_to_cpu(self, exc: Exception, emit) -> None:
+        """The GPU passed its kernel test but failed on a real step: say so and continue on the CPU, once."""
+        self._fell_back = True
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        emit(LogEvent(f"⚠ The GPU failed on the first real step ({first}); falling back to CPU for this "
+                      "session. `python -m sdxl_ui doctor` shows the GPU, its arch and torch's build.", "warning"))
+        self.reconfigure(self.settings.with_(device="cpu"))
+
     def steps_note(self, requested: int) -> str:
         """E.g. '50 → 35 on CPU' (the steps policy), or '' when steps run as requested."""
         try:
@@ -286,6 +324,11 @@ class GenerationService:
         start = time.perf_counter()
         emit(LogEvent(f"🎨 Generating image for prompt: {request.prompt[:200]!r}"
                       f"{'…' if len(request.prompt) > 200 else ''}"))
+        try:
+            target = check_output_path(output_path, self.settings.outputs) if output_path else None
+        except ValidationError as exc:  # before waiting for the device: a typo should not cost a queue slot
+            emit(ErrorEvent(str(exc), "validation"))
+            return
         if not self._device_lock.acquire(blocking=False):
             emit(LogEvent("Waiting for the device: another generation is running…"))
             while not self._device_lock.acquire(timeout=0.2):
@@ -295,7 +338,6 @@ class GenerationService:
         progress = {"done": 0, "total": 0}
         device = "cpu"
         try:
-            target = check_output_path(output_path) if output_path else None
             models, load_s = self.ensure_loaded(emit)
             device = self.plan.device
             self._generate_images(request, models, load_s, start, target, cancel, emit, progress)
@@ -308,11 +350,12 @@ class GenerationService:
         except (ModelLoadError, PlanError) as exc:
             emit(ErrorEvent(str(exc), "model"))
         except Exception as exc:  # noqa: BLE001 - the user gets a message, the console the traceback
-            import torch
-
-            if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-                emit(ErrorEvent(f"Out of memory at step {progress['done']}/{progress['total']}: "
-                                f"{memory_advice(device)}", "memory"))
+            if is_out_of_memory(exc):
+                emit(ErrorEvent(f"Out of memory at step {progress['done']}/{progress['total']} on "
+                                f"{device.upper()}: {memory_advice(device)}", "memory"))
+            elif device != "cpu" and is_gpu_failure(exc) and not self._fell_back:
+                self._fall_back_to_cpu(exc, emit)
+                self._run(request, cancel, output_path, emit)  # once: _fell_back is now set
             else:
                 log.exception("generation failed")
                 emit(ErrorEvent(f"Generation failed: {type(exc).__name__}: {str(exc)[:300]}", "runtime"))

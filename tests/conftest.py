@@ -50,3 +50,15 @@ def run(service, request, **kwargs):
         elif isinstance(event, ProgressEvent):
             out["progress"].append(event)
     return out
+
+
+# Counts filled in by test_reliability.py; printed as one summary line at the end of the run.
+RELIABILITY = {"bad_inputs": set(), "faults": set(), "jobs": 0, "lost": 0}
+
+
+def pytest_terminal_summary(terminalreporter):
+    r = RELIABILITY
+    if r["bad_inputs"] or r["faults"] or r["jobs"]:
+        terminalreporter.write_line(
+            f"reliability: {len(r['bad_inputs'])} bad inputs, {len(r['faults'])} faults "
+            f"({', '.join(sorted(r['faults']))}), {r['jobs']} jobs under load, {r['lost']} lost")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -68,6 +69,33 @@ class _Runs:
         return token is not None
 
 
+@dataclass
+class _RateLimit:
+    """--max-jobs-per-user: jobs started per user (login name, else client address) in a sliding hour."""
+    per_hour: int
+    started: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def check(self, user: str, now: float) -> str | None:
+        if self.per_hour <= 0:
+            return None
+        with self.lock:
+            recent = [t for t in self.started.get(user, []) if now - t < 3600]
+            if len(recent) >= self.per_hour:
+                wait_min = max(1, int((3600 - (now - recent[0])) / 60))
+                self.started[user] = recent
+                return (f"max_jobs_per_user: {self.per_hour} jobs per hour reached for this user; "
+                        f"try again in about {wait_min} min")
+            self.started[user] = recent + [now]
+        return None
+
+
+def _user_key(request) -> str:
+    if request is None:
+        return "local"
+    return getattr(request, "username", None) or (request.client.host if request.client else "unknown")
+
+
 def _size(preset: str, width, height, native: int) -> tuple:
     if preset == CUSTOM:
         return width, height
@@ -80,6 +108,7 @@ def _size(preset: str, width, height, native: int) -> tuple:
 def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
     config = config or UIConfig()
     runs = _Runs()
+    limit = _RateLimit(config.max_jobs_per_user)
     native = service.native_size()
     sizes = [f"Native ({native}×{native})"] + [s for s in SDXL_SIZES if s != f"{native}×{native}"] + [CUSTOM]
 
@@ -175,6 +204,11 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
             except ValidationError as exc:
                 lines.append(f"❌ {exc}")
                 yield {log_pane: log_html(lines), progress: progress_html(0, "not started: fix the input")}
+                return
+            refused = limit.check(_user_key(request), time.monotonic())
+            if refused:
+                lines.append(f"❌ {refused}")
+                yield {log_pane: log_html(lines), progress: progress_html(0, "not started: rate limit")}
                 return
             token = runs.start(session)
             paths = list(session_history or [])
