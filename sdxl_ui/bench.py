@@ -131,6 +131,21 @@ def matmul_peak_gflops(torch, dtype, device, n: int = 4096, repeats: int = 5) ->
     return 2 * n**3 / best / 1e9
 
 
+def _vae_precision_check(torch, vae, latents) -> dict:
+    """Decode the same latents with this VAE and with an fp32 copy; compare outputs (range -1…1)."""
+    import copy
+
+    def decode(model):
+        z = latents.to(model.dtype) / model.config.scaling_factor
+        return model.decode(z, return_dict=False)[0].float()
+
+    low = decode(vae)
+    reference = decode(torch.nn.Module.to(copy.deepcopy(vae), dtype=torch.float32))
+    diff = (low - reference).abs()
+    return {"finite": bool(torch.isfinite(low).all()), "mean_abs_diff": round(float(diff.mean()), 5),
+            "max_abs_diff": round(float(diff.max()), 5), "reference": "fp32 copy of the same VAE"}
+
+
 def _sync(torch, device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
@@ -196,7 +211,8 @@ def run_configuration(spec: dict) -> dict:
             unet(x, **inputs)
             _sync(torch, device)
             times.append(time.perf_counter() - t)
-            print(f"PROGRESS {kind}: {'warm-up' if i == 0 else f'step {i}/{steps}'} {times[-1]:.2f} s",
+            print(f"PROGRESS {spec.get('label', kind)}: {'warm-up' if i == 0 else f'step {i}/{steps}'} "
+                  f"{times[-1]:.2f} s",
                   file=sys.stderr, flush=True)
         # ru_maxrss only grows: read here, it is the peak through text encoding and the UNet steps.
         out["peak_rss_step_gb"] = round(_rss_gb(), 2)
@@ -210,6 +226,8 @@ def run_configuration(spec: dict) -> dict:
         _sync(torch, device)
         out["vae_decode_s"] = round(time.perf_counter() - t, 3)
         out["vae_output_ok"] = image.size == (res, res)
+        if spec.get("vae_check") and dtype != torch.float32:
+            out["vae_check"] = _vae_precision_check(torch, pipe.vae, latents.to(device))
     out["peak_rss_gb"] = round(_rss_gb(), 2)
     if str(device).startswith("cuda"):
         out["peak_vram_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
@@ -251,11 +269,11 @@ def _child(spec: dict) -> dict:
 
 
 def cmd_bench(args) -> int:
-    import torch
-
+    if args.from_json:
+        return _replay(args)
     from .cli import settings_from_args
     from .device import probe_hardware
-    from .policy import CPU_STEPS_FACTOR, make_plan
+    from .policy import make_plan
 
     settings = settings_from_args(args)
     probe = probe_hardware()
@@ -263,8 +281,10 @@ def cmd_bench(args) -> int:
     plan_settings = settings.with_(device=device_choice, model="stabilityai/stable-diffusion-xl-base-1.0")
     plan = make_plan(probe, plan_settings, "tiny" if args.arch == "tiny" else "sdxl", args.res, args.res, True)
     device = plan.device
+
     def say(msg):  # progress goes to stderr, also with --json (stdout holds only the JSON object)
         print(msg, file=sys.stderr, flush=True)
+
     say(f"bench: SDXL {args.arch} architecture, {args.res}², {args.steps} timed step(s) after a warm-up, "
         f"on {device} ({probe.cpu.model_name if device == 'cpu' else probe.cuda.device_name})")
     base_spec = {"arch": args.arch, "res": args.res, "steps": args.steps, "device": device,
@@ -274,40 +294,18 @@ def cmd_bench(args) -> int:
     if args.only in ("both", "baseline"):
         configs.append(("baseline", {"kind": "baseline", "dtype": "float32"}))
     if args.only in ("both", "plan"):
-        configs.append(("plan", {"kind": "plan", "dtype": plan.dtype, "precision": settings.precision.value}))
+        configs.append(("plan", {"kind": "plan", "dtype": plan.dtype, "precision": settings.precision.value,
+                                 "vae_check": args.vae_check}))
     if args.compile:
         configs.append(("compiled", {"kind": "plan", "dtype": plan.dtype, "precision": settings.precision.value,
                                      "compile": True}))
     for name, extra in configs:
         say(f"-- building and timing {name} ({extra['dtype']})… (minutes on CPU)")
-        results[name] = _child({**base_spec, **extra})
+        results[name] = _child({**base_spec, **extra, "label": name})
         results[name]["kind"] = name
 
-    unet_tf = unet_tflops(torch, SDXL_UNET if args.arch == "full" else _tiny_unet_config(), args.res)
-    unet_tf_1024 = unet_tflops(torch, SDXL_UNET if args.arch == "full" else _tiny_unet_config(), 1024)
-    vae_tf = vae_decode_tflops(torch, SDXL_VAE, args.res) if args.arch == "full" else None
-    vae_tf_1024 = vae_decode_tflops(torch, SDXL_VAE, 1024) if args.arch == "full" else None
-    hq_steps = round(50 * (CPU_STEPS_FACTOR if device == "cpu" else 1.0))
-    for r in results.values():
-        r["unet_tflop_per_step"] = round(unet_tf, 3)
-        r["gflops"] = round(unet_tf * 1e3 / r["s_per_step"], 1)
-        r["pct_of_peak"] = round(100 * r["gflops"] / r["matmul_peak_gflops"], 1)
-        # Projection to a 1024² High-quality image: FLOP-scaled step and decode times + text encoding.
-        step_1024 = r["s_per_step"] * unet_tf_1024 / unet_tf
-        decode_1024 = r["vae_decode_s"] * (vae_tf_1024 / vae_tf if vae_tf else (1024 / args.res) ** 2)
-        r["projected_1024_hq_s"] = round(hq_steps * step_1024 + r["text_encode_s"] + decode_1024, 1)
-        if args.arch == "full":
-            r["params_ok"] = r["params"] == EXPECTED_PARAMS
-    summary = {
-        "date": date.today().isoformat(), "arch": args.arch, "res": args.res, "timed_steps": args.steps,
-        "device": device, "machine": _machine(probe, device), "torch": probe.torch_version,
-        "expected_params": EXPECTED_PARAMS if args.arch == "full" else None, "hq_steps": hq_steps,
-        **{name: r for name, r in results.items()},
-    }
-    if "plan" in results:
-        summary["peak_gflops"] = results["plan"]["matmul_peak_gflops"]
-    if "baseline" in results and "plan" in results:
-        summary["ratio"] = round(results["baseline"]["s_per_step"] / results["plan"]["s_per_step"], 2)
+    summary = summarize(results, args.arch, args.res, args.steps, device, _machine(probe, device),
+                        probe.torch_version, hq_steps=plan.steps_for(50))
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
@@ -316,6 +314,52 @@ def cmd_bench(args) -> int:
         print("error: parameter counts differ from SDXL base 1.0", file=sys.stderr)
         return 1
     return 0
+
+
+def _replay(args) -> int:
+    """Re-derive and print a saved `bench --json` result (e.g. after changing the table) without re-timing."""
+    with open(args.from_json, encoding="utf-8") as f:
+        saved = json.load(f)
+    results = {k: v for k, v in saved.items() if isinstance(v, dict) and "s_per_step" in v}
+    plan_steps = round(50 * 0.7) if saved["device"] == "cpu" else 50
+    summary = summarize(results, saved["arch"], saved["res"], saved["timed_steps"], saved["device"],
+                        saved["machine"], saved["torch"], hq_steps=plan_steps, day=saved["date"])
+    print(json.dumps(summary, indent=1) if args.json else format_table(summary))
+    return 0
+
+
+def summarize(results: dict, arch: str, res: int, steps: int, device: str, machine: str, torch_version: str,
+              hq_steps: int, day: str | None = None) -> dict:
+    """Derived figures (FLOPs, % of peak, 1024² projections, ratios) from the children's raw timings."""
+    import torch
+
+    unet_config = SDXL_UNET if arch == "full" else _tiny_unet_config()
+    unet_tf, unet_tf_1024 = unet_tflops(torch, unet_config, res), unet_tflops(torch, unet_config, 1024)
+    vae_scale = (vae_decode_tflops(torch, SDXL_VAE, 1024) / vae_decode_tflops(torch, SDXL_VAE, res)
+                 if arch == "full" else (1024 / res) ** 2)
+    for name, r in results.items():
+        r["unet_tflop_per_step"] = round(unet_tf, 3)
+        r["gflops"] = round(unet_tf * 1e3 / r["s_per_step"], 1)
+        r["pct_of_peak"] = round(100 * r["gflops"] / r["matmul_peak_gflops"], 1)
+        # A 1024² High-quality image: stock diffusers runs its default 50 steps; the plan runs its steps
+        # policy (35 on CPU). FLOP-scaled step and decode times, plus text encoding.
+        r["hq_steps"] = 50 if r["kind"] == "baseline" else hq_steps
+        r["projected_1024_hq_s"] = round(r["hq_steps"] * r["s_per_step"] * unet_tf_1024 / unet_tf
+                                         + r["text_encode_s"] + r["vae_decode_s"] * vae_scale, 1)
+        if arch == "full":
+            r["params_ok"] = r["params"] == EXPECTED_PARAMS
+    summary = {
+        "date": day or date.today().isoformat(), "arch": arch, "res": res, "timed_steps": steps, "device": device,
+        "machine": machine, "torch": torch_version, "expected_params": EXPECTED_PARAMS if arch == "full" else None,
+        **results,
+    }
+    if "plan" in results:
+        summary["peak_gflops"] = results["plan"]["matmul_peak_gflops"]
+    if "baseline" in results and "plan" in results:
+        base, plan = results["baseline"], results["plan"]
+        summary["ratio"] = round(base["s_per_step"] / plan["s_per_step"], 2)
+        summary["image_ratio"] = round(base["projected_1024_hq_s"] / plan["projected_1024_hq_s"], 2)
+    return summary
 
 
 def _tiny_unet_config():
@@ -337,18 +381,21 @@ def format_table(s: dict) -> str:
             f"{s['res']}², {s['date']}")
     lines = [head, "",
              f"{'config':<10} {'dtype':<9} {'s/step':>8} {'TFLOP':>6} {'GFLOP/s':>8} {'peak':>7} {'%':>5} "
-             f"{'text s':>7} {'VAE s':>6} {'RSS step':>8} {'RSS all':>7} {'HQ 1024² s':>10}"]
+             f"{'text s':>7} {'VAE s':>6} {'RSS step':>8} {'RSS all':>7} {'HQ 1024² s':>10} {'warm-up s':>9}"]
     for r in rows:
         lines.append(f"{r['kind']:<10} {r['dtype']:<9} {r['s_per_step']:>8.3f} {r['unet_tflop_per_step']:>6.2f} "
                      f"{r['gflops']:>8.1f} {r['matmul_peak_gflops']:>7.1f} {r['pct_of_peak']:>5.1f} "
                      f"{r['text_encode_s']:>7.2f} {r['vae_decode_s']:>6.2f} {r['peak_rss_step_gb']:>8.2f} "
                      f"{r['peak_rss_gb']:>7.2f} "
-                     f"{r['projected_1024_hq_s']:>10.1f}")
+                     f"{r['projected_1024_hq_s']:>10.1f} {r['warmup_s']:>9.1f}")
         if "peak_vram_gb" in r:
             lines[-1] += f"  VRAM {r['peak_vram_gb']} GB"
     if "ratio" in s:
-        lines += ["", f"speed-up of the plan over stock diffusers (baseline s/step ÷ plan s/step): {s['ratio']}×"]
-    lines.append(f"HQ 1024² = {s['hq_steps']} steps × FLOP-scaled step time + text encoding + FLOP-scaled decode")
+        lines += ["", f"per guided step, plan vs stock diffusers (baseline s/step ÷ plan s/step): {s['ratio']}×",
+                  f"per 1024² High-quality image (projected, stock 50 steps vs plan's steps policy): "
+                  f"{s['image_ratio']}×"]
+    lines.append("HQ 1024² = steps (stock: 50; plan: its steps policy) × FLOP-scaled step time + text encoding + "
+                 "FLOP-scaled decode")
     lines.append("RSS step = peak RSS through text encoding and UNet steps; RSS all = including the VAE decode")
     return "\n".join(lines)
 

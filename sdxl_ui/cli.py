@@ -33,11 +33,13 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--local-files-only", action="store_true", default=None,
                    help="never contact the hub (like HF_HUB_OFFLINE=1)")
     g.add_argument("--single-file-config", help="local diffusers SDXL folder giving the config for a .safetensors")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the UNet (minutes of warm-up, faster steps after; for long-running servers)")
 
 
 def settings_from_args(args) -> AppSettings:
     names = ["model", "refiner", "use_refiner", "device", "precision", "attention", "offload", "vae_tiling",
-             "threads", "outputs", "local_files_only", "single_file_config"]
+             "threads", "outputs", "local_files_only", "single_file_config", "compile"]
     return AppSettings.from_env(**{n: getattr(args, n, None) for n in names})
 
 
@@ -73,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--bench-device", "--target", dest="bench_device", choices=["auto", "cpu", "cuda"],
                        default="auto")
     bench.add_argument("--only", choices=["both", "baseline", "plan"], default="both")
-    bench.add_argument("--compile", action="store_true", help="also time torch.compile (long warm-up)")
+    bench.add_argument("--from-json", help="print the table of a saved `bench --json` result (no re-timing)")
+    bench.add_argument("--vae-check", action="store_true",
+                       help="also decode in fp32 and report how far the plan's VAE dtype is from it")
     bench.add_argument("--json", action="store_true")
     return parser
 

@@ -53,6 +53,11 @@ class LoadedModels:
     refiner: Any | None  # StableDiffusionXLImg2ImgPipeline sharing text_encoder_2 and the VAE
     source: ModelSource
     load_s: float
+    scheduler_config: Any = None  # the model's own scheduler config: every sampler is derived from it
+
+    def __post_init__(self):
+        if self.scheduler_config is None:
+            self.scheduler_config = self.base.scheduler.config
 
     @property
     def note(self) -> str | None:

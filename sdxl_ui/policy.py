@@ -303,6 +303,12 @@ def make_plan(
         reasons["steps_factor"] = f"{device.upper()}: steps as requested"
         reasons["threads"] = "torch default (the GPU does the work)"
     reasons["vae_slicing"] = "one image per pipeline call: nothing to slice"
+    if settings.compile:
+        reasons["compile"] = ("on (--compile): the first step compiles for minutes (H200: 159 s), later steps are "
+                              "faster (H200: 77 → 56 ms; this CPU: −7 %)")
+    else:
+        reasons["compile"] = ("off: the first call compiles for minutes and gains 7 % on CPU, ~27 % on an H200; "
+                              "use --compile for long-running servers")
     reasons["memory"] = (f"~{est.total_gb:.1f} GB needed (weights {est.weights_gb:.1f}, refiner {est.refiner_gb:.1f}, "
                          f"step {est.step_gb:.1f}, decode {est.decode_gb:.1f}, overhead {est.overhead_gb:.1f}), "
                          f"{where}")
@@ -321,6 +327,7 @@ def make_plan(
         memory_needed_gb=round(est.total_gb, 2),
         memory_available_gb=available,
         reasons=reasons,
+        compile=settings.compile,
     )
 
 

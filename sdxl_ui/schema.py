@@ -359,6 +359,7 @@ class Plan:
     memory_needed_gb: float
     memory_available_gb: float | None
     reasons: Mapping[str, str]
+    compile: bool = False
 
     @property
     def reason(self) -> str:

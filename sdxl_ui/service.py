@@ -221,30 +221,41 @@ class GenerationService:
     def ensure_loaded(self, emit: Callable[[object], None] | None = None) -> tuple[LoadedModels, float]:
         """Load once; returns (models, seconds spent loading in this call)."""
         emit = emit or _log_event
-        with self._load_lock:
-            if self._models is not None:
-                return self._models, 0.0
-            self.loading = True
-            ticker_stop = threading.Event()
-            try:
-                source = self.source
-                plan = self.plan
-                emit(LogEvent(f"Loading model {source.label} ({plan.dtype} on {plan.device})…"))
-                threading.Thread(target=_tick, args=(ticker_stop, emit), daemon=True).start()
-                want_refiner = plan.refiner or self.settings.use_refiner is Toggle.ON
-                models = load_models(source, self.settings.refiner_source, plan.dtype, plan.vae_dtype,
-                                     want_refiner, self.settings.local_files_only, self.settings.single_file_config)
-            except (ModelLoadError, PlanError) as exc:
-                self.load_error = str(exc)
-                raise
-            finally:
-                ticker_stop.set()
-                self.loading = False
-            self._models = models
-            self.load_error = None
-            note = f" — {models.note}" if models.note else ""
-            emit(LogEvent(f"Model loaded in {models.load_s:.1f} s{note}"))
-            return models, models.load_s
+        if not self._load_lock.acquire(blocking=False):  # another thread (the app's preload) is loading
+            emit(LogEvent("The model is still loading (started when the app launched)…"))
+            waited = time.perf_counter()
+            while not self._load_lock.acquire(timeout=3.0):
+                emit(LogEvent(f"… still loading the model ({time.perf_counter() - waited:.0f} s)"))
+        try:
+            return self._load_locked(emit)
+        finally:
+            self._load_lock.release()
+
+    def _load_locked(self, emit) -> tuple[LoadedModels, float]:
+        """Load under the load lock (held by the caller); returns (models, seconds spent loading now)."""
+        if self._models is not None:
+            return self._models, 0.0
+        self.loading = True
+        ticker_stop = threading.Event()
+        try:
+            source = self.source
+            plan = self.plan
+            emit(LogEvent(f"Loading model {source.label} ({plan.dtype} on {plan.device})…"))
+            threading.Thread(target=_tick, args=(ticker_stop, emit), daemon=True).start()
+            want_refiner = plan.refiner or self.settings.use_refiner is Toggle.ON
+            models = load_models(source, self.settings.refiner_source, plan.dtype, plan.vae_dtype,
+                                 want_refiner, self.settings.local_files_only, self.settings.single_file_config)
+        except (ModelLoadError, PlanError) as exc:
+            self.load_error = str(exc)
+            raise
+        finally:
+            ticker_stop.set()
+            self.loading = False
+        self._models = models
+        self.load_error = None
+        note = f" — {models.note}" if models.note else ""
+        emit(LogEvent(f"Model loaded in {models.load_s:.1f} s{note}"))
+        return models, models.load_s
 
     def current_report(self) -> OptimizationReport | None:
         if self._models is None:
@@ -388,10 +399,10 @@ class GenerationService:
         self._warn_truncation(models.base, request, emit)
 
         sampler = request.sampler
-        scheduler = _scheduler_for(sampler, models.base.scheduler.config)
-        models.base.scheduler = scheduler
+        # Always from the model's original config: a previous sampler's options (e.g. Karras sigmas) must not leak.
+        models.base.scheduler = _scheduler_for(sampler, models.scheduler_config)
         if models.refiner is not None:
-            models.refiner.scheduler = _scheduler_for(sampler, models.base.scheduler.config)
+            models.refiner.scheduler = _scheduler_for(sampler, models.scheduler_config)
         seed0 = request.seed if request.seed is not None else random.randint(0, MAX_SEED)
         progress["total"] = steps * request.images
         t_run = time.perf_counter()

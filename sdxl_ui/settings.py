@@ -78,6 +78,7 @@ class AppSettings:
     outputs: Path = Path("outputs")
     local_files_only: bool = False
     single_file_config: str | None = None  # diffusers config (folder or hub id) for a single .safetensors
+    compile: bool = False  # torch.compile the UNet: faster steps after a long first-call warm-up (servers)
 
     def __post_init__(self):
         object.__setattr__(self, "use_refiner", parse_choice(Toggle, "use_refiner", self.use_refiner))
@@ -126,7 +127,8 @@ class AppSettings:
                 values["threads"] = int(values["threads"])
             except ValueError:
                 raise ValidationError("SDXL_UI_THREADS", values["threads"], "must be a whole number") from None
-        if "local_files_only" in values:
-            values["local_files_only"] = values["local_files_only"].lower() in ("1", "true", "yes")
+        for flag in ("local_files_only", "compile"):
+            if flag in values:
+                values[flag] = values[flag].lower() in ("1", "true", "yes")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -60,5 +60,6 @@ def pytest_terminal_summary(terminalreporter):
     r = RELIABILITY
     if r["bad_inputs"] or r["faults"] or r["jobs"]:
         terminalreporter.write_line(
-            f"reliability: {len(r['bad_inputs'])} bad inputs, {len(r['faults'])} faults "
-            f"({', '.join(sorted(r['faults']))}), {r['jobs']} jobs under load, {r['lost']} lost")
+            f"reliability: {len(r['bad_inputs'])} bad inputs, {len(r['faults'])} faults, "
+            f"{r['jobs']} jobs under load, {r['lost']} lost")
+        terminalreporter.write_line(f"reliability faults survived: {', '.join(sorted(r['faults']))}")

@@ -66,10 +66,12 @@ class App:
 def app(tmp_path_factory):
     outputs = tmp_path_factory.mktemp("app-outputs")
     running = App("--model", "tiny", "--outputs", str(outputs))
-    running.wait_for("Running on local URL")
-    running.wait_for("Model loaded")  # preloaded in the background after launch
-    yield running
-    running.stop()
+    try:
+        running.wait_for("Running on local URL")
+        running.wait_for("Model loaded")  # preloaded in the background after launch
+        yield running
+    finally:
+        running.stop()
 
 
 GENERATE_ARGS = dict(negative_text="", quality_label="High quality", n_steps=10, cfg=8.0, n_images=1,
@@ -136,6 +138,24 @@ def browser():
         b.close()
 
 
+def set_steps(page, value: int, note: str) -> None:
+    """Type into the Steps slider's box like a person (who does not type while the accordion is still opening),
+    and wait until the page shows the CPU steps policy for the new value, i.e. the server has it."""
+    box = page.locator("#steps input[type=number]")
+    for _ in range(3):
+        box.wait_for(state="visible")
+        page.wait_for_timeout(300)
+        box.fill(str(value))
+        box.blur()
+        try:
+            page.wait_for_function(f"document.querySelector('#steps-note')?.textContent.includes('{note}')",
+                                   timeout=5_000)
+            return
+        except Exception:  # noqa: BLE001 - retried below, then reported
+            continue
+    raise AssertionError(f"steps box did not take {value}: note shows {page.locator('#steps-note').inner_text()!r}")
+
+
 def step_text(page) -> str:
     return page.locator("#sdxl-step").inner_text()
 
@@ -163,10 +183,11 @@ def test_browser_generate_shows_steps_preview_and_image_then_stop_cancels(app, b
 
     # A longer run: 4 images × (150 × 0.7) steps; Stop after it has started.
     page.get_by_text("Advanced").click()
-    page.locator("#steps input[type=number]").fill("150")
-    page.locator("#steps input[type=number]").blur()
+    set_steps(page, 150, "150 → 105")
+    page.wait_for_timeout(300)
     page.locator("#images input[type=number]").fill("4")
     page.locator("#images input[type=number]").blur()
+    page.wait_for_timeout(300)
     page.locator("#generate").click()
     page.wait_for_function("/step [0-9]+\\/[0-9]+/.test(document.querySelector('#sdxl-step')?.textContent)"
                            " && !document.querySelector('#sdxl-step').textContent.includes('35/35')",
@@ -177,8 +198,7 @@ def test_browser_generate_shows_steps_preview_and_image_then_stop_cancels(app, b
     cancelled = re.search(r"cancelled at step (\d+)/(\d+)", page.locator("#log").inner_text())
     assert cancelled and int(cancelled.group(2)) == 4 * 105 and int(cancelled.group(1)) < 4 * 105
     # The device is free: the next run completes.
-    page.locator("#steps input[type=number]").fill("10")
-    page.locator("#steps input[type=number]").blur()
+    set_steps(page, 10, "10 → 7")
     page.locator("#generate").click()
     page.wait_for_function("document.querySelector('#sdxl-step')?.textContent.includes('done')",
                            timeout=60_000)

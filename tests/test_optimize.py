@@ -92,3 +92,11 @@ def test_log_lines_are_seed_style():
     assert any(l.startswith("– xformers not applicable: 0.0.35 installed, not applicable on CPU") or
                l.startswith("– xformers not applicable") for l in lines)
     assert any(l.startswith("– attention slicing off:") and "slicing would only slow" in l for l in lines)
+
+
+def test_report_reads_torch_compile_state():
+    models, plan, probe = loaded()
+    assert status(report(models, plan, probe), "torch.compile") == "off"
+    compiled, plan_c, _ = loaded(compile=True)  # wrapped now, compiled lazily at the first step
+    assert status(report(compiled, plan_c, probe), "torch.compile") == "active"
+    assert "--compile" in plan_c.reasons["compile"] or "on (--compile)" in plan_c.reasons["compile"]

@@ -289,9 +289,11 @@ def test_gpu_that_fails_on_its_first_real_step_falls_back_to_cpu_once(tmp_path, 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     running = App("--model", "tiny", "--outputs", str(tmp_path_factory.mktemp("load-out")), "--queue-size", "12")
-    running.wait_for("Model loaded")
-    yield running
-    running.stop()
+    try:
+        running.wait_for("Model loaded")
+        yield running
+    finally:
+        running.stop()
 
 
 ARGS = dict(negative_text="", quality_label="High quality", cfg=8.0, n_images=1, size_label="Native (256×256)",

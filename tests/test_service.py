@@ -150,3 +150,11 @@ def test_long_prompt_truncation_is_reported(tiny_service):
     out = run(tiny_service, GenerationRequest(prompt="fox " * 200, steps=1, seed=1))
     assert out["results"]
     assert any("tokens dropped" in line and line.startswith("⚠ prompt") for line in out["logs"])
+
+
+def test_sampler_options_do_not_leak_between_requests(tiny_service):
+    run(tiny_service, GenerationRequest(prompt="a fox", quality="fast", steps=2, seed=1))
+    assert tiny_service._models.base.scheduler.config.use_karras_sigmas is True
+    run(tiny_service, GenerationRequest(prompt="a fox", steps=2, seed=1))  # high quality: plain Euler
+    scheduler = tiny_service._models.base.scheduler
+    assert type(scheduler).__name__ == "EulerDiscreteScheduler" and not scheduler.config.use_karras_sigmas
