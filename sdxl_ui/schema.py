@@ -79,7 +79,8 @@ PRESETS: dict[Quality, QualityPreset] = {
 }
 
 
-def _enum(cls, field_name: str, value: Any):
+def parse_choice(cls, field_name: str, value: Any):
+    """A closed choice from user input (case and spaces forgiven), or an error listing the choices."""
     if isinstance(value, cls):
         return value
     try:
@@ -156,8 +157,8 @@ class GenerationRequest:
             raise ValidationError(
                 "negative_prompt", self.negative_prompt, f"is longer than {MAX_PROMPT_CHARS} characters"
             )
-        object.__setattr__(self, "quality", _enum(Quality, "quality", self.quality))
-        object.__setattr__(self, "scheduler", _enum(Scheduler, "scheduler", self.scheduler))
+        object.__setattr__(self, "quality", parse_choice(Quality, "quality", self.quality))
+        object.__setattr__(self, "scheduler", parse_choice(Scheduler, "scheduler", self.scheduler))
         if self.steps is not None:
             object.__setattr__(self, "steps", _in_range("steps", _int("steps", self.steps), 1, MAX_STEPS))
         if self.guidance is not None:

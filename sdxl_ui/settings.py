@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
-from .schema import ValidationError
+from .schema import ValidationError, parse_choice
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
@@ -52,16 +52,6 @@ class Toggle(str, enum.Enum):
 
 
 PRECISION_DTYPES = {Precision.FP32: "float32", Precision.FP16: "float16", Precision.BF16: "bfloat16"}
-
-
-def parse_choice(cls, field_name: str, value) -> enum.Enum:
-    if isinstance(value, cls):
-        return value
-    try:
-        return cls(str(value).strip().lower())
-    except ValueError:
-        choices = ", ".join(m.value for m in cls)
-        raise ValidationError(field_name, value, f"must be one of {choices}") from None
 
 
 @dataclass(frozen=True)
