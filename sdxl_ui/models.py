@@ -291,10 +291,10 @@ def _from_single_file(cls, source: ModelSource, dtype: str, config: str | None, 
 def load_models(source: ModelSource, refiner_spec: str | None, dtype: str, vae_dtype: str, want_refiner: bool,
                 local_files_only: bool = False, single_file_config: str | None = None) -> LoadedModels:
     """Load base (+ refiner sharing text_encoder_2 and the VAE) in ``dtype``; the VAE in ``vae_dtype``."""
+    start = time.perf_counter()  # the first load also pays for importing diffusers/transformers: count it
     import torch
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    start = time.perf_counter()
     refiner = None
     try:
         if source.kind == "tiny":
