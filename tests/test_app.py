@@ -239,3 +239,28 @@ def test_share_without_auth_prints_generated_credentials_and_keeps_serving_offli
         assert running.proc.poll() is None
     finally:
         running.stop()
+
+
+def test_closing_the_tab_mid_run_frees_the_device(app, browser):
+    first = browser.new_context().new_page()
+    first.goto(app.url)
+    first.get_by_label("Prompt", exact=True).fill("a long run")
+    first.get_by_text("Advanced").click()
+    set_steps(first, 150, "150 → 105")
+    first.wait_for_timeout(300)
+    first.locator("#images input[type=number]").fill("4")
+    first.locator("#images input[type=number]").blur()
+    first.wait_for_timeout(300)
+    first.locator("#generate").click()
+    first.wait_for_function("/step [0-9]+\\/420/.test(document.querySelector('#sdxl-step')?.textContent)",
+                            timeout=30_000)
+    first.context.close()  # the tab goes away mid-run (420 steps ≈ 13 s on 2 cores)
+    second = browser.new_context().new_page()
+    second.goto(app.url)
+    second.get_by_label("Prompt", exact=True).fill("after the tab closed")
+    start = time.time()
+    second.locator("#generate").click()
+    second.wait_for_function("document.querySelector('#sdxl-step')?.textContent.includes('done')",
+                             timeout=60_000)
+    assert time.time() - start < 9, "the closed tab's run kept the device busy"
+    second.context.close()
