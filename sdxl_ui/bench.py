@@ -337,7 +337,7 @@ def summarize(results: dict, arch: str, res: int, steps: int, device: str, machi
     unet_tf, unet_tf_1024 = unet_tflops(torch, unet_config, res), unet_tflops(torch, unet_config, 1024)
     vae_scale = (vae_decode_tflops(torch, SDXL_VAE, 1024) / vae_decode_tflops(torch, SDXL_VAE, res)
                  if arch == "full" else (1024 / res) ** 2)
-    for name, r in results.items():
+    for r in results.values():
         r["unet_tflop_per_step"] = round(unet_tf, 3)
         r["gflops"] = round(unet_tf * 1e3 / r["s_per_step"], 1)
         r["pct_of_peak"] = round(100 * r["gflops"] / r["matmul_peak_gflops"], 1)

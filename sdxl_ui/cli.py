@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .schema import ErrorEvent, GenerationRequest, LogEvent, ProgressEvent, ResultEvent, ValidationError
+from .schema import ErrorEvent, GenerationRequest, ProgressEvent, ResultEvent, ValidationError
 from .settings import AppSettings, AttentionChoice, DeviceChoice, OffloadChoice, Precision, Toggle
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
@@ -153,7 +153,8 @@ def cmd_doctor(args) -> int:
             try:
                 probe = HardwareProbe.from_dict(json.loads(Path(args.probe_json).read_text(encoding="utf-8")))
             except (OSError, ValueError) as exc:
-                raise ValidationError("probe_json", args.probe_json, f"cannot be read as probe JSON ({exc})")
+                raise ValidationError("probe_json", args.probe_json,
+                                      f"cannot be read as probe JSON ({exc})") from None
         else:
             from .device import probe_hardware
 

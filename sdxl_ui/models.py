@@ -211,7 +211,7 @@ def _torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def _check_folder(path: Path, want_refiner: bool, field: str) -> None:
+def _check_folder(path: Path, field: str) -> None:
     index = path / "model_index.json"
     if not index.is_file():
         raise ModelLoadError(f"{field}: folder {str(path)!r} is not a diffusers pipeline (no model_index.json). "
@@ -306,7 +306,7 @@ def load_models(source: ModelSource, refiner_spec: str | None, dtype: str, vae_d
                                      add_watermarker=False)
         else:
             if source.kind == "folder":
-                _check_folder(Path(source.location), False, "model")
+                _check_folder(Path(source.location), "model")
             base = _from_pretrained(StableDiffusionXLPipeline, source, dtype, local_files_only, "model")
         if want_refiner and refiner is None and refiner_spec and refiner_spec != TINY:
             ref_source = resolve_source(refiner_spec, field="refiner")
@@ -316,7 +316,7 @@ def load_models(source: ModelSource, refiner_spec: str | None, dtype: str, vae_d
                                             None, "refiner", add_watermarker=False, **shared)
             else:
                 if ref_source.kind == "folder":
-                    _check_folder(Path(ref_source.location), True, "refiner")
+                    _check_folder(Path(ref_source.location), "refiner")
                 refiner = _from_pretrained(StableDiffusionXLImg2ImgPipeline, ref_source, dtype, local_files_only,
                                            "refiner", **shared)
     except ModelLoadError:

@@ -252,7 +252,7 @@ def make_plan(
     backends = ", ".join(probe.sdpa_backends.get("cuda" if device == "cuda" else "cpu", ())) or "untested"
     if settings.attention is AttentionChoice.XFORMERS:
         if device != "cuda":
-            reasons["attention"] = f"--attention xformers ignored: xformers has CUDA-only kernels; using SDPA"
+            reasons["attention"] = "--attention xformers ignored: xformers has CUDA-only kernels; using SDPA"
         elif not probe.xformers.version:
             raise PlanError("attention: 'xformers' was requested but xformers is not installed "
                             "(`pip install xformers` matching your torch), or use --attention auto")

@@ -11,7 +11,6 @@ import queue
 import random
 import threading
 import time
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator

@@ -1,5 +1,4 @@
 """probe_hardware() on this machine, and the rule that only device.py asks torch about hardware."""
-import pathlib
 import subprocess
 import sys
 

@@ -49,7 +49,9 @@ def test_unknown_field_is_named():
 
 def test_request_is_frozen():
     req = GenerationRequest(prompt="x")
-    with pytest.raises(Exception):
+    from dataclasses import FrozenInstanceError
+
+    with pytest.raises(FrozenInstanceError):
         req.prompt = "y"
 
 

@@ -1,7 +1,6 @@
 import threading
 
 import numpy as np
-import pytest
 from conftest import run
 
 from sdxl_ui.metadata import parse_parameters, read_parameters

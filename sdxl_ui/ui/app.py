@@ -14,7 +14,6 @@ import gradio as gr
 
 from ..schema import (
     MAX_IMAGES,
-    MAX_SEED,
     MAX_STEPS,
     PRESETS,
     ErrorEvent,
@@ -27,7 +26,7 @@ from ..schema import (
     ValidationError,
 )
 from ..service import CancelToken
-from .render import CSS, log_html, progress_html, status_html
+from .render import log_html, progress_html, status_html
 
 log = logging.getLogger(__name__)
 

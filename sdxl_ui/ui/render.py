@@ -24,7 +24,7 @@ STATUS_MARK = {"active": "✓", "off": "–", "unavailable": "✗", "not_applica
 def status_html(status: dict) -> str:
     """status: {model, note, device, dtype, state, message, rows: [{name, status, detail}], share}."""
     e = html.escape
-    parts = [f'<div class="sdxl-status" id="sdxl-status">']
+    parts = ['<div class="sdxl-status" id="sdxl-status">']
     parts.append(f"<div><b>Model</b> {e(status.get('model', '?'))}"
                  + (f' <span class="sdxl-demo">{e(status["note"])}</span>' if status.get("note") else "")
                  + f" · <b>Device</b> {e(str(status.get('device', '?')))}"
