@@ -178,7 +178,7 @@ def test_browser_generate_shows_steps_preview_and_image_then_stop_cancels(app, b
     assert page.locator("#status-panel").inner_text().count("demo model") == 1
     # SDXL_UI_UPDATE_SCREENSHOT=1 refreshes the README's picture; otherwise the shot goes to a temp file.
     target = ROOT / "assets" / "screenshot.png" if os.environ.get("SDXL_UI_UPDATE_SCREENSHOT") else tmp_path / "s.png"
-    page.screenshot(path=str(target))
+    page.screenshot(path=str(target), full_page=True)
     assert target.stat().st_size > 10_000
 
     # A longer run: 4 images × (150 × 0.7) steps; Stop after it has started.
