@@ -239,6 +239,10 @@ def _load_kwargs(location: str, dtype: str, is_folder: bool) -> dict:
     return kwargs
 
 
+def _shorten(text: str, limit: int = 240) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
@@ -262,7 +266,7 @@ def _from_pretrained(cls, source: ModelSource, dtype: str, local_files_only: boo
     raise ModelLoadError(
         f"{field}: could not load {source.location!r}: it is not in {where}"
         f"{' (offline mode: HF_HUB_OFFLINE / --local-files-only)' if len(attempts) == 1 else ''}. "
-        f"Last error: {first_line[:300]}. {_ways_out(source.location)}"
+        f"Last error: {_shorten(first_line)} {_ways_out(source.location)}"
     )
 
 
