@@ -273,6 +273,7 @@ def cmd_bench(args) -> int:
         return _replay(args)
     from .cli import settings_from_args
     from .device import probe_hardware
+    from .settings import PRECISION_DTYPES, Precision
     from .policy import make_plan
 
     settings = settings_from_args(args)
@@ -292,7 +293,9 @@ def cmd_bench(args) -> int:
     results = {}
     configs = []
     if args.only in ("both", "baseline"):
-        configs.append(("baseline", {"kind": "baseline", "dtype": "float32"}))
+        # Stock diffusers: fp32 by default; on a GPU, --baseline-precision fp16 gives "stock fp16 + SDPA".
+        baseline_dtype = PRECISION_DTYPES[Precision(args.baseline_precision)]
+        configs.append(("baseline", {"kind": "baseline", "dtype": baseline_dtype}))
     if args.only in ("both", "plan"):
         configs.append(("plan", {"kind": "plan", "dtype": plan.dtype, "precision": settings.precision.value,
                                  "vae_check": args.vae_check}))

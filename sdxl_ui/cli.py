@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--bench-device", "--target", dest="bench_device", choices=["auto", "cpu", "cuda"],
                        default="auto")
     bench.add_argument("--only", choices=["both", "baseline", "plan"], default="both")
+    bench.add_argument("--baseline-precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                       help="dtype of the stock-diffusers baseline (fp16 on a GPU = stock fp16 + SDPA)")
     bench.add_argument("--from-json", help="print the table of a saved `bench --json` result (no re-timing)")
     bench.add_argument("--vae-check", action="store_true",
                        help="also decode in fp32 and report how far the plan's VAE dtype is from it")
