@@ -9,9 +9,6 @@ import logging
 import os
 import secrets
 import sys
-import threading
-
-log = logging.getLogger("sdxl_ui.app")
 
 
 def parse_args(argv=None):
@@ -64,7 +61,7 @@ def main(argv=None) -> int:
         config.share_message = "Creating a share link…"
     demo = build_ui(service, config)
     # Load the model in the background: the page opens at once and its status panel follows the load.
-    threading.Thread(target=_preload, args=(service,), daemon=True, name="preload").start()
+    service.preload_in_background()
     outputs = settings.outputs.resolve()
     outputs.mkdir(parents=True, exist_ok=True)
     if generated:
@@ -85,13 +82,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         pass
     return 0
-
-
-def _preload(service) -> None:
-    try:
-        service.ensure_loaded()
-    except Exception as exc:  # noqa: BLE001 - the page shows service.load_error in its status panel
-        log.warning("%s", exc)
 
 
 if __name__ == "__main__":

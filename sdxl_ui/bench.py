@@ -186,10 +186,8 @@ def run_configuration(spec: dict) -> dict:
                               load_s=build_s)
         apply(plan, models)
         out["report"] = report(models, plan, probe).to_list()
-        out["threads"] = torch.get_num_threads()
         grad_context = torch.inference_mode
-    else:
-        out["threads"] = torch.get_num_threads()
+    out["threads"] = torch.get_num_threads()  # stock: torch's default; plan: what apply() set
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 

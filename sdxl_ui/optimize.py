@@ -81,6 +81,14 @@ def _offload_kind(pipe) -> str | None:
     return "unknown"
 
 
+def _sdpa_flavour(probe: HardwareProbe, device_type: str) -> str:
+    """Which SDPA kernels ran on this device in the probe (on CPU: its flash kernel)."""
+    backends = probe.sdpa_backends.get("cuda" if device_type == "cuda" else "cpu", ())
+    if device_type == "cpu" and "flash" in backends:
+        return "CPU flash kernel"
+    return f"backends: {', '.join(backends) or 'untested'}"
+
+
 def _xformers_row(probe: HardwareProbe, device_type: str, active: bool) -> OptimizationRow:
     xf = probe.xformers
     if active:
@@ -136,9 +144,8 @@ def report(models, plan: Plan, probe: HardwareProbe, use_refiner: bool | None = 
     listing = "; ".join(f"{module} " + ", ".join(f"{n}×{cls}" for cls, n in sorted(counts.items()))
                         for module, counts in processors.items() if counts)
     device_type = execution.split(":")[0]
-    backends = ", ".join(probe.sdpa_backends.get("cuda" if device_type == "cuda" else "cpu", ()))
     if "sdpa" in kinds:
-        flavour = "CPU flash kernel" if device_type == "cpu" and "flash" in backends else f"backends: {backends}"
+        flavour = _sdpa_flavour(probe, device_type)
         rows.append(OptimizationRow("PyTorch SDPA attention", Status.ACTIVE, f"{flavour}; processors: {listing}"))
     else:
         rows.append(OptimizationRow("PyTorch SDPA attention", Status.OFF, f"processors: {listing}"))
@@ -190,10 +197,8 @@ def expected_report(plan: Plan, probe: HardwareProbe) -> OptimizationReport:
         OptimizationRow("precision", Status.ACTIVE,
                         f"{SHORT_DTYPE[plan.dtype]} UNet/text encoders, {SHORT_DTYPE[plan.vae_dtype]} VAE — {r['dtype']}"),
     ]
-    backends = ", ".join(probe.sdpa_backends.get("cuda" if dev == "cuda" else "cpu", ()))
-    if plan.attention in ("sdpa",):
-        flavour = "CPU flash kernel" if dev == "cpu" and "flash" in backends else f"backends: {backends or 'untested'}"
-        rows.append(OptimizationRow("PyTorch SDPA attention", Status.ACTIVE, flavour))
+    if plan.attention == "sdpa":
+        rows.append(OptimizationRow("PyTorch SDPA attention", Status.ACTIVE, _sdpa_flavour(probe, dev)))
     else:
         rows.append(OptimizationRow("PyTorch SDPA attention", Status.OFF, r["attention"]))
     rows.append(_xformers_row(probe, dev, active=plan.attention == "xformers"))

@@ -202,12 +202,14 @@ def make_plan(
         refiner_why = ("DISABLED (CPU mode): the refiner is a second 2.3 B-parameter UNet; on CPU it adds "
                        "minutes per image")
     else:
-        # On CUDA the offload decision below makes room (model offload moves one UNet at a time).
-        need = estimate_memory(model_kind, dtype, vae_dtype, width, height, device, True, False)
-        if device == "cuda" or need.total_gb <= available:
+        # On CUDA the offload decision below makes room (model offload moves one UNet at a time); on MPS the
+        # models share system RAM, so base + refiner must fit.
+        need = 0.0 if device == "cuda" else estimate_memory(
+            model_kind, dtype, vae_dtype, width, height, device, True, False).total_gb
+        if need <= available:
             want_refiner, refiner_why = True, f"high quality on {device.upper()}: base to 0.8, refiner from 0.8"
         else:
-            refiner_why = f"off: base + refiner need ~{need.total_gb:.1f} GB, {where}"
+            refiner_why = f"off: base + refiner need ~{need:.1f} GB, {where}"
 
     # VAE tiling: large images or tight memory.
     tiled = False

@@ -230,6 +230,18 @@ class GenerationService:
         finally:
             self._load_lock.release()
 
+    def preload_in_background(self) -> threading.Thread:
+        """Start loading now (app start, or after switching model); failures land in ``load_error``."""
+        def target():
+            try:
+                self.ensure_loaded()
+            except (ModelLoadError, PlanError) as exc:  # shown by the page's status panel
+                log.warning("%s", exc)
+
+        thread = threading.Thread(target=target, name="preload", daemon=True)
+        thread.start()
+        return thread
+
     def _load_locked(self, emit) -> tuple[LoadedModels, float]:
         """Load under the load lock (held by the caller); returns (models, seconds spent loading now)."""
         if self._models is not None:

@@ -4,7 +4,6 @@ import time
 from sdxl_ui.service import GenerationService
 from sdxl_ui.settings import DEFAULT_MODEL, AppSettings
 from sdxl_ui.ui import build_ui
-from sdxl_ui.ui.app import _preload
 
 
 def handler(demo, name):
@@ -14,7 +13,7 @@ def handler(demo, name):
 def test_missing_default_model_explains_and_offers_the_demo_model(tmp_path):
     service = GenerationService(AppSettings(model=DEFAULT_MODEL, outputs=tmp_path))
     demo = build_ui(service)
-    _preload(service)  # what app.py does in the background (offline: fails fast)
+    service.preload_in_background().join(60)  # what app.py does at start (offline: fails fast)
     panel, button, _timer = handler(demo, "refresh_status")()
     assert "could not load" in panel and "--model tiny" in panel
     assert button["visible"] is True

@@ -5,7 +5,6 @@ No torch here (the service object is passed in). Per-user state lives in gr.Stat
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,8 +26,6 @@ from ..schema import (
 )
 from ..service import CancelToken
 from .render import log_html, progress_html, status_html
-
-log = logging.getLogger(__name__)
 
 SDXL_SIZES = ["1024×1024", "1152×896", "896×1152", "1216×832", "832×1216", "1344×768", "768×1344"]
 CUSTOM = "Custom"
@@ -95,6 +92,11 @@ def _user_key(request) -> str:
     return getattr(request, "username", None) or (request.client.host if request.client else "unknown")
 
 
+def _size_choices(native: int) -> list[str]:
+    """The model's native size first, then SDXL's native aspect ratios, then Custom."""
+    return [f"Native ({native}×{native})"] + [s for s in SDXL_SIZES if s != f"{native}×{native}"] + [CUSTOM]
+
+
 def _size(preset: str, width, height, native: int) -> tuple:
     if preset == CUSTOM:
         return width, height
@@ -109,7 +111,7 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
     runs = _Runs()
     limit = _RateLimit(config.max_jobs_per_user)
     native = service.native_size()
-    sizes = [f"Native ({native}×{native})"] + [s for s in SDXL_SIZES if s != f"{native}×{native}"] + [CUSTOM]
+    sizes = _size_choices(native)
 
     def status_update():
         status = service.status()
@@ -181,10 +183,10 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
 
         def use_demo_model():
             service.reconfigure(service.settings.with_(model="tiny", refiner="auto"))
-            threading.Thread(target=_preload, args=(service,), daemon=True).start()
+            service.preload_in_background()
+            choices = _size_choices(service.native_size())
             return status_update(), gr.update(visible=False), gr.Timer(active=True), gr.update(
-                choices=[f"Native ({service.native_size()}×{service.native_size()})"] + SDXL_SIZES + [CUSTOM],
-                value=f"Native ({service.native_size()}×{service.native_size()})")
+                choices=choices, value=choices[0])
 
         demo_button.click(use_demo_model, None, [status_panel, demo_button, status_timer, size], queue=False,
                           api_visibility="private")
@@ -253,6 +255,7 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
         # Stop sets the job's cancel token (the run ends within one step and logs "cancelled at step k/N");
         # it must not wait in the device queue behind the job it stops, hence queue=False.
         stop_btn.click(stop, None, None, queue=False, api_visibility="private")
+
         def on_unload(request: gr.Request):
             runs.cancel(request.session_hash)
 
@@ -261,9 +264,3 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
     demo.queue(max_size=config.queue_size, api_open=False, default_concurrency_limit=1)
     return demo
 
-
-def _preload(service) -> None:
-    try:
-        service.ensure_loaded()
-    except Exception as exc:  # noqa: BLE001 - the status panel shows service.load_error
-        log.warning("model load failed: %s", exc)
