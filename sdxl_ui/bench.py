@@ -25,6 +25,15 @@ SDXL_UNET = dict(
     cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
 )
+# SDXL 1.0 refiner UNet (stabilityai/stable-diffusion-xl-refiner-1.0): text encoder 2 only, aesthetic score.
+SDXL_REFINER_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(384, 768, 1536, 1536), transformer_layers_per_block=4, attention_head_dim=(6, 12, 24, 24),
+    cross_attention_dim=1280, use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2560,
+)
 SDXL_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
     block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -36,13 +45,16 @@ CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num
                  num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
 EXPECTED_PARAMS = {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840,
                    "vae": 83_653_863}
+EXPECTED_REFINER_UNET_PARAMS = 2_259_526_660
+HQ_STEPS, HQ_GUIDANCE = 50, 8.0  # the High-quality preset, as stock diffusers is asked to run it too
 PROMPT = "a photograph of a red fox in the snow, golden hour, highly detailed"
 
 
 # ---------------------------------------------------------------- child: one configuration
 
-def _build_full(torch, dtype, device):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+def _build_full(torch, dtype, device, with_refiner=False):
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from .models import _clip_tokenizer
@@ -56,6 +68,7 @@ def _build_full(torch, dtype, device):
             te1 = CLIPTextModel(CLIPTextConfig(**CLIP_L))
             te2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))
             vae = AutoencoderKL(**SDXL_VAE)
+            refiner_unet = UNet2DConditionModel(**SDXL_REFINER_UNET) if with_refiner else None
     finally:
         torch.set_default_dtype(previous)
     tokenizer = _clip_tokenizer()  # byte-level stand-in: token ids < 514, valid for the 49408-entry embedding
@@ -63,21 +76,31 @@ def _build_full(torch, dtype, device):
                                        steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer,
                                      tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, add_watermarker=False)
+    refiner = None
+    if with_refiner:  # shares text encoder 2 and the VAE with the base, as the service loads it
+        refiner = StableDiffusionXLImg2ImgPipeline(
+            vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None, tokenizer_2=tokenizer,
+            unet=refiner_unet, scheduler=scheduler, requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False, add_watermarker=False)
+        refiner_unet.eval()
     for module in (unet, te1, te2, vae):
         module.eval()
-    return pipe
+    return pipe, refiner
 
 
-def _build_tiny(torch, dtype, device):
+def _build_tiny(torch, dtype, device, with_refiner=False):
     from .models import build_tiny
 
-    base, _ = build_tiny(with_refiner=False, dtype=str(dtype).replace("torch.", ""))
-    return base.to(device)
+    base, refiner = build_tiny(with_refiner=with_refiner, dtype=str(dtype).replace("torch.", ""))
+    return base.to(device), (refiner.to(device) if refiner is not None else None)
 
 
-def _params(pipe) -> dict:
-    return {name: sum(p.numel() for p in getattr(pipe, name).parameters())
-            for name in ("unet", "text_encoder", "text_encoder_2", "vae")}
+def _params(pipe, refiner=None) -> dict:
+    params = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
+              for name in ("unet", "text_encoder", "text_encoder_2", "vae")}
+    if refiner is not None:
+        params["refiner_unet"] = sum(p.numel() for p in refiner.unet.parameters())
+    return params
 
 
 def unet_tflops(torch, unet_config: dict, res: int) -> float:
@@ -171,18 +194,19 @@ def run_configuration(spec: dict) -> dict:
     dtype = getattr(torch, spec["dtype"])
     t0 = time.perf_counter()
     build = _build_full if arch == "full" else _build_tiny
-    pipe = build(torch, dtype, device)
+    pipe, refiner = build(torch, dtype, device, with_refiner=bool(spec.get("hq")))
     build_s = time.perf_counter() - t0
-    params = _params(pipe)
+    params = _params(pipe, refiner)
     out: dict = {"kind": kind, "dtype": spec["dtype"], "device": device, "res": res, "build_s": round(build_s, 1),
                  "params": params}
     grad_context = torch.no_grad  # what the stock pipeline's __call__ uses
+    plan = models = None
     if kind == "plan":
         from .policy import make_plan
 
         probe = HardwareProbe.from_dict(spec["probe"])
         plan = make_plan(probe, _settings(spec), "tiny" if arch == "tiny" else "sdxl", res, res, True)
-        models = LoadedModels(base=pipe, refiner=None, source=ModelSource("bench", f"sdxl-{arch}-random"),
+        models = LoadedModels(base=pipe, refiner=refiner, source=ModelSource("bench", f"sdxl-{arch}-random"),
                               load_s=build_s)
         apply(plan, models)
         out["report"] = report(models, plan, probe).to_list()
@@ -226,6 +250,8 @@ def run_configuration(spec: dict) -> dict:
         out["vae_output_ok"] = image.size == (res, res)
         if spec.get("vae_check") and dtype != torch.float32:
             out["vae_check"] = _vae_precision_check(torch, pipe.vae, latents.to(device))
+    if spec.get("hq"):
+        out["hq"] = _time_hq(torch, spec, pipe, refiner, plan, models)
     out["peak_rss_gb"] = round(_rss_gb(), 2)
     if str(device).startswith("cuda"):
         out["peak_vram_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
@@ -233,11 +259,68 @@ def run_configuration(spec: dict) -> dict:
     return out
 
 
+def _time_hq(torch, spec: dict, pipe, refiner, plan, models) -> dict:
+    """The whole High-quality image, end to end (text encoding, denoising, decode), second run of two.
+
+    Stock: what the seed does with stock diffusers — base to 0.8 (latents), then the refiner pipeline from 0.8,
+    which also decodes (its own VAE handling). Plan: the service's own path (``run_stages`` + ``decode_latents``)
+    with the plan's steps policy and refiner decision for this device."""
+    from .service import REFINER_SPLIT, decode_latents, run_stages
+
+    device, res, label = spec["device"], spec["res"], spec.get("label", spec["kind"])
+    stock = spec["kind"] != "plan"
+    use_refiner = True if stock else bool(plan.refiner and refiner is not None)
+    steps = HQ_STEPS if stock else plan.steps_for(HQ_STEPS)
+    result = {"steps": steps, "refiner": use_refiner, "guidance": HQ_GUIDANCE}
+
+    def progress(run, stage):
+        def callback(p, i, t, kwargs):
+            if (i + 1) % 10 == 0:
+                print(f"PROGRESS {label} HQ {run}: {stage} step {i + 1}", file=sys.stderr, flush=True)
+            return kwargs
+        return callback
+
+    for run in ("warm-up", "timed"):
+        marks = [time.perf_counter()]
+
+        def mark(_stage=None):
+            _sync(torch, device)
+            marks.append(time.perf_counter())
+
+        common = dict(prompt=PROMPT, num_inference_steps=steps, guidance_scale=HQ_GUIDANCE,
+                      generator=torch.Generator("cpu").manual_seed(0), output_type="latent")
+        if stock:
+            with torch.no_grad():
+                latents = pipe(width=res, height=res, denoising_end=REFINER_SPLIT,
+                               callback_on_step_end=progress(run, "base"), **common).images
+                mark()
+                common["output_type"] = "pil"  # the refiner pipeline decodes, as in the seed
+                image = refiner(image=latents, denoising_start=REFINER_SPLIT,
+                                callback_on_step_end=progress(run, "refiner"), **common).images[0]
+                mark()
+            timed = {"base_s": marks[1] - marks[0], "refiner_and_decode_s": marks[2] - marks[1]}
+        else:
+            with torch.inference_mode():
+                latents = run_stages(models, use_refiner, res, res, common, on_stage_end=mark,
+                                     on_step=lambda stage: progress(run, ("base", "refiner")[stage - 1]))
+                image = decode_latents(models.base, latents)
+                mark()
+            timed = {"base_s": marks[1] - marks[0], "decode_s": marks[-1] - marks[-2]}
+            if use_refiner:
+                timed["refiner_s"] = marks[2] - marks[1]
+        timed["total_s"] = marks[-1] - marks[0]
+        print(f"PROGRESS {label} HQ {run}: {timed['total_s']:.2f} s", file=sys.stderr, flush=True)
+    result.update({k: round(v, 3) for k, v in timed.items()})
+    result["image_ok"] = image.size == (res, res)
+    return result
+
+
 def _settings(spec):
     from .settings import AppSettings
 
     return AppSettings(model="tiny" if spec["arch"] == "tiny" else "stabilityai/stable-diffusion-xl-base-1.0",
-                       device=spec["device_choice"], precision=spec.get("precision", "auto"))
+                       device=spec["device_choice"], precision=spec.get("precision", "auto"),
+                       use_refiner=spec.get("use_refiner", "auto"))
 
 
 # ---------------------------------------------------------------- parent: the command
@@ -287,7 +370,13 @@ def cmd_bench(args) -> int:
     say(f"bench: SDXL {args.arch} architecture, {args.res}², {args.steps} timed step(s) after a warm-up, "
         f"on {device} ({probe.cpu.model_name if device == 'cpu' else probe.cuda.device_name})")
     base_spec = {"arch": args.arch, "res": args.res, "steps": args.steps, "device": device,
-                 "device_choice": device_choice, "probe": probe.to_dict()}
+                 "device_choice": device_choice, "probe": probe.to_dict(), "hq": args.hq,
+                 "use_refiner": settings.use_refiner.value}
+    if args.hq:
+        say(f"   --hq: also the whole High-quality image ({HQ_STEPS} steps requested, base to 0.8 then the "
+            f"refiner where the plan uses it), run twice per configuration, the second timed"
+            + (" — on a CPU with the full architecture this takes hours" if device == "cpu" and
+               args.arch == "full" else ""))
     results = {}
     configs = []
     if args.only in ("both", "baseline"):
@@ -299,7 +388,7 @@ def cmd_bench(args) -> int:
                                  "vae_check": args.vae_check}))
     if args.compile:
         configs.append(("compiled", {"kind": "plan", "dtype": plan.dtype, "precision": settings.precision.value,
-                                     "compile": True}))
+                                     "compile": True, "hq": False}))
     for name, extra in configs:
         say(f"-- building and timing {name} ({extra['dtype']})… (minutes on CPU)")
         results[name] = _child({**base_spec, **extra, "label": name})
@@ -348,7 +437,9 @@ def summarize(results: dict, arch: str, res: int, steps: int, device: str, machi
         r["projected_1024_hq_s"] = round(r["hq_steps"] * r["s_per_step"] * unet_tf_1024 / unet_tf
                                          + r["text_encode_s"] + r["vae_decode_s"] * vae_scale, 1)
         if arch == "full":
-            r["params_ok"] = r["params"] == EXPECTED_PARAMS
+            expected = dict(EXPECTED_PARAMS, **({"refiner_unet": EXPECTED_REFINER_UNET_PARAMS}
+                                                if "refiner_unet" in r["params"] else {}))
+            r["params_ok"] = r["params"] == expected
     summary = {
         "date": day or date.today().isoformat(), "arch": arch, "res": res, "timed_steps": steps, "device": device,
         "machine": machine, "torch": torch_version, "expected_params": EXPECTED_PARAMS if arch == "full" else None,
@@ -360,6 +451,8 @@ def summarize(results: dict, arch: str, res: int, steps: int, device: str, machi
         base, plan = results["baseline"], results["plan"]
         summary["ratio"] = round(base["s_per_step"] / plan["s_per_step"], 2)
         summary["image_ratio"] = round(base["projected_1024_hq_s"] / plan["projected_1024_hq_s"], 2)
+        if "hq" in base and "hq" in plan:
+            summary["hq_ratio"] = round(base["hq"]["total_s"] / plan["hq"]["total_s"], 2)
     return summary
 
 
@@ -395,6 +488,21 @@ def format_table(s: dict) -> str:
         lines += ["", f"per guided step, plan vs stock diffusers (baseline s/step ÷ plan s/step): {s['ratio']}×",
                   f"per 1024² High-quality image (projected, stock 50 steps vs plan's steps policy): "
                   f"{s['image_ratio']}×"]
+    hq_rows = [r for r in rows if "hq" in r]
+    if hq_rows:
+        lines += ["", f"High-quality image at {s['res']}², measured end to end (second of two runs):"]
+        for r in hq_rows:
+            h = r["hq"]
+            parts = [f"base {h['base_s']:.2f} s"]
+            if "refiner_and_decode_s" in h:
+                parts.append(f"refiner + decode {h['refiner_and_decode_s']:.2f} s")
+            else:
+                parts += ([f"refiner {h['refiner_s']:.2f} s"] if "refiner_s" in h else []) + \
+                         [f"decode {h['decode_s']:.2f} s"]
+            lines.append(f"{r['kind']:<10} {h['total_s']:>8.2f} s  ({h['steps']} steps, refiner "
+                         f"{'on' if h['refiner'] else 'off'}: {', '.join(parts)})")
+        if "hq_ratio" in s:
+            lines.append(f"High-quality image, stock ÷ plan: {s['hq_ratio']}×")
     lines.append("HQ 1024² = steps (stock: 50; plan: its steps policy) × FLOP-scaled step time + text encoding + "
                  "FLOP-scaled decode")
     lines.append("RSS step = peak RSS through text encoding and UNet steps; RSS all = including the VAE decode")

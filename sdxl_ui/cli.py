@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--from-json", help="print the table of a saved `bench --json` result (no re-timing)")
     bench.add_argument("--vae-check", action="store_true",
                        help="also decode in fp32 and report how far the plan's VAE dtype is from it")
+    bench.add_argument("--hq", action="store_true",
+                       help="also time the whole High-quality image end to end (50 steps, base then refiner "
+                            "where the plan uses it) for stock and plan; meant for GPUs, or --arch tiny")
     bench.add_argument("--json", action="store_true")
     return parser
 

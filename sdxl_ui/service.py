@@ -444,15 +444,14 @@ class GenerationService:
             stages = 2 if use_refiner else 1
             emit(LogEvent(f"⏱️ Stage 1/{stages}: Base generation "
                           f"(image {index + 1}/{request.images}, seed {seed})…"))
-            with torch.inference_mode():
-                latents = models.base(width=width, height=height,
-                                      denoising_end=REFINER_SPLIT if use_refiner else None,
-                                      callback_on_step_end=on_step(f"Stage 1/{stages}" if use_refiner else ""),
-                                      **common).images
-                if use_refiner:
+            def stage_done(stage):
+                if stage == 1 and use_refiner:
                     emit(LogEvent(f"⏱️ Stage 2/2: Refiner from {REFINER_SPLIT}…"))
-                    latents = models.refiner(image=latents, denoising_start=REFINER_SPLIT,
-                                             callback_on_step_end=on_step("Stage 2/2"), **common).images
+
+            with torch.inference_mode():
+                latents = run_stages(
+                    models, use_refiner, width, height, common, on_stage_end=stage_done,
+                    on_step=lambda stage: on_step(f"Stage {stage}/{stages}" if use_refiner else ""))
                 if cancel.cancelled:
                     raise Cancelled()
                 t_decode = time.perf_counter()
@@ -515,6 +514,29 @@ class GenerationService:
                 return path
             except FileExistsError:
                 continue
+
+
+def run_stages(models, use_refiner: bool, width: int, height: int, common: dict, on_step=None,
+               on_stage_end=None):
+    """The denoising of one image, as latents: the base alone, or the base to REFINER_SPLIT and then the refiner
+    from there (SDXL's "ensemble of experts"). The service and the benchmark both run exactly this.
+
+    ``common``: the pipeline arguments both stages share (prompt, steps, guidance, generator, output_type);
+    ``on_step(stage)`` returns the diffusers step callback for stage 1 or 2; ``on_stage_end(stage)`` is called
+    after each stage (the bench uses it to time the stages)."""
+    def callback(stage):
+        return on_step(stage) if on_step else None
+
+    latents = models.base(width=width, height=height, denoising_end=REFINER_SPLIT if use_refiner else None,
+                          callback_on_step_end=callback(1), **common).images
+    if on_stage_end:
+        on_stage_end(1)
+    if use_refiner:
+        latents = models.refiner(image=latents, denoising_start=REFINER_SPLIT, callback_on_step_end=callback(2),
+                                 **common).images
+        if on_stage_end:
+            on_stage_end(2)
+    return latents
 
 
 def _log_event(event) -> None:

@@ -1,0 +1,41 @@
+"""The benchmark command's plumbing, on the tiny architecture (its timings are checked by running it, not here)."""
+import json
+
+import torch
+from test_cli import cli
+
+from sdxl_ui import bench
+
+
+def test_bench_runs_end_to_end_with_the_high_quality_path(tmp_path):
+    proc = cli("bench", "--arch", "tiny", "--res", "128", "--steps", "1", "--hq", "--use-refiner", "on", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    for name in ("baseline", "plan"):
+        row = data[name]
+        assert row["s_per_step"] > 0 and row["gflops"] > 0 and row["peak_rss_gb"] > 0
+        assert row["matmul_peak_gflops"] > 0 and row["projected_1024_hq_s"] > 0
+        assert row["hq"]["image_ok"] and row["hq"]["refiner"] and row["hq"]["total_s"] > row["hq"]["base_s"] > 0
+    assert data["baseline"]["dtype"] == "float32" and data["ratio"] > 0 and data["peak_gflops"] > 0
+    # Stock runs the seed's two stages (its refiner pipeline decodes); the plan runs the service's own path
+    # with this device's steps policy (CPU: 50 → 35) and, forced on here, its refiner.
+    assert data["baseline"]["hq"]["steps"] == 50 and "refiner_and_decode_s" in data["baseline"]["hq"]
+    assert data["plan"]["hq"]["steps"] == 35 and data["plan"]["hq"]["refiner_s"] > 0
+    assert data["plan"]["params"]["refiner_unet"] > 0
+    assert data["hq_ratio"] == round(data["baseline"]["hq"]["total_s"] / data["plan"]["hq"]["total_s"], 2)
+    assert {r["name"] for r in data["plan"]["report"]} >= {"precision", "PyTorch SDPA attention"}
+    assert "progress" not in proc.stdout and "warm-up" in proc.stderr  # progress on stderr, JSON alone on stdout
+    assert "HQ timed: refiner step" in proc.stderr
+    saved = tmp_path / "bench.json"
+    saved.write_text(proc.stdout)
+    table = cli("bench", "--from-json", str(saved))
+    assert table.returncode == 0 and "per guided step, plan vs stock diffusers" in table.stdout
+    assert "High-quality image, stock ÷ plan" in table.stdout and "refiner + decode" in table.stdout
+
+
+def test_full_architecture_matches_the_published_parameter_counts():
+    """Built on the meta device (no memory, no compute): base, both text encoders, VAE and the refiner UNet."""
+    pipe, refiner = bench._build_full(torch, torch.float16, "meta", with_refiner=True)
+    params = bench._params(pipe, refiner)
+    assert params == dict(bench.EXPECTED_PARAMS, refiner_unet=bench.EXPECTED_REFINER_UNET_PARAMS)
+    assert refiner.text_encoder_2 is pipe.text_encoder_2 and refiner.vae is pipe.vae  # shared, as the service loads
