@@ -319,8 +319,15 @@ def _settings(spec):
     from .settings import AppSettings
 
     return AppSettings(model="tiny" if spec["arch"] == "tiny" else "stabilityai/stable-diffusion-xl-base-1.0",
-                       device=spec["device_choice"], precision=spec.get("precision", "auto"),
-                       use_refiner=spec.get("use_refiner", "auto"))
+                       device=spec["device_choice"], **spec.get("plan_settings", {}))
+
+
+# The user's plan flags that the bench's plan honours (e.g. --vae-tiling on, --threads 1, --use-refiner on).
+PLAN_FLAGS = ("precision", "attention", "offload", "vae_tiling", "threads", "use_refiner")
+
+
+def _plan_flags(settings) -> dict:
+    return {name: getattr(getattr(settings, name), "value", getattr(settings, name)) for name in PLAN_FLAGS}
 
 
 # ---------------------------------------------------------------- parent: the command
@@ -371,7 +378,7 @@ def cmd_bench(args) -> int:
         f"on {device} ({probe.cpu.model_name if device == 'cpu' else probe.cuda.device_name})")
     base_spec = {"arch": args.arch, "res": args.res, "steps": args.steps, "device": device,
                  "device_choice": device_choice, "probe": probe.to_dict(), "hq": args.hq,
-                 "use_refiner": settings.use_refiner.value}
+                 "plan_settings": _plan_flags(settings)}
     if args.hq:
         say(f"   --hq: also the whole High-quality image ({HQ_STEPS} steps requested, base to 0.8 then the "
             f"refiner where the plan uses it), run twice per configuration, the second timed"
@@ -384,11 +391,9 @@ def cmd_bench(args) -> int:
         baseline_dtype = PRECISION_DTYPES[Precision(args.baseline_precision)]
         configs.append(("baseline", {"kind": "baseline", "dtype": baseline_dtype}))
     if args.only in ("both", "plan"):
-        configs.append(("plan", {"kind": "plan", "dtype": plan.dtype, "precision": settings.precision.value,
-                                 "vae_check": args.vae_check}))
+        configs.append(("plan", {"kind": "plan", "dtype": plan.dtype, "vae_check": args.vae_check}))
     if args.compile:
-        configs.append(("compiled", {"kind": "plan", "dtype": plan.dtype, "precision": settings.precision.value,
-                                     "compile": True, "hq": False}))
+        configs.append(("compiled", {"kind": "plan", "dtype": plan.dtype, "compile": True, "hq": False}))
     for name, extra in configs:
         say(f"-- building and timing {name} ({extra['dtype']})… (minutes on CPU)")
         results[name] = _child({**base_spec, **extra, "label": name})

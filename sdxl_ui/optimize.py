@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+from .policy import VAE_TILE_PX
 from .schema import HardwareProbe, OptimizationReport, OptimizationRow, Plan, Status
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def apply(plan: Plan, models) -> None:
             pipe.unet.set_attn_processor(AttnProcessor2_0())
             pipe.vae.set_attn_processor(AttnProcessor2_0())
         if plan.vae_tiling:
+            _set_vae_tile(pipe.vae, VAE_TILE_PX)
             pipe.vae.enable_tiling()
         else:
             pipe.vae.disable_tiling()
@@ -62,6 +64,13 @@ def apply(plan: Plan, models) -> None:
             pipe.enable_model_cpu_offload()
         elif plan.offload == "sequential" and not _offload_kind(pipe):
             pipe.enable_sequential_cpu_offload()
+
+
+def _set_vae_tile(vae, px: int) -> None:
+    """diffusers' AutoencoderKL takes its tile size from config.sample_size (1024 for SDXL): tiling would then
+    change nothing up to 1024². Set the tile edge in pixels and its latent counterpart."""
+    vae.tile_sample_min_size = px
+    vae.tile_latent_min_size = px // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def _is_compiled(module) -> bool:
@@ -165,7 +174,13 @@ def report(models, plan: Plan, probe: HardwareProbe, use_refiner: bool | None = 
         rows.append(OptimizationRow("CPU offload", Status.OFF, r["offload"]))
 
     vae = base.vae
-    rows.append(OptimizationRow("VAE tiling", Status.ACTIVE if vae.use_tiling else Status.OFF, r["vae_tiling"]))
+    if vae.use_tiling:
+        tile = vae.tile_sample_min_size
+        rows.append(OptimizationRow("VAE tiling", Status.ACTIVE,
+                                    f"images larger than {tile} px decode in overlapping {tile}-px tiles — "
+                                    f"{r['vae_tiling']}"))
+    else:
+        rows.append(OptimizationRow("VAE tiling", Status.OFF, r["vae_tiling"]))
     rows.append(OptimizationRow("VAE slicing", Status.ACTIVE if vae.use_slicing else Status.OFF, r["vae_slicing"]))
 
     refiner_on = models.refiner is not None if use_refiner is None else use_refiner and models.refiner is not None

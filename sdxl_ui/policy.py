@@ -29,6 +29,7 @@ GPU_WORK_GB_PER_MP = 3.0
 GPU_STEP_GB_PER_MP = 1.5
 CPU_STEP_GB_PER_MP_FP32 = 1.6
 VAE_DECODE_GB_PER_MP_FP32 = 2.5
+VAE_TILE_PX = 512  # tile edge for tiled decode (the SDXL VAE's own default, 1024, would never tile ≤ 1024²)
 VAE_TILED_DECODE_GB_FP32 = 0.7  # 512² tiles, whatever the image size
 RUNTIME_OVERHEAD_GB = 0.8  # python, torch, tokenizers, the app
 OFFLOAD_MARGIN = 1.10

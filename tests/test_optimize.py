@@ -52,7 +52,26 @@ def test_report_reads_vae_tiling_threads_and_refiner():
     rep = report(models, plan, probe)
     assert status(rep, "VAE tiling") == "off" and status(rep, "Refinement") == "off"
     models.base.vae.enable_tiling()
-    assert status(report(models, plan, probe), "VAE tiling") == "active"
+    tiling = report(models, plan, probe).get("VAE tiling")
+    assert tiling.status == "active" and f"{models.base.vae.tile_sample_min_size}-px tiles" in tiling.detail
+
+
+def test_vae_tiling_tiles_a_1024_image():
+    """diffusers sizes SDXL's tiles from the config (1024 px): the plan's tiling must split a 1024² decode."""
+    import dataclasses
+
+    import torch
+
+    models, plan, probe = loaded()
+    apply(dataclasses.replace(plan, vae_tiling=True), models)
+    vae = models.base.vae
+    assert vae.use_tiling and vae.tile_sample_min_size == 512 and vae.tile_latent_min_size == 64
+    calls = []
+    vae.decoder.register_forward_hook(lambda module, args, out: calls.append(tuple(out.shape[-2:])))
+    with torch.inference_mode():
+        vae.decode(torch.zeros(1, 4, 128, 128, dtype=vae.dtype))
+    assert len(calls) > 1 and max(max(c) for c in calls) <= 512  # several tiles, none larger than 512 px
+    assert "512-px tiles" in report(models, plan, probe).get("VAE tiling").detail
     import torch
 
     before = torch.get_num_threads()
