@@ -192,20 +192,23 @@ def run_configuration(spec: dict) -> dict:
     torch.set_flush_denormal(True)
     kind, arch, res, steps, device = spec["kind"], spec["arch"], spec["res"], spec["steps"], spec["device"]
     dtype = getattr(torch, spec["dtype"])
-    t0 = time.perf_counter()
-    build = _build_full if arch == "full" else _build_tiny
-    pipe, refiner = build(torch, dtype, device, with_refiner=bool(spec.get("hq")))
-    build_s = time.perf_counter() - t0
-    params = _params(pipe, refiner)
-    out: dict = {"kind": kind, "dtype": spec["dtype"], "device": device, "res": res, "build_s": round(build_s, 1),
-                 "params": params}
-    grad_context = torch.no_grad  # what the stock pipeline's __call__ uses
     plan = models = None
     if kind == "plan":
         from .policy import make_plan
 
         probe = HardwareProbe.from_dict(spec["probe"])
         plan = make_plan(probe, _settings(spec), "tiny" if arch == "tiny" else "sdxl", res, res, True)
+    # The refiner only for --hq, and for the plan only where it would use one (its RAM counts in peak RSS).
+    with_refiner = bool(spec.get("hq")) and (plan is None or plan.refiner)
+    t0 = time.perf_counter()
+    build = _build_full if arch == "full" else _build_tiny
+    pipe, refiner = build(torch, dtype, device, with_refiner=with_refiner)
+    build_s = time.perf_counter() - t0
+    params = _params(pipe, refiner)
+    out: dict = {"kind": kind, "dtype": spec["dtype"], "device": device, "res": res, "build_s": round(build_s, 1),
+                 "params": params}
+    grad_context = torch.no_grad  # what the stock pipeline's __call__ uses
+    if kind == "plan":
         models = LoadedModels(base=pipe, refiner=refiner, source=ModelSource("bench", f"sdxl-{arch}-random"),
                               load_s=build_s)
         apply(plan, models)
