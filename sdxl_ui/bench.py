@@ -477,6 +477,10 @@ def _machine(probe, device) -> str:
     return f"{probe.cpu.model_name}, {probe.cpu.physical_cores} cores, {probe.cpu.ram_total_gb:.0f} GB"
 
 
+HQ_PARTS = (("base_s", "base"), ("refiner_s", "refiner"), ("refiner_and_decode_s", "refiner + decode"),
+            ("decode_s", "decode"))
+
+
 def format_table(s: dict) -> str:
     rows = [r for k, r in s.items() if isinstance(r, dict) and "s_per_step" in r]
     head = (f"SDXL {s['arch']} architecture on {s['machine']} ({s['device']}), torch {s['torch']}, "
@@ -501,12 +505,7 @@ def format_table(s: dict) -> str:
         lines += ["", f"High-quality image at {s['res']}², measured end to end (second of two runs):"]
         for r in hq_rows:
             h = r["hq"]
-            parts = [f"base {h['base_s']:.2f} s"]
-            if "refiner_and_decode_s" in h:
-                parts.append(f"refiner + decode {h['refiner_and_decode_s']:.2f} s")
-            else:
-                parts += ([f"refiner {h['refiner_s']:.2f} s"] if "refiner_s" in h else []) + \
-                         [f"decode {h['decode_s']:.2f} s"]
+            parts = [f"{name} {h[key]:.2f} s" for key, name in HQ_PARTS if key in h]
             lines.append(f"{r['kind']:<10} {h['total_s']:>8.2f} s  ({h['steps']} steps, refiner "
                          f"{'on' if h['refiner'] else 'off'}: {', '.join(parts)})")
         if "hq_ratio" in s:
