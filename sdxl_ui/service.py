@@ -434,6 +434,10 @@ class GenerationService:
                 return kwargs
             return callback
 
+        def stage_done(stage):
+            if stage == 1 and use_refiner:
+                emit(LogEvent(f"⏱️ Stage 2/2: Refiner from {REFINER_SPLIT}…"))
+
         for index in range(request.images):
             seed = (seed0 + index) % (MAX_SEED + 1)
             t_image, done_before = time.perf_counter(), progress["done"]
@@ -444,10 +448,6 @@ class GenerationService:
             stages = 2 if use_refiner else 1
             emit(LogEvent(f"⏱️ Stage 1/{stages}: Base generation "
                           f"(image {index + 1}/{request.images}, seed {seed})…"))
-            def stage_done(stage):
-                if stage == 1 and use_refiner:
-                    emit(LogEvent(f"⏱️ Stage 2/2: Refiner from {REFINER_SPLIT}…"))
-
             with torch.inference_mode():
                 latents = run_stages(
                     models, use_refiner, width, height, common, on_stage_end=stage_done,
