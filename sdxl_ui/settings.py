@@ -15,6 +15,9 @@ from .schema import ValidationError, parse_choice
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
 TINY = "tiny"
+DEMO = "demo"
+# The trained demo model shipped with the project (train-demo writes it; an ordinary diffusers folder).
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 
 
 class DeviceChoice(str, enum.Enum):
@@ -57,7 +60,7 @@ PRECISION_DTYPES = {Precision.FP32: "float32", Precision.FP16: "float16", Precis
 @dataclass(frozen=True)
 class AppSettings:
     model: str = DEFAULT_MODEL
-    refiner: str = "auto"  # "auto" = the default refiner for the default model, the tiny one for tiny
+    refiner: str = "auto"  # "auto" = the default refiner for the default model; tiny's and demo's own for those
     use_refiner: Toggle = Toggle.AUTO  # "on" forces the two-stage path (e.g. to test it on CPU)
     device: DeviceChoice = DeviceChoice.AUTO
     precision: Precision = Precision.AUTO
@@ -88,6 +91,10 @@ class AppSettings:
         return self.model == TINY
 
     @property
+    def is_demo(self) -> bool:
+        return str(self.model).strip().lower() == DEMO
+
+    @property
     def refiner_source(self) -> str | None:
         """The refiner to load when the plan wants one, or None when there is none to load."""
         if self.refiner.strip().lower() == "none":
@@ -96,6 +103,8 @@ class AppSettings:
             return self.refiner
         if self.is_tiny:
             return TINY
+        if self.is_demo:
+            return str(DEMO_MODEL_DIR / "refiner")
         if self.model == DEFAULT_MODEL:
             return DEFAULT_REFINER
         return None  # a custom base has no known matching refiner; --refiner names one
