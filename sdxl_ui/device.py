@@ -84,6 +84,8 @@ def _sdpa_backends(torch, device: str) -> tuple[str, ...]:
         try:
             with sdpa_kernel([backend]):
                 torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            if device == "cuda":
+                torch.cuda.synchronize()  # a kernel that cannot run fails here, not at some later call
             working.append(name)
         except Exception:  # noqa: BLE001 - "not usable here" is the answer we want
             continue
@@ -140,6 +142,8 @@ def probe_hardware() -> HardwareProbe:
     sdpa = {"cpu": _sdpa_backends(torch, "cpu")}
     if cuda.kernel_ok:
         sdpa["cuda"] = _sdpa_backends(torch, "cuda")
+    if mps_ok:  # each device's SDPA row is built from that device's own test, never from the CPU's
+        sdpa["mps"] = _sdpa_backends(torch, "mps")
     return HardwareProbe(
         torch_version=torch.__version__,
         cuda=cuda,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from .policy import VAE_TILE_PX
+from .policy import VAE_TILE_PX, sdpa_backends_for
 from .schema import HardwareProbe, OptimizationReport, OptimizationRow, Plan, Status
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def apply(plan: Plan, models) -> None:
             pipe.to(plan.device)
         if plan.attention == "xformers":
             pipe.enable_xformers_memory_efficient_attention()
-        elif plan.attention_slicing:
+        elif plan.attention == "sliced":
             pipe.enable_attention_slicing("auto")
         else:
             pipe.unet.set_attn_processor(AttnProcessor2_0())
@@ -58,12 +58,41 @@ def apply(plan: Plan, models) -> None:
     if plan.compile and not _is_compiled(models.base.unet):
         # Compiled lazily: the first step pays the compilation (reported as warm-up in the log and bench).
         models.base.unet = torch.compile(models.base.unet)
-    # Offload last and only once: after it, no .to(device) (diffusers' contract).
+    # Offload last and only once: after it, no .to(device) (diffusers' contract). The plan's device is passed on:
+    # diffusers would otherwise pick an accelerator by itself.
     for pipe in pipes:
         if plan.offload == "model" and not _offload_kind(pipe):
-            pipe.enable_model_cpu_offload()
+            pipe.enable_model_cpu_offload(device=plan.device)
         elif plan.offload == "sequential" and not _offload_kind(pipe):
-            pipe.enable_sequential_cpu_offload()
+            pipe.enable_sequential_cpu_offload(device=plan.device)
+    if plan.offload == "model":
+        release_offload(models)
+
+
+def claim_offload(models, pipe) -> None:
+    """Model offload with a refiner: before ``pipe`` runs, every model goes back to the CPU and ``pipe`` gets its
+    own hook chain on every module it will run.
+
+    Base and refiner share text_encoder_2 and the VAE. diffusers' ``enable_model_cpu_offload()`` begins with
+    ``remove_all_hooks()`` over the pipeline's components, and ``maybe_free_model_hooks()`` re-applies it after
+    every call, so whichever pipeline offloaded last owns the shared modules' hooks and the other runs them outside
+    its chain: a hook from the other chain does not offload the model before it (text encoder 1 stayed on the GPU
+    through the whole base denoising), and a pipeline that did not finish its call leaves its UNet on the GPU
+    while the other one loads. Re-applying costs no transfer (everything is already on the CPU between calls).
+    No-op without model offload."""
+    if _offload_kind(pipe) != "model":
+        return
+    for other in (models.base, models.refiner):
+        if other is not None and other is not pipe and _offload_kind(other) == "model":
+            other.maybe_free_model_hooks()  # its models, its UNet included, back to the CPU
+    # diffusers: "make sure the model is in the same state as before calling it": all on the CPU, its chain attached
+    pipe.maybe_free_model_hooks()
+
+
+def release_offload(models) -> None:
+    """After a run however it ended (finished, stopped, failed): nothing left on the accelerator under model
+    offload, and the base owns the shared modules' hooks again. No-op without model offload."""
+    claim_offload(models, models.base)
 
 
 def _set_vae_tile(vae, px: int) -> None:
@@ -91,17 +120,18 @@ def _offload_kind(pipe) -> str | None:
 
 
 def _sdpa_flavour(probe: HardwareProbe, device_type: str) -> str:
-    """Which SDPA kernels ran on this device in the probe (on CPU: its flash kernel)."""
-    backends = probe.sdpa_backends.get("cuda" if device_type == "cuda" else "cpu", ())
+    """Which SDPA kernels ran on this device in the probe (on CPU: its flash kernel); never another device's."""
+    backends = probe.sdpa_backends.get(device_type, ())
     if device_type == "cpu" and "flash" in backends:
         return "CPU flash kernel"
-    return f"backends: {', '.join(backends) or 'untested'}"
+    return f"backends that ran on {device_type.upper()}: {sdpa_backends_for(probe, device_type)}"
 
 
 def _xformers_row(probe: HardwareProbe, device_type: str, active: bool) -> OptimizationRow:
     xf = probe.xformers
     if active:
-        return OptimizationRow("xformers", Status.ACTIVE, f"{xf.version} memory-efficient attention")
+        ran = "its kernel test passed" if xf.kernel_ok else "its kernel was not tested"
+        return OptimizationRow("xformers", Status.ACTIVE, f"{xf.version} memory-efficient attention; {ran}")
     if not xf.version:
         return OptimizationRow("xformers", Status.UNAVAILABLE, "not installed (optional; PyTorch SDPA is as fast)")
     if device_type != "cuda":
@@ -161,27 +191,20 @@ def report(models, plan: Plan, probe: HardwareProbe, use_refiner: bool | None = 
 
     rows.append(_xformers_row(probe, device_type, active="xformers" in kinds))
 
-    if "sliced" in kinds:
-        rows.append(OptimizationRow("attention slicing", Status.ACTIVE, r["attention_slicing"]))
-    else:
-        rows.append(OptimizationRow("attention slicing", Status.OFF, r["attention_slicing"]))
+    rows.append(_live_row("attention slicing", "sliced" in kinds, plan.attention == "sliced", r["attention_slicing"]))
 
     if device_type in ("cpu", "mps") and not offload:
         rows.append(OptimizationRow("CPU offload", Status.NOT_APPLICABLE, r["offload"]))
-    elif offload:
-        rows.append(OptimizationRow("CPU offload", Status.ACTIVE, f"{offload} offload hooks attached — {r['offload']}"))
     else:
-        rows.append(OptimizationRow("CPU offload", Status.OFF, r["offload"]))
+        rows.append(_live_row("CPU offload", bool(offload), plan.offload != "none", r["offload"],
+                              f"{offload} offload hooks attached" if offload else ""))
 
     vae = base.vae
-    if vae.use_tiling:
-        tile = vae.tile_sample_min_size
-        rows.append(OptimizationRow("VAE tiling", Status.ACTIVE,
-                                    f"images larger than {tile} px decode in overlapping {tile}-px tiles — "
-                                    f"{r['vae_tiling']}"))
-    else:
-        rows.append(OptimizationRow("VAE tiling", Status.OFF, r["vae_tiling"]))
-    rows.append(OptimizationRow("VAE slicing", Status.ACTIVE if vae.use_slicing else Status.OFF, r["vae_slicing"]))
+    tile = vae.tile_sample_min_size
+    rows.append(_live_row("VAE tiling", bool(vae.use_tiling), plan.vae_tiling, r["vae_tiling"],
+                          f"images larger than {tile} px decode in overlapping {tile}-px tiles" if vae.use_tiling
+                          else ""))
+    rows.append(_live_row("VAE slicing", bool(vae.use_slicing), plan.vae_slicing, r["vae_slicing"]))
 
     refiner_on = models.refiner is not None if use_refiner is None else use_refiner and models.refiner is not None
     if refiner_on:
@@ -191,8 +214,7 @@ def report(models, plan: Plan, probe: HardwareProbe, use_refiner: bool | None = 
     else:
         rows.append(OptimizationRow("Refinement", Status.OFF, r["refiner"]))
 
-    rows.append(OptimizationRow("torch.compile", Status.ACTIVE if _is_compiled(base.unet) else Status.OFF,
-                                r["compile"]))
+    rows.append(_live_row("torch.compile", _is_compiled(base.unet), plan.compile, r["compile"]))
     rows.append(OptimizationRow("scheduler", Status.ACTIVE, type(base.scheduler).__name__))
     factor = plan.steps_factor
     rows.append(OptimizationRow("steps policy", Status.ACTIVE if factor != 1.0 else Status.OFF,
@@ -201,6 +223,17 @@ def report(models, plan: Plan, probe: HardwareProbe, use_refiner: bool | None = 
     rows.append(OptimizationRow("CPU threads", Status.ACTIVE if device_type == "cpu" else Status.NOT_APPLICABLE,
                                 f"torch uses {threads} — {r['threads']}"))
     return OptimizationReport(rows=tuple(rows), source="pipeline")
+
+
+def _live_row(name: str, active: bool, planned: bool, reason: str, state: str = "") -> OptimizationRow:
+    """A row whose status is read from the pipeline. The plan's reason is quoted as the reason only when the plan
+    decided the same; otherwise the row says the live state departs from the plan (never "active — not needed")."""
+    if active == planned:
+        detail = f"{state} — {reason}" if state else reason
+    else:
+        detail = (f"{state + '; ' if state else ''}{'on' if active else 'off'} on the live pipeline, not as planned "
+                  f"(plan: {reason})")
+    return OptimizationRow(name, Status.ACTIVE if active else Status.OFF, detail)
 
 
 def expected_report(plan: Plan, probe: HardwareProbe) -> OptimizationReport:

@@ -165,6 +165,54 @@ def plan_dtype(probe: HardwareProbe, settings: AppSettings, device: str) -> tupl
     return dtype, vae_dtype, why
 
 
+# ---------------------------------------------------------------- attention
+
+MPS_SLICING_BROKEN = ("on Apple MPS sliced attention has produced broken images since torch 2.4 "
+                      "(InvokeAI #7049, whose fix is to use SDPA there)")
+
+
+def sdpa_backends_for(probe: HardwareProbe, device: str) -> str:
+    """The SDPA backends the probe saw run on ``device`` itself (never another device's list)."""
+    return ", ".join(probe.sdpa_backends.get(device, ())) or "untested on this device"
+
+
+def _plan_attention(probe: HardwareProbe, settings: AppSettings, device: str, offload: str, est: "MemoryEstimate",
+                    available: float, where: str) -> tuple[str, str, str]:
+    """(attention, reason, slicing reason). ``attention`` is one of sdpa, xformers, sliced."""
+    sdpa_why = f"PyTorch SDPA (backends that ran on {device.upper()}: {sdpa_backends_for(probe, device)})"
+    slow = "slicing would only slow each step (+67 % on an H200)"
+    if settings.attention is AttentionChoice.XFORMERS:
+        if device != "cuda":
+            return "sdpa", f"--attention xformers ignored: xformers has CUDA-only kernels; {sdpa_why}", \
+                "off: xformers was asked for, SDPA runs instead"
+        if not probe.xformers.version:
+            raise PlanError("attention: 'xformers' was requested but xformers is not installed "
+                            "(`pip install -r requirements-xformers.txt`, see README), or use --attention auto")
+        if not probe.xformers.kernel_ok:
+            raise PlanError(f"attention: 'xformers' {probe.xformers.version} is installed but its kernels do not "
+                            f"run on this GPU ({probe.xformers.kernel_error}); install the xformers build for torch "
+                            f"{probe.torch_version} (README: xformers), or use --attention auto (PyTorch SDPA)")
+        # xformers' memory-efficient kernel never materialises the attention matrix: slicing on top saves nothing.
+        return "xformers", "chosen by --attention xformers; its kernel test passed", \
+            "off: xformers' memory-efficient attention already avoids the full attention matrix"
+    if settings.attention is AttentionChoice.SLICED:
+        why = "forced by --attention sliced (saves memory, slower)"
+        if device == "mps":
+            why += f"; warning: {MPS_SLICING_BROKEN}"
+        return "sliced", why, "on: forced by --attention sliced"
+    needs_slicing = offload == "sequential" and available < est.step_gb + 0.5 or (
+        device != "cuda" and est.total_gb > available
+    )
+    if needs_slicing and device == "mps":
+        return "sdpa", sdpa_why, f"off although ~{est.total_gb:.1f} GB are needed, {where}: {MPS_SLICING_BROKEN}"
+    if needs_slicing:
+        return "sliced", f"sliced: the estimate (~{est.total_gb:.1f} GB) exceeds {where}", \
+            f"on: ~{est.total_gb:.1f} GB needed, {where}"
+    if offload != "none":
+        return "sdpa", sdpa_why, f"off: {offload} offload makes room ({where}); {slow}"
+    return "sdpa", sdpa_why, f"{where}, ~{est.total_gb:.1f} GB needed: {slow}"
+
+
 # ---------------------------------------------------------------- the whole plan
 
 def make_plan(
@@ -251,40 +299,10 @@ def make_plan(
             reasons["offload"] = (f"sequential offload (slowest): even the UNet alone needs ~{model_need:.1f} GB, "
                                   f"{where}")
 
-    # Attention: PyTorch SDPA by default; xformers only where its CUDA kernels ran; slicing only for memory.
-    attention, slicing = "sdpa", False
-    backends = ", ".join(probe.sdpa_backends.get("cuda" if device == "cuda" else "cpu", ())) or "untested"
-    if settings.attention is AttentionChoice.XFORMERS:
-        if device != "cuda":
-            reasons["attention"] = "--attention xformers ignored: xformers has CUDA-only kernels; using SDPA"
-        elif not probe.xformers.version:
-            raise PlanError("attention: 'xformers' was requested but xformers is not installed "
-                            "(`pip install xformers` matching your torch), or use --attention auto")
-        elif not probe.xformers.kernel_ok:
-            raise PlanError(f"attention: 'xformers' {probe.xformers.version} is installed but its kernels do not "
-                            f"run on this GPU ({probe.xformers.kernel_error}); reinstall a build for torch "
-                            f"{probe.torch_version}, or use --attention auto (PyTorch SDPA)")
-        else:
-            attention, reasons["attention"] = "xformers", "chosen by --attention xformers; its kernel test passed"
-    elif settings.attention is AttentionChoice.SLICED:
-        attention, slicing, reasons["attention"] = "sliced", True, "forced by --attention sliced (saves memory, slower)"
-    if "attention" not in reasons:
-        reasons["attention"] = f"PyTorch SDPA (backends that ran here: {backends})"
-    needs_slicing = offload == "sequential" and available < est.step_gb + 0.5 or (
-        device != "cuda" and est.total_gb > available
-    )
-    if not slicing and needs_slicing:
-        attention, slicing = "sliced", True
-        reasons["attention"] = f"sliced: the estimate (~{est.total_gb:.1f} GB) exceeds {where}"
-        reasons["attention_slicing"] = f"on: ~{est.total_gb:.1f} GB needed, {where}"
-    elif slicing:
-        reasons["attention_slicing"] = "on: forced by --attention sliced"
-    elif offload != "none":
-        reasons["attention_slicing"] = (f"off: {offload} offload makes room ({where}); slicing would only slow "
-                                        "each step (+67 % on an H200)")
-    else:
-        reasons["attention_slicing"] = (f"{where}, ~{est.total_gb:.1f} GB needed: slicing would only slow each "
-                                        "step (+67 % on an H200)")
+    # Attention: one closed choice (sdpa | xformers | sliced), so no plan pairs two of them. PyTorch SDPA by
+    # default; xformers only where its CUDA kernels ran; slicing only for memory, and never chosen on Apple MPS.
+    attention, reasons["attention"], reasons["attention_slicing"] = _plan_attention(
+        probe, settings, device, offload, est, available, where)
 
     # Refuse with numbers when even the weights cannot fit.
     if device != "cuda" and est.weights_gb + est.refiner_gb + est.overhead_gb > available:
@@ -321,7 +339,7 @@ def make_plan(
         dtype=dtype,
         vae_dtype=vae_dtype,
         attention=attention,
-        attention_slicing=slicing,
+        attention_slicing=attention == "sliced",
         offload=offload,
         vae_tiling=tiled,
         vae_slicing=False,
@@ -340,14 +358,19 @@ def adjust_plan(loaded: Plan, request_plan: Plan) -> Plan:
     placed); size- and quality-dependent choices (refiner use, VAE tiling, attention slicing) come from the
     request's own plan. A refiner that was not loaded stays off."""
     reasons = dict(loaded.reasons)
-    for key in ("refiner", "vae_tiling", "attention", "attention_slicing", "memory"):
+    for key in ("refiner", "vae_tiling", "memory"):
         reasons[key] = request_plan.reasons[key]
+    # Attention is one choice: the request's, except that an xformers plan stays xformers (its kernel already
+    # avoids the full attention matrix, so slicing would add nothing but time).
+    attention_from = loaded if loaded.attention == "xformers" else request_plan
+    for key in ("attention", "attention_slicing"):
+        reasons[key] = attention_from.reasons[key]
     return replace(
         loaded,
         refiner=request_plan.refiner and loaded.refiner,
         vae_tiling=request_plan.vae_tiling,
-        attention=request_plan.attention if loaded.attention != "xformers" else loaded.attention,
-        attention_slicing=request_plan.attention_slicing,
+        attention=attention_from.attention,
+        attention_slicing=attention_from.attention == "sliced",
         memory_needed_gb=request_plan.memory_needed_gb,
         reasons=reasons,
     )

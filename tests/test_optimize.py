@@ -119,3 +119,28 @@ def test_report_reads_torch_compile_state():
     compiled, plan_c, _ = loaded(compile=True)  # wrapped now, compiled lazily at the first step
     assert status(report(compiled, plan_c, probe), "torch.compile") == "active"
     assert "--compile" in plan_c.reasons["compile"] or "on (--compile)" in plan_c.reasons["compile"]
+
+
+def test_mps_sdpa_row_is_not_built_from_the_cpu_probe():
+    import dataclasses
+
+    probe = load_probe("apple_m2_pro")  # SDPA tested on the CPU only (flash, math)
+    row = expected_report(make_plan(probe, AppSettings()), probe).get("PyTorch SDPA attention")
+    assert "flash" not in row.detail and "untested" in row.detail
+    tested = dataclasses.replace(probe, sdpa_backends={**probe.sdpa_backends, "mps": ("math",)})
+    row = expected_report(make_plan(tested, AppSettings()), tested).get("PyTorch SDPA attention")
+    assert row.detail.endswith("MPS: math")
+
+
+def test_a_row_whose_live_state_departs_from_the_plan_says_so():
+    models, plan, probe = loaded()
+    models.base.vae.enable_tiling()  # not by the plan (256², no tiling needed)
+    detail = report(models, plan, probe).get("VAE tiling").detail
+    assert "not as planned" in detail and "(plan: not needed" in detail
+
+
+def test_an_active_xformers_row_says_its_kernel_ran():
+    from sdxl_ui.optimize import _xformers_row
+
+    row = _xformers_row(load_probe("rtx4090_24gb"), "cuda", active=True)
+    assert row.status.value == "active" and "kernel test passed" in row.detail

@@ -138,3 +138,43 @@ def test_memory_estimate_matches_the_measured_gpu_peak():
     # H200, fp16 + SDPA at 1024² measured 10.0 GiB peak (PERFORMANCE-ANCHORS.md).
     est = estimate_memory("sdxl", "float16", "float32", 1024, 1024, "cuda", refiner=False, tiled=False)
     assert 9.5 <= est.total_gb <= 11.5
+
+
+# ---------------------------------------------------------------- issue 13, finding 3: one attention choice
+
+def test_an_xformers_plan_never_also_slices():
+    """adjust_plan used to take the request's slicing beside the load plan's xformers: apply() honoured xformers,
+    and the report said "attention slicing off" with the reason "on: … needed"."""
+    probe = load_probe("rtx4090_24gb")  # xformers installed, its kernel test passed
+    loaded = make_plan(probe, AppSettings(attention="xformers"))
+    wants_slicing = make_plan(probe, AppSettings(attention="sliced"))
+    adjusted = adjust_plan(loaded, wants_slicing)
+    assert (adjusted.attention, adjusted.attention_slicing) == ("xformers", False)
+    assert adjusted.reasons["attention_slicing"].startswith("off: xformers")
+
+
+def test_apple_mps_never_chooses_sliced_attention():
+    """Sliced attention produced broken images on MPS (InvokeAI #7049): short memory must not pick it there."""
+    import dataclasses
+
+    probe = load_probe("apple_m2_pro")
+    short = dataclasses.replace(probe, cpu=dataclasses.replace(probe.cpu, ram_available_gb=9.0))
+    plan = make_plan(short, DEFAULT)
+    assert plan.device == "mps" and plan.memory_needed_gb > 9.0  # the case in which slicing used to be chosen
+    assert (plan.attention, plan.attention_slicing) == ("sdpa", False)
+    assert "InvokeAI #7049" in plan.reasons["attention_slicing"]
+    forced = make_plan(probe, AppSettings(attention="sliced"))  # the user's explicit choice: honoured, with a warning
+    assert forced.attention == "sliced" and "InvokeAI #7049" in forced.reasons["attention"]
+    # Elsewhere the same shortage still slices.
+    cpu = load_probe("cpu_avx2_no_bf16")
+    assert make_plan(dataclasses.replace(cpu, cpu=dataclasses.replace(cpu.cpu, ram_available_gb=8.0)),
+                     AppSettings(precision="bf16")).attention == "sliced"
+
+
+def test_sdpa_reason_names_the_backends_of_the_planned_device_only():
+    import dataclasses
+
+    probe = load_probe("apple_m2_pro")  # recorded before the probe tested SDPA on MPS: a CPU list only
+    assert "flash" not in make_plan(probe, DEFAULT).reasons["attention"]
+    tested = dataclasses.replace(probe, sdpa_backends={**probe.sdpa_backends, "mps": ("math",)})
+    assert "on MPS: math" in make_plan(tested, DEFAULT).reasons["attention"]
