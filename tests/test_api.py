@@ -5,7 +5,7 @@ from sdxl_ui import ImageService
 
 
 def test_seed_api_returns_true_writes_the_file_and_logs_seed_style_lines(tmp_path, caplog):
-    service = ImageService(model="tiny", outputs=tmp_path)
+    service = ImageService(model="tiny", outputs=tmp_path, device="cpu")  # CPU lines below, on a GPU host too
     target = tmp_path / "landscape.png"
 
     async def main():
@@ -46,3 +46,12 @@ def test_seed_api_returns_false_on_a_bad_path(tmp_path, caplog):
 def test_seed_api_selects_tiny_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("SDXL_UI_MODEL", "tiny")
     assert ImageService(outputs=tmp_path).service.settings.is_tiny
+
+
+def test_seed_api_selects_the_demo_model_by_name_or_environment(monkeypatch, tmp_path):
+    from sdxl_ui.settings import DEMO_MODEL_DIR
+
+    assert ImageService(model="demo", outputs=tmp_path).service.source.location == str(DEMO_MODEL_DIR)
+    monkeypatch.setenv("SDXL_UI_MODEL", "demo")
+    service = ImageService(outputs=tmp_path).service
+    assert service.settings.is_demo and service.source.label == "demo" and service.native_size() == 128

@@ -1,6 +1,8 @@
 """Page handlers that need no browser: the status panel's fallback to the demo model."""
 import time
 
+import gradio as gr
+
 from sdxl_ui.service import GenerationService
 from sdxl_ui.settings import DEFAULT_MODEL, AppSettings
 from sdxl_ui.ui import build_ui
@@ -15,12 +17,30 @@ def test_missing_default_model_explains_and_offers_the_demo_model(tmp_path):
     demo = build_ui(service)
     service.preload_in_background().join(60)  # what app.py does at start (offline: fails fast)
     panel, button, _timer = handler(demo, "refresh_status")()
-    assert "could not load" in panel and "--model tiny" in panel
+    assert "could not load" in panel and "--model demo" in panel
     assert button["visible"] is True
-    handler(demo, "use_demo_model")()
+    handler(demo, "use_demo_model")(gr.Request(client={"host": "127.0.0.1"}))  # the operator: this machine
     deadline = time.time() + 60
     while not service.loaded and time.time() < deadline:
         time.sleep(0.2)
-    assert service.settings.is_tiny and service.loaded and service.load_error is None
+    assert service.settings.is_demo and service.loaded and service.load_error is None
     panel, button, _timer = handler(demo, "refresh_status")()
-    assert "demo model" in panel and button["visible"] is False
+    assert "simple shapes and colours" in panel and button["visible"] is False
+    assert service.native_size() == 128
+
+
+def test_size_presets_follow_the_models_native_size():
+    import pytest
+
+    from sdxl_ui.schema import ValidationError
+    from sdxl_ui.ui.app import _size, _size_choices
+
+    demo = _size_choices(128)
+    assert demo[0] == "Native (128×128)" and "144×112" in demo and demo[-1] == "Custom"
+    assert not any(s.startswith(("1024", "1152")) for s in demo)
+    assert _size("144×112", None, None, 128) == (144, 112)
+    assert _size(demo[0], None, None, 128) == (128, 128)
+    sdxl = _size_choices(1024)
+    assert sdxl[:3] == ["Native (1024×1024)", "1152×896", "896×1152"]
+    with pytest.raises(ValidationError, match="size"):
+        _size("1152×896", None, None, 128)  # an SDXL preset is not offered for the 128-px demo model
