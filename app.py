@@ -1,6 +1,11 @@
 """sdxl_ui web app: `python app.py` then open the printed localhost address.
 
 Flags → settings → service (probe, plan, model) → page → queue().launch(). Nothing runs at import.
+
+Exit codes: 0 after a clean stop (Ctrl-C or SIGTERM: no new jobs, the running one stops at its next step, an
+image being saved is finished); 2 bad flags, one line naming the flag and the value (including a --model that
+does not exist or is not an SDXL model, and a --device/--attention this machine cannot honour); 1 any other
+failure to start.
 """
 from __future__ import annotations
 
@@ -8,7 +13,15 @@ import argparse
 import logging
 import os
 import secrets
+import signal
 import sys
+import threading
+
+log = logging.getLogger("sdxl_ui")
+
+# The page has no upload field; gradio's upload route still exists, so it gets a small limit.
+MAX_UPLOAD = "1mb"
+STOP_TIMEOUT_S = 120.0  # how long a stop waits for the running job's current step and save
 
 
 def parse_args(argv=None):
@@ -19,44 +32,91 @@ def parse_args(argv=None):
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860, or the next free one)")
     parser.add_argument("--share", action="store_true", help="also make a temporary public link (needs auth)")
-    parser.add_argument("--auth", default=None, help="USER:PASS for the page (or env SDXL_UI_AUTH)")
+    parser.add_argument("--auth", action="append", default=None, metavar="USER:PASS",
+                        help="a login for the page; repeat for several users (or env SDXL_UI_AUTH, one login)")
+    parser.add_argument("--operator", default=None,
+                        help="the login that may switch the model for everyone (default: the first --auth user; "
+                             "without a login: whoever connects from this machine). Env SDXL_UI_OPERATOR")
     parser.add_argument("--queue-size", type=int, default=16, help="waiting jobs before 'queue full'")
     parser.add_argument("--max-jobs-per-user", type=int, default=0, help="0 = unlimited")
     return parser.parse_args(argv)
 
 
-def resolve_auth(args) -> tuple[tuple[str, str] | None, bool]:
+class BadFlag(ValueError):
+    """A flag value app.py refuses (exit 2); the message names the flag and the value."""
+
+
+def resolve_auth(args) -> tuple[list[tuple[str, str]] | None, bool]:
     """(credentials, generated). Sharing never runs without auth: credentials are generated when absent."""
-    raw = args.auth or os.environ.get("SDXL_UI_AUTH")
-    if raw:
-        user, sep, password = raw.partition(":")
+    raw = args.auth or ([os.environ["SDXL_UI_AUTH"]] if os.environ.get("SDXL_UI_AUTH") else [])
+    creds = []
+    for value in raw:
+        user, sep, password = value.partition(":")
         if not sep or not user or not password:
-            raise SystemExit("error: auth: expected USER:PASS (got a value without ':' or with an empty part)")
-        return (user, password), False
+            raise BadFlag("auth: expected USER:PASS (got a value without ':' or with an empty part)")
+        if user in dict(creds):
+            raise BadFlag(f"auth: user {user!r} is given twice")
+        creds.append((user, password))
+    if creds:
+        return creds, False
     if args.share:
-        return ("sdxl", secrets.token_urlsafe(12)), True
+        return [("sdxl", secrets.token_urlsafe(12))], True
     return None, False
 
 
+def resolve_operator(args, creds) -> str | None:
+    """The operator's login name; None without a login (then the operator is whoever connects from this machine)."""
+    operator = args.operator or os.environ.get("SDXL_UI_OPERATOR") or None
+    if creds is None:
+        if operator:
+            raise BadFlag(f"operator: {operator!r} names a login, but the page has none (add --auth USER:PASS)")
+        return None
+    users = [user for user, _ in creds]
+    if operator is None:
+        return users[0]
+    if operator not in users:
+        raise BadFlag(f"operator: {operator!r} is not one of the --auth users ({', '.join(map(repr, users))})")
+    return operator
+
+
 def main(argv=None) -> int:
-    from sdxl_ui.cli import settings_from_args, setup_logging
+    from sdxl_ui.cli import EXIT_BAD_INPUT, plan_error_code, settings_from_args, setup_logging
     from sdxl_ui.schema import ValidationError
 
     setup_logging(logging.INFO)
     args = parse_args(argv)
     try:
         settings = settings_from_args(args)
-    except ValidationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    auth, generated = resolve_auth(args)
+        auth, generated = resolve_auth(args)
+        operator = resolve_operator(args, auth)
+    except (ValidationError, BadFlag) as exc:
+        log.error("error: %s", exc)
+        return EXIT_BAD_INPUT
 
+    from sdxl_ui.models import ModelLoadError
+    from sdxl_ui.policy import PlanError
     from sdxl_ui.service import GenerationService
     from sdxl_ui.ui import UIConfig, build_ui
+    from sdxl_ui.ui.access import Access, LoginThrottle, LoginThrottleMiddleware
     from sdxl_ui.ui.render import CSS
 
     service = GenerationService(settings)
-    config = UIConfig(queue_size=args.queue_size, max_jobs_per_user=args.max_jobs_per_user)
+    try:
+        # A --model that does not exist or is not SDXL: said now, not in the page. (A hub id passes: whether it
+        # can be downloaded shows in the page's status panel, which then offers the demo model.)
+        service.check_model()
+        service.plan  # noqa: B018 - a --device/--attention this machine cannot honour
+    except ModelLoadError as exc:
+        log.error("error: %s", exc)
+        return EXIT_BAD_INPUT
+    except PlanError as exc:
+        if plan_error_code(exc) == EXIT_BAD_INPUT:
+            log.error("error: %s", exc)
+            return EXIT_BAD_INPUT
+        # Too little memory: the page says so in its status panel (and offers the demo model).
+
+    config = UIConfig(queue_size=args.queue_size, max_jobs_per_user=args.max_jobs_per_user,
+                      access=Access(login=auth is not None, operator=operator))
     if args.share:
         config.share_message = "Creating a share link…"
     demo = build_ui(service, config)
@@ -64,23 +124,48 @@ def main(argv=None) -> int:
     service.preload_in_background()
     outputs = settings.outputs.resolve()
     outputs.mkdir(parents=True, exist_ok=True)
-    if generated:
-        print(f"* Share login — user: {auth[0]}  password: {auth[1]}", flush=True)
+    if generated:  # one log record: one line, never interleaved with another thread's output
+        log.warning("* Share login — user: %s  password: %s", auth[0][0], auth[0][1])
+    if auth:
+        log.info("* Operator (may switch the model for everyone): %s", operator)
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        if stop.is_set():
+            raise KeyboardInterrupt  # a second signal: stop now
+        log.warning("%s received: no new jobs; the running job stops at its next step (an image being saved "
+                    "is finished first)", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    # The generated images are never served from the outputs folder (allowed_paths stays empty): the page serves
+    # each session its own copies under unguessable names (ui/app.py).
+    app_kwargs = {}
+    if auth:
+        from starlette.middleware import Middleware
+
+        app_kwargs["middleware"] = [Middleware(LoginThrottleMiddleware, throttle=LoginThrottle())]
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                allowed_paths=[str(outputs)], css=CSS, prevent_thread_lock=True, show_error=False,
-                footer_links=["gradio"])
+                css=CSS, prevent_thread_lock=True, show_error=False, footer_links=["gradio"],
+                max_file_size=MAX_UPLOAD, app_kwargs=app_kwargs)
     if args.share:
         if demo.share_url:
             config.share_message = f"Share link: {demo.share_url} (login required)"
-            print(f"* Share link: {demo.share_url} — user: {auth[0]}", flush=True)
+            log.warning("* Share link: %s — user: %s", demo.share_url, auth[0][0])
         else:
             config.share_message = ("Share link could not be created (no internet connection to the share "
                                     "service?). Serving locally only at " + demo.local_url)
-            print(f"* {config.share_message}", flush=True)
+            log.warning("* %s", config.share_message)
     try:
-        demo.block_thread()
+        while not stop.wait(0.5):
+            pass
+        finished = service.shutdown(STOP_TIMEOUT_S)
     except KeyboardInterrupt:
-        pass
+        finished = False
+    demo.close()
+    log.warning("Stopped%s.", "" if finished else " (the running job had not finished)")
     return 0
 
 

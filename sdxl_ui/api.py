@@ -5,8 +5,10 @@
                                              num_inference_steps=50, high_quality=True)
 
 Returns True/False, logs the seed-style lines through `logging` (logger "sdxl_ui"), and runs the pipeline in a
-worker thread so the event loop never blocks. ``ImageService(model="tiny")`` or SDXL_UI_MODEL=tiny selects the
-offline demo model.
+worker thread so the event loop never blocks. Arguments are checked like every other front end's: a bad value
+gives False and ``last_error`` naming the field and the value (``high_quality`` must be a bool; ``output_path``
+a .png path, relative to the current folder like the CLI's ``--out``). ``ImageService(model="demo")`` or SDXL_UI_MODEL=demo selects the
+offline demo model (simple shapes and colours); ``model="tiny"`` the random-weight test model.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import logging
 from pathlib import Path
 
 from .schema import ErrorEvent, GenerationRequest, Quality, ResultEvent, ValidationError
+from .service import check_output_path
 from .settings import AppSettings
 
 log = logging.getLogger("sdxl_ui")
@@ -40,13 +43,18 @@ class ImageService:
     def _generate(self, prompt, output_path, steps, high_quality, negative, guidance, seed, width, height) -> bool:
         self.last_result, self.last_error = None, None
         try:
-            request = GenerationRequest(prompt=prompt, negative_prompt=negative or "", steps=steps,
-                                        quality=Quality.HIGH if high_quality else Quality.FAST, guidance=guidance,
-                                        seed=seed, width=width, height=height)
+            if not isinstance(high_quality, bool):  # "no" is truthy: only a real bool says which preset
+                raise ValidationError("high_quality", high_quality, "must be True or False")
+            request = GenerationRequest(prompt=prompt, negative_prompt="" if negative is None else negative,
+                                        steps=steps, quality=Quality.HIGH if high_quality else Quality.FAST,
+                                        guidance=guidance, seed=seed, width=width, height=height)
+            # The seed's API always names its file; relative paths are relative to the current folder (as
+            # open() and the CLI's --out). Checked here, before any work, like every other field.
+            target = check_output_path(output_path)
         except ValidationError as exc:
             return self._fail(str(exc))
         # The service logs each line (🎨 …, Mode: …, ✓/– …, ✅ Image saved to …) to the "sdxl_ui" logger.
-        for event in self.service.generate(request, output_path=output_path):
+        for event in self.service.generate(request, output_path=target):
             if isinstance(event, ErrorEvent):
                 return self._fail(event.message)
             if isinstance(event, ResultEvent):

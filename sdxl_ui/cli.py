@@ -1,13 +1,19 @@
-"""Command line: `python -m sdxl_ui generate | doctor | bench`.
+"""Command line: `python -m sdxl_ui generate | doctor | bench | selftest | train-demo | eval-demo`.
 
-Exit codes: 0 success, 2 bad input (one line naming the field), 1 any other failure (model, memory, device).
+Exit codes: 0 success; 2 bad input, one line naming the field and the value (a request field, --out, a --model
+that does not exist or is not an SDXL model, a --device/--attention this machine cannot honour); 1 a runtime
+failure (the model could not be downloaded or loaded, out of memory, a device error, the image could not be
+saved, interrupted by SIGTERM/SIGINT).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .schema import ErrorEvent, GenerationRequest, ProgressEvent, ResultEvent, ValidationError
@@ -78,12 +84,38 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--baseline-precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                        help="dtype of the stock-diffusers baseline (fp16 on a GPU = stock fp16 + SDPA)")
     bench.add_argument("--from-json", help="print the table of a saved `bench --json` result (no re-timing)")
+
+    train = sub.add_parser("train-demo", help="train the demo model from scratch on the scene world (CPU)")
+    train.add_argument("--out", required=True, help="folder to write (a diffusers pipeline; refiner in out/refiner)")
+    train.add_argument("--minutes", type=float, default=78.0, help="time budget for all stages (default 78)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    train.add_argument("--resume", action="store_true", help="skip stages whose checkpoint is in OUT/.train")
+    train.add_argument("--smoke", action="store_true", help="a few steps per stage on a tiny dataset (seconds)")
+    train.add_argument("--json", action="store_true", help="print the training report as JSON")
+
+    ev = sub.add_parser("eval-demo", help="prompt adherence of the demo model, read back by the scene reader")
+    add_settings_args(ev)
+    ev.add_argument("--quality", default="high", help="high | fast")
+    ev.add_argument("--steps", type=int, help="requested steps (CPU runs × 0.7); default: the preset's")
+    ev.add_argument("--grid", help="also write a grid picture of 8 prompts to this PNG")
+    ev.add_argument("--json", action="store_true")
     bench.add_argument("--vae-check", action="store_true",
                        help="also decode in fp32 and report how far the plan's VAE dtype is from it")
     bench.add_argument("--hq", action="store_true",
                        help="also time the whole High-quality image end to end (50 steps, base then refiner "
                             "where the plan uses it) for stock and plan; meant for GPUs, or --arch tiny")
     bench.add_argument("--json", action="store_true")
+
+    selftest = sub.add_parser("selftest", help="build and run every configuration the planner can choose on this "
+                                               "device, check each, print a table (exit 1 on any failure)")
+    selftest.add_argument("--device", choices=[c.value for c in DeviceChoice], default="auto")
+    selftest.add_argument("--arch", choices=["tiny", "full"], default="tiny",
+                          help="tiny: the demo architecture (seconds); full: SDXL 1.0 with random weights (GPU)")
+    selftest.add_argument("--res", type=int, help="image side (default: 256 tiny; full: 1024 on a GPU, 512 on CPU)")
+    selftest.add_argument("--only", help="comma-separated configuration keys, e.g. stop,vae-tiling")
+    selftest.add_argument("--skip", help="comma-separated configuration keys to leave out, e.g. compile")
+    selftest.add_argument("--json", action="store_true")
     return parser
 
 
@@ -107,10 +139,16 @@ def _result_json(result: ResultEvent, note: str | None) -> dict:
     }
 
 
+def plan_error_code(exc) -> int:
+    """A PlanError names its field: a --device/--attention this machine cannot honour is bad input (2); too little
+    memory for the model is a runtime failure of this machine (1)."""
+    return EXIT_FAIL if str(exc).startswith("memory:") else EXIT_BAD_INPUT
+
+
 def cmd_generate(args) -> int:
     from .models import ModelLoadError
-    from .schema import DEMO_NOTE
-    from .service import GenerationService, check_output_path
+    from .policy import PlanError
+    from .service import CancelToken, GenerationService, check_output_path
 
     try:
         settings = settings_from_args(args)
@@ -118,24 +156,34 @@ def cmd_generate(args) -> int:
             prompt=args.prompt, negative_prompt=args.negative, quality=args.quality, steps=args.steps,
             guidance=args.guidance, seed=args.seed, width=args.width, height=args.height,
             scheduler=args.scheduler, images=args.images)
-        # On the command line a relative --out is relative to the current folder, as in any shell tool.
-        out = check_output_path(Path(args.out).expanduser().absolute()) if args.out else None
+        # A relative --out is relative to the current folder, as in any shell tool (and the Python API).
+        out = check_output_path(args.out) if args.out is not None else None
         service = GenerationService(settings)
-        service.source  # noqa: B018 - validates --model before any work
+        service.check_model()  # a missing or non-SDXL --model, before any work (and before the memory check)
     except ValidationError as exc:
         return _fail(str(exc), EXIT_BAD_INPUT, args.json, "validation")
     except ModelLoadError as exc:
         return _fail(str(exc), EXIT_BAD_INPUT, args.json, "model")
+    try:
+        service.plan  # noqa: B018 - --device/--attention this machine cannot honour, or too little memory
+    except PlanError as exc:
+        return _fail(str(exc), plan_error_code(exc), args.json, "settings")
     results: list[ResultEvent] = []
-    for event in service.generate(request, output_path=out):
-        if isinstance(event, ResultEvent):
-            results.append(event)
-        elif isinstance(event, ErrorEvent):
-            code = EXIT_BAD_INPUT if event.kind == "validation" else EXIT_FAIL
-            return _fail(event.message, code, args.json, event.kind)
-        elif isinstance(event, ProgressEvent) and not args.json:
-            print(f"   {event.line()}", file=sys.stderr)
-    note = DEMO_NOTE if settings.is_tiny else None
+    cancel = CancelToken()
+    with _stop_on_signals(cancel):
+        try:
+            for event in service.generate(request, cancel=cancel, output_path=out):
+                if isinstance(event, ResultEvent):
+                    results.append(event)
+                elif isinstance(event, ErrorEvent):
+                    code = EXIT_BAD_INPUT if event.kind == "validation" else EXIT_FAIL
+                    return _fail(event.message, code, args.json, event.kind)
+                elif isinstance(event, ProgressEvent) and not args.json:
+                    print(f"   {event.line()}", file=sys.stderr)
+        except KeyboardInterrupt:  # a second SIGINT/SIGTERM: stop now
+            return _fail("interrupted twice: stopped without waiting for the run", EXIT_FAIL, args.json,
+                         "cancelled")
+    note = service.source.note
     if args.json:
         data = _result_json(results[0], note)
         if len(results) > 1:
@@ -143,7 +191,7 @@ def cmd_generate(args) -> int:
         print(json.dumps(data, ensure_ascii=False, indent=1))
     else:
         for r in results:
-            print(r.path or f"(not saved: {r.save_error})")
+            print(r.path or r.save_error)  # save_error reads "not saved: <reason>"
     return EXIT_OK if all(r.path for r in results) else EXIT_FAIL
 
 
@@ -166,8 +214,13 @@ def cmd_doctor(args) -> int:
             probe = probe_hardware()
     except ValidationError as exc:
         return _fail(str(exc), EXIT_BAD_INPUT, args.json, "validation")
-    model_kind = "tiny" if settings.is_tiny else "sdxl"
-    size = 256 if settings.is_tiny else 1024
+    from .models import ModelLoadError, resolve_source
+
+    try:
+        source = resolve_source(settings.model)
+    except ModelLoadError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT, args.json, "model")
+    model_kind, size = source.model_kind, source.native_size
     try:
         plan = make_plan(probe, settings, model_kind, size, size, True)
     except PlanError as exc:
@@ -176,7 +229,7 @@ def cmd_doctor(args) -> int:
                              indent=1))
         else:
             print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+        return plan_error_code(exc)
     rep = expected_report(plan, probe)
     if args.json:
         print(json.dumps({"probe": probe.to_dict(), "plan": plan.to_dict(), "optimizations": rep.to_list()},
@@ -201,6 +254,48 @@ def cmd_doctor(args) -> int:
     return EXIT_OK
 
 
+def cmd_train_demo(args) -> int:
+    from .demo.train import train
+
+    if not args.minutes > 0:
+        return _fail(f"minutes: must be more than 0 (got {args.minutes!r})", EXIT_BAD_INPUT, args.json, "validation")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        return _fail(f"out: {args.out!r} exists and is not a folder", EXIT_BAD_INPUT, args.json, "validation")
+    report = train(out, minutes=args.minutes, seed=args.seed, resume=args.resume, smoke=args.smoke,
+                   threads=args.threads)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"wrote {out} ({report['bytes'] / 1e6:.1f} MB) in {report['total_s'] / 60:.1f} min")
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _stop_on_signals(cancel):
+    """SIGTERM/SIGINT during a run cancel it at the next step instead of killing the process: an image being
+    decoded or saved is finished (never left half-written), then the run ends with "cancelled at step k/N".
+    A second signal raises KeyboardInterrupt at once."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+
+    def on_signal(signum, _frame):
+        if cancel.cancelled:
+            raise KeyboardInterrupt
+        logging.getLogger("sdxl_ui").warning(
+            "%s received: stopping at the next step (an image being saved is finished first)",
+            signal.Signals(signum).name)
+        cancel.cancel()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def setup_logging(level: int) -> None:
     """Console logging for the CLI and app.py (never at import)."""
     import os
@@ -216,12 +311,23 @@ def setup_logging(level: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    quiet = getattr(args, "json", False)
+    # eval-demo runs dozens of images: its per-image log lines would bury the figures.
+    quiet = getattr(args, "json", False) or args.command == "eval-demo"
     setup_logging(logging.WARNING if quiet else logging.INFO)
     if args.command == "generate":
         return cmd_generate(args)
     if args.command == "doctor":
         return cmd_doctor(args)
+    if args.command == "selftest":
+        from .selftest import cmd_selftest
+
+        return cmd_selftest(args)
+    if args.command == "train-demo":
+        return cmd_train_demo(args)
+    if args.command == "eval-demo":
+        from .demo.evaluate import cmd_eval_demo
+
+        return cmd_eval_demo(args)
     from .bench import cmd_bench
 
     return cmd_bench(args)

@@ -1,5 +1,6 @@
 """Load the SDXL base (and refiner) from a hub id, a local diffusers folder or a single .safetensors file,
-or build the offline ``tiny`` demo model: the full SDXL architecture at toy width, random weights.
+the shipped ``demo`` model (a trained diffusers folder in assets/demo-model, loaded like any local folder), or
+build the offline ``tiny`` model: the full SDXL architecture at toy width, random weights (speed tests only).
 
 Every failure becomes a ModelLoadError whose message says what was tried and the ways out.
 """
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .schema import DEMO_NOTE
-from .settings import DEFAULT_MODEL, TINY
+from .schema import DEMO_MODEL_NOTE, DEMO_NOTE
+from .settings import DEFAULT_MODEL, DEMO, DEMO_MODEL_DIR, TINY
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +33,41 @@ class ModelLoadError(RuntimeError):
 class ModelSource:
     kind: str  # "tiny" | "hub" | "folder" | "single_file"
     location: str
+    name: str = ""  # "demo" for the shipped demo model (a folder, loaded like any other)
 
     @property
     def model_kind(self) -> str:
         """For the memory estimate: 'tiny' or 'sdxl' (anything real is assumed SDXL-sized)."""
-        return "tiny" if self.kind == "tiny" else "sdxl"
+        return "tiny" if self.kind == "tiny" or self.name == DEMO else "sdxl"
 
     @property
     def native_size(self) -> int:
-        return TINY_SIZE if self.kind == "tiny" else 1024
+        if self.kind == "tiny":
+            return TINY_SIZE
+        if self.kind == "folder":
+            return folder_native_size(Path(self.location))
+        return 1024
 
     @property
     def label(self) -> str:
-        return "tiny" if self.kind == "tiny" else self.location
+        return self.name or ("tiny" if self.kind == "tiny" else self.location)
+
+    @property
+    def note(self) -> str | None:
+        """What the page, the log, the JSON and the PNG say about a stand-in model."""
+        return DEMO_NOTE if self.kind == "tiny" else DEMO_MODEL_NOTE if self.name == DEMO else None
+
+
+def folder_native_size(path: Path, default: int = 1024) -> int:
+    """A diffusers folder's native image side: the UNet's latent sample_size × the VAE's downscale factor
+    (SDXL: 128 × 8 = 1024; the demo model: 16 × 8 = 128). ``default`` when the configs cannot be read."""
+    try:
+        unet = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))
+        side = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
+    return side if 64 <= side <= 2048 else default
 
 
 @dataclass
@@ -61,7 +84,7 @@ class LoadedModels:
 
     @property
     def note(self) -> str | None:
-        return DEMO_NOTE if self.source.kind == "tiny" else None
+        return self.source.note
 
 
 def resolve_source(spec: str, field: str = "model") -> ModelSource:
@@ -69,6 +92,12 @@ def resolve_source(spec: str, field: str = "model") -> ModelSource:
     spec = str(spec).strip()
     if spec.lower() == TINY:
         return ModelSource("tiny", TINY)
+    if spec.lower() == DEMO:
+        if not (DEMO_MODEL_DIR / "model_index.json").is_file():
+            raise ModelLoadError(f"{field}: the demo model is missing from {str(DEMO_MODEL_DIR)!r} (a clone of the "
+                                 "repository has it). Rebuild it with `python -m sdxl_ui train-demo --out "
+                                 "assets/demo-model`, or use --model tiny (random weights) to try the app")
+        return ModelSource("folder", str(DEMO_MODEL_DIR), name=DEMO)
     path = Path(spec).expanduser()
     if spec.lower().endswith((".safetensors", ".ckpt")):
         if not path.is_file():
@@ -83,7 +112,7 @@ def resolve_source(spec: str, field: str = "model") -> ModelSource:
         raise ModelLoadError(f"{field}: {spec!r} is a file but not a .safetensors checkpoint")
     if spec.startswith((".", "/", "~")) or os.sep in spec.replace("/", "", 1) or not HUB_ID.match(spec):
         raise ModelLoadError(
-            f"{field}: {spec!r} is not 'tiny', an existing diffusers folder, a .safetensors file, or a hub id "
+            f"{field}: {spec!r} is not 'demo', 'tiny', an existing diffusers folder, a .safetensors file, or a hub id "
             "like 'stabilityai/stable-diffusion-xl-base-1.0' (if it is a local path: it does not exist)"
         )
     return ModelSource("hub", spec)
@@ -93,7 +122,7 @@ def _ways_out(what: str) -> str:
     return (
         f"Ways out: (1) download it while online: `huggingface-cli download {what}` (or run once with network "
         "access, without HF_HUB_OFFLINE); (2) point at a local copy: --model /path/to/diffusers-folder or "
-        "--model /path/to/model.safetensors; (3) try the app offline with the demo model: --model tiny"
+        "--model /path/to/model.safetensors; (3) try the app offline with the demo model: --model demo"
     )
 
 
@@ -225,6 +254,15 @@ def _check_folder(path: Path, field: str) -> None:
                              "not Stable Diffusion XL")
 
 
+def check_source(source: ModelSource, field: str = "model") -> None:
+    """The cheap checks of a local model (a folder's model_index.json and pipeline class, a checkpoint's header),
+    run before the memory preflight: a wrong --model is named as such, not reported as a shortage of RAM."""
+    if source.kind == "folder":
+        _check_folder(Path(source.location), field)
+    elif source.kind == "single_file":
+        _check_single_file(source.location, field)
+
+
 def _load_kwargs(location: str, dtype: str, is_folder: bool) -> dict:
     kwargs: dict = {"dtype": _torch_dtype(dtype), "add_watermarker": False}  # diffusers 0.42: dtype, not torch_dtype
     if is_folder:
@@ -270,20 +308,74 @@ def _from_pretrained(cls, source: ModelSource, dtype: str, local_files_only: boo
     )
 
 
-def _from_single_file(cls, source: ModelSource, dtype: str, config: str | None, field: str, **extra):
+def _check_single_file(location: str, field: str) -> None:
+    """Read only the .safetensors header: corrupt, truncated or non-SDXL files are refused before any loading."""
     try:
         from safetensors import safe_open
 
-        with safe_open(source.location, framework="pt") as f:
+        with safe_open(location, framework="pt") as f:
             keys = list(f.keys())
+            kind = _checkpoint_kind(f) if keys else None
     except Exception as exc:  # noqa: BLE001 - corrupt/truncated files raise various errors
-        raise ModelLoadError(f"{field}: {source.location!r} is not a valid .safetensors file ({exc})") from None
+        raise ModelLoadError(f"{field}: {location!r} is not a valid .safetensors file ({exc})") from None
+    wanted = SINGLE_FILE_KINDS.get(field, SINGLE_FILE_KINDS["model"])
+    if kind in wanted:
+        return
     if not any(k.startswith(("model.diffusion_model.", "conditioner.")) for k in keys):
-        raise ModelLoadError(f"{field}: {source.location!r} does not look like an SDXL checkpoint "
+        raise ModelLoadError(f"{field}: {location!r} does not look like an SDXL checkpoint "
                              f"({len(keys)} tensors, none under model.diffusion_model.)")
+    label = CHECKPOINT_LABELS.get(kind, kind or "unknown")
+    hint = {("model", "xl_refiner"): ": pass it as --refiner, with an SDXL base as --model",
+            ("refiner", "xl_base"): ": pass it as --model; the refiner is the second-stage SDXL model"}.get(
+        (field, kind), "; sdxl_ui runs Stable Diffusion XL checkpoints only")
+    raise ModelLoadError(f"{field}: {location!r} holds {label} weights (diffusers' checkpoint classifier: "
+                         f"{kind!r}), not {' or '.join(CHECKPOINT_LABELS[k] for k in wanted)}{hint}")
+
+
+# What each field accepts, in the names of diffusers' own classifier (single_file_utils.infer_diffusers_model_type).
+# The old test (any key under model.diffusion_model.) also let Stable Diffusion 1.x/2.x checkpoints through.
+SINGLE_FILE_KINDS = {"model": ("xl_base", "playground-v2-5"), "refiner": ("xl_refiner",)}
+CHECKPOINT_LABELS = {
+    "xl_base": "SDXL base", "playground-v2-5": "Playground v2.5 (SDXL architecture)", "xl_refiner": "SDXL refiner",
+    "xl_inpaint": "SDXL inpainting", "v1": "Stable Diffusion 1.x", "v2": "Stable Diffusion 2.x",
+    "inpainting": "Stable Diffusion 1.x inpainting", "inpainting_v2": "Stable Diffusion 2.x inpainting",
+}
+
+
+def _checkpoint_kind(f) -> str | None:
+    """diffusers' classifier run on the header alone: key lookups, and shapes without reading any tensor data."""
+    from collections.abc import Mapping
+
+    import torch
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    class Header(Mapping):
+        def __init__(self):
+            self._keys = set(f.keys())
+
+        def __getitem__(self, key):
+            if key not in self._keys:
+                raise KeyError(key)
+            return type("Shape", (), {"shape": torch.Size(f.get_slice(key).get_shape())})()
+
+        def __iter__(self):
+            return iter(self._keys)
+
+        def __len__(self):
+            return len(self._keys)
+
+    try:
+        return infer_diffusers_model_type(Header())
+    except Exception:  # noqa: BLE001 - a family whose test needs tensor values: not one of ours
+        return None
+
+
+def _from_single_file(cls, source: ModelSource, dtype: str, config: str | None, field: str,
+                      local_files_only: bool = False, **extra):
+    _check_single_file(source.location, field)
     try:
         return cls.from_single_file(source.location, torch_dtype=_torch_dtype(dtype), config=config,
-                                    local_files_only=_offline() or None, **extra)
+                                    local_files_only=local_files_only or _offline(), **extra)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"{field}: could not build a pipeline from {source.location!r}: {str(exc).splitlines()[0][:300]}. "
@@ -307,7 +399,7 @@ def load_models(source: ModelSource, refiner_spec: str | None, dtype: str, vae_d
                 refiner = tiny_refiner
         elif source.kind == "single_file":
             base = _from_single_file(StableDiffusionXLPipeline, source, dtype, single_file_config, "model",
-                                     add_watermarker=False)
+                                     local_files_only, add_watermarker=False)
         else:
             if source.kind == "folder":
                 _check_folder(Path(source.location), "model")
@@ -317,7 +409,7 @@ def load_models(source: ModelSource, refiner_spec: str | None, dtype: str, vae_d
             shared = dict(text_encoder_2=base.text_encoder_2, vae=base.vae)
             if ref_source.kind == "single_file":
                 refiner = _from_single_file(StableDiffusionXLImg2ImgPipeline, ref_source, dtype,
-                                            None, "refiner", add_watermarker=False, **shared)
+                                            None, "refiner", local_files_only, add_watermarker=False, **shared)
             else:
                 if ref_source.kind == "folder":
                     _check_folder(Path(ref_source.location), "refiner")

@@ -248,8 +248,8 @@ def make_plan(
     elif not high_quality:
         refiner_why = "Fast quality uses the base model only"
     elif device == "cpu":
-        refiner_why = ("DISABLED (CPU mode): the refiner is a second 2.3 B-parameter UNet; on CPU it adds "
-                       "minutes per image")
+        refiner_why = ("DISABLED (CPU mode): the refiner is a second UNet (SDXL's: 2.3 B parameters); on CPU it "
+                       "adds minutes per image")
     else:
         # On CUDA the offload decision below makes room (model offload moves one UNet at a time); on MPS the
         # models share system RAM, so base + refiner must fit.

@@ -16,7 +16,8 @@ MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_IMAGES = 4
 MAX_PROMPT_CHARS = 10_000
-DEMO_NOTE = "demo model — random weights, output is noise"
+DEMO_NOTE = "tiny test model — random weights, output is noise"
+DEMO_MODEL_NOTE = "demo model — draws simple shapes and colours, a stand-in for SDXL weights"
 
 
 class ValidationError(ValueError):
@@ -125,6 +126,22 @@ def _float(field_name: str, value: Any) -> float:
     return number
 
 
+def _text(field_name: str, value: Any) -> str:
+    """A prompt: text, at most MAX_PROMPT_CHARS, and valid Unicode. A lone surrogate (JSON "\\ud800", or bytes
+    that are not UTF-8 on a command line, which Python decodes to surrogates) would otherwise fail deep inside the
+    tokenizer or the PNG writer."""
+    if not isinstance(value, str):
+        raise ValidationError(field_name, value, "must be text")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ValidationError(field_name, value, f"is longer than {MAX_PROMPT_CHARS} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValidationError(field_name, value, f"is not valid Unicode text (character {exc.start + 1} is an "
+                                                 "unpaired surrogate: bytes that are not UTF-8?)") from None
+    return value
+
+
 def _in_range(field_name: str, value, low, high):
     if not low <= value <= high:
         raise ValidationError(field_name, value, f"must be between {low} and {high}")
@@ -147,16 +164,10 @@ class GenerationRequest:
     images: int = 1
 
     def __post_init__(self):
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
+        _text("prompt", self.prompt)
+        if not self.prompt.strip():
             raise ValidationError("prompt", self.prompt, "must not be empty")
-        if len(self.prompt) > MAX_PROMPT_CHARS:
-            raise ValidationError("prompt", self.prompt, f"is longer than {MAX_PROMPT_CHARS} characters")
-        if not isinstance(self.negative_prompt, str):
-            raise ValidationError("negative_prompt", self.negative_prompt, "must be text")
-        if len(self.negative_prompt) > MAX_PROMPT_CHARS:
-            raise ValidationError(
-                "negative_prompt", self.negative_prompt, f"is longer than {MAX_PROMPT_CHARS} characters"
-            )
+        _text("negative_prompt", self.negative_prompt)
         object.__setattr__(self, "quality", parse_choice(Quality, "quality", self.quality))
         object.__setattr__(self, "scheduler", parse_choice(Scheduler, "scheduler", self.scheduler))
         if self.steps is not None:
@@ -342,6 +353,9 @@ class HardwareProbe:
 
 # ---------------------------------------------------------------- plan
 
+ATTENTION_KINDS = ("sdpa", "xformers", "sliced")
+
+
 @dataclass(frozen=True)
 class Plan:
     """Every decision the policy made, each with its reason (keys of ``reasons`` = field names)."""
@@ -349,8 +363,8 @@ class Plan:
     device: str  # "cuda" | "mps" | "cpu"
     dtype: str  # "float32" | "float16" | "bfloat16"
     vae_dtype: str
-    attention: str  # "sdpa" | "xformers" | "sliced" | "classic"
-    attention_slicing: bool
+    attention: str  # "sdpa" | "xformers" | "sliced": one choice, never two at once
+    attention_slicing: bool  # always attention == "sliced" (kept as a field for the JSON and the report)
     offload: str  # "none" | "model" | "sequential"
     vae_tiling: bool
     vae_slicing: bool
@@ -361,6 +375,15 @@ class Plan:
     memory_available_gb: float | None
     reasons: Mapping[str, str]
     compile: bool = False
+
+    def __post_init__(self):
+        # A plan that pairs two attention implementations (e.g. xformers and slicing) cannot be applied as stated:
+        # apply() would honour one and the report would contradict itself. Refuse to build it.
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"plan: attention {self.attention!r} is not one of {', '.join(ATTENTION_KINDS)}")
+        if self.attention_slicing != (self.attention == "sliced"):
+            raise ValueError(f"plan: attention {self.attention!r} with attention_slicing={self.attention_slicing} "
+                             "is contradictory (slicing is the 'sliced' attention choice)")
 
     @property
     def reason(self) -> str:

@@ -6,9 +6,14 @@ step; a caller that stops iterating (closed browser tab) cancels its run too.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
 import queue
 import random
+import secrets
+import tempfile
 import threading
 import time
 from datetime import datetime
@@ -16,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .metadata import ImageParameters, save_png
-from .models import LoadedModels, ModelLoadError, ModelSource, load_models, resolve_source
+from .models import LoadedModels, ModelLoadError, ModelSource, check_source, load_models, resolve_source
 from .policy import PlanError, adjust_plan, make_plan
 from .schema import (
     MAX_SEED,
@@ -62,35 +67,72 @@ class CancelToken:
         return self._event.is_set()
 
 
-def check_output_path(path: str | Path, outputs: Path | None = None) -> Path:
+def check_output_path(path: str | Path) -> Path:
     """An explicit output file, checked before minutes of work: a .png in an existing, writable folder.
 
-    A relative path is a name inside the outputs folder and may not climb out of it ("../../x.png" is refused);
-    an absolute path is honoured as given (the CLI makes the user's relative paths absolute first).
+    One rule for the CLI and the Python API: a relative path is relative to the current folder, as for ``open()``
+    and any shell tool (the outputs folder holds only the names the service picks itself).
     """
-    import tempfile
-
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise ValidationError("output_path", path, "must be a file path ending in .png")
     raw = str(path)
-    target = Path(raw).expanduser()
-    if target.suffix.lower() != ".png":
+    if "\x00" in raw:
+        raise ValidationError("output_path", raw, "must not contain a NUL character")
+    if Path(raw).suffix.lower() != ".png":
         raise ValidationError("output_path", raw, "must end with .png (PNG keeps the parameters chunk)")
-    if not target.is_absolute():
-        root = (outputs or Path("outputs")).resolve()
-        target = (root / target).resolve()
-        if root != target.parent and root not in target.parents:
-            raise ValidationError("output_path", raw, f"leaves the outputs folder {str(root)!r}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-    if target.is_dir():
-        raise ValidationError("output_path", raw, "is a folder; give a file name ending in .png")
-    parent = target.parent
-    if not parent.is_dir():
-        raise ValidationError("output_path", raw, f"folder {str(parent)!r} does not exist")
+    try:
+        target = Path(raw).expanduser().absolute()
+        if target.is_dir():
+            raise ValidationError("output_path", raw, "is a folder; give a file name ending in .png")
+        parent = target.parent
+        if not parent.is_dir():
+            raise ValidationError("output_path", raw, f"folder {str(parent)!r} does not exist")
+    except (OSError, ValueError) as exc:  # e.g. a name too long for the file system, undecodable bytes
+        if isinstance(exc, ValidationError):
+            raise
+        raise ValidationError("output_path", raw, f"cannot be used ({exc})") from None
     try:  # os.access says yes to root everywhere; only a real file creation tells
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as exc:
         raise ValidationError("output_path", raw, f"folder {str(parent)!r} is not writable ({exc.strerror})") from None
     return target
+
+
+def write_png_atomic(image, path: Path, params: ImageParameters, extra: dict, overwrite: bool) -> None:
+    """Write the PNG to a hidden temporary file in the same folder, then rename it into place, so no reader and no
+    crash, full disk or signal ever leaves a half-written PNG under ``path``; the temporary file goes on any error.
+
+    ``overwrite=False`` never replaces an existing file (FileExistsError): a hard link is the atomic
+    "create if absent" for a finished file. On file systems without hard links the name is reserved first and
+    the finished file renamed over the reservation.
+    """
+    # Not mkstemp: its 0600 mode would make the PNG private; os.open applies the umask like any new file.
+    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            save_png(image, f, params, extra)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+                raise
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # reserve the name (FileExistsError)
+            os.replace(tmp, path)
+            return
+        os.unlink(tmp)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _scheduler_for(sampler: Scheduler, config):
@@ -130,29 +172,53 @@ def latent_preview(latents):
 
 
 def decode_latents(pipe, latents):
-    """VAE decode in the VAE's own dtype (fp32 beside an fp16 UNet), then to PIL."""
+    """VAE decode in the VAE's own dtype (fp32 beside an fp16 UNet), then to PIL.
+
+    Unscaled as diffusers' SDXL pipeline does it: with the VAE's ``latents_mean``/``latents_std`` when its config
+    has them (e.g. Playground v2.5), else by ``scaling_factor`` alone."""
+    from diffusers.utils.torch_utils import get_module_execution_device
+
     vae = pipe.vae
-    latents = latents.to(device=pipe._execution_device, dtype=vae.dtype)
-    latents = latents / vae.config.scaling_factor
+    config = vae.config
+    latents = latents.to(device=get_module_execution_device(vae), dtype=vae.dtype)
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        import torch
+
+        shape = (1, latents.shape[1], 1, 1)
+        mean = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor
     image = vae.decode(latents, return_dict=False)[0]
     if hasattr(pipe, "maybe_free_model_hooks"):
         pipe.maybe_free_model_hooks()
     return pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
 
 
+# cuBLAS/cuDNN report a failed workspace allocation under their own names: out of memory, not a broken GPU.
+ALLOC_FAILED_MARKERS = ("out of memory", "can't allocate memory", "cublas_status_alloc_failed",
+                        "cudnn_status_alloc_failed")
+# Only errors that mean "this GPU cannot run these kernels" (a PyTorch build without the GPU's arch, an
+# unsupported operation) justify moving the session to the CPU; any other CUDA error is reported as it is.
+GPU_UNSUPPORTED_MARKERS = ("no kernel image is available", "invalid device function", "arch_mismatch",
+                           "cublas_status_not_supported", "cudnn_status_not_supported")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA raises torch.OutOfMemoryError; the CPU allocator raises MemoryError or a RuntimeError."""
+    """CUDA raises torch.OutOfMemoryError (or a cuBLAS/cuDNN ALLOC_FAILED); the CPU allocator MemoryError or a
+    RuntimeError."""
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return True
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-GPU_FAILURE_MARKERS = ("cuda error", "no kernel image", "cublas", "cudnn", "device-side assert", "mps backend")
+    return isinstance(exc, RuntimeError) and any(m in text for m in ALLOC_FAILED_MARKERS)
 
 
 def is_gpu_failure(exc: BaseException) -> bool:
-    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in GPU_FAILURE_MARKERS)
+    """The GPU cannot run these kernels (see GPU_UNSUPPORTED_MARKERS); out-of-memory errors never count."""
+    return (isinstance(exc, RuntimeError) and not is_out_of_memory(exc)
+            and any(m in str(exc).lower() for m in GPU_UNSUPPORTED_MARKERS))
 
 
 def memory_advice(device: str) -> str:
@@ -166,17 +232,26 @@ class GenerationService:
     """Owns the loaded model (loaded once, reused) and runs one generation at a time."""
 
     def __init__(self, settings: AppSettings | None = None, probe: HardwareProbe | None = None,
-                 probe_fn: Callable[[], HardwareProbe] | None = None):
+                 probe_fn: Callable[[], HardwareProbe] | None = None, source: ModelSource | None = None,
+                 loader: Callable[..., LoadedModels] | None = None):
+        """``source`` and ``loader`` (same arguments as ``load_models``) replace the model from the settings, e.g.
+        the selftest's full SDXL architecture with random weights."""
         self.settings = settings or AppSettings.from_env()
         self._probe = probe
         self._probe_fn = probe_fn
+        self._source = source
+        self._loader = loader or load_models
         self._models: LoadedModels | None = None
         self._plan: Plan | None = None
+        self._applied: tuple[LoadedModels, Plan, bool] | None = None  # (models, plan, refiner used) of the last run
         self._load_lock = threading.Lock()
         self._device_lock = threading.RLock()  # re-entrant: the one-time CPU fallback re-runs inside the lock
         self.load_error: str | None = None
         self.loading = False
         self._fell_back = False
+        self._closing = False  # shutdown(): no new jobs
+        self._active: set[CancelToken] = set()  # cancel tokens of the jobs started and not yet finished
+        self._active_lock = threading.Lock()
 
     # ------------------------------------------------------------ state
     @property
@@ -189,7 +264,7 @@ class GenerationService:
 
     @property
     def source(self) -> ModelSource:
-        return resolve_source(self.settings.model)
+        return self._source or resolve_source(self.settings.model)
 
     @property
     def loaded(self) -> bool:
@@ -209,12 +284,23 @@ class GenerationService:
         except ModelLoadError:
             return 1024
 
+    def check_model(self) -> ModelSource:
+        """The model named by the settings, after its cheap checks (folder layout, checkpoint header): run before
+        the memory preflight, so a wrong --model is reported as such. Raises ModelLoadError."""
+        source = self.source
+        check_source(source)
+        return source
+
     def reconfigure(self, settings: AppSettings) -> None:
-        """Switch model/settings (e.g. 'continue with the demo model'); the next run loads afresh."""
-        with self._load_lock:
+        """Switch model/settings (e.g. 'continue with the demo model'); the next run loads afresh.
+
+        Takes the device lock first (the order every run takes them in): a running generation keeps its models and
+        its plan until it ends, instead of finding them gone between two steps."""
+        with self._device_lock, self._load_lock:
             self.settings = settings
             self._models = None
             self._plan = None
+            self._applied = None
             self.load_error = None
 
     def ensure_loaded(self, emit: Callable[[object], None] | None = None) -> tuple[LoadedModels, float]:
@@ -249,13 +335,13 @@ class GenerationService:
         self.loading = True
         ticker_stop = threading.Event()
         try:
-            source = self.source
+            source = self.check_model()
             plan = self.plan
             emit(LogEvent(f"Loading model {source.label} ({plan.dtype} on {plan.device})…"))
             threading.Thread(target=_tick, args=(ticker_stop, emit), daemon=True).start()
             want_refiner = plan.refiner or self.settings.use_refiner is Toggle.ON
-            models = load_models(source, self.settings.refiner_source, plan.dtype, plan.vae_dtype,
-                                 want_refiner, self.settings.local_files_only, self.settings.single_file_config)
+            models = self._loader(source, self.settings.refiner_source, plan.dtype, plan.vae_dtype,
+                                  want_refiner, self.settings.local_files_only, self.settings.single_file_config)
         except (ModelLoadError, PlanError) as exc:
             self.load_error = str(exc)
             raise
@@ -268,23 +354,34 @@ class GenerationService:
         emit(LogEvent(f"Model loaded in {models.load_s:.1f} s{note}"))
         return models, models.load_s
 
+    @property
+    def applied_plan(self) -> Plan | None:
+        """The plan the loaded pipeline was last put in by a run (None before the first run)."""
+        applied = self._applied
+        return applied[1] if applied is not None and applied[0] is self._models else None
+
     def current_report(self) -> OptimizationReport | None:
-        if self._models is None:
+        models = self._models
+        if models is None:
             return None
         from .optimize import report
 
-        return report(self._models, self.plan, self.probe)
+        # The pipeline is in the state of the last request's plan (its size may have turned VAE tiling on): read it
+        # back against that plan, so a row never says "active — not needed at 1024×1024".
+        applied = self._applied
+        if applied is not None and applied[0] is models:
+            return report(models, applied[1], self.probe, use_refiner=applied[2])
+        return report(models, self.plan, self.probe)
 
     def status(self) -> dict:
         """What the page's status panel shows: model, device, state, and the optimization report
         (read back from the pipeline once loaded; the planned one before)."""
         from .optimize import expected_report
-        from .schema import DEMO_NOTE
 
         out: dict = {"model": self.settings.model, "note": None, "device": "?", "dtype": "?", "rows": []}
         try:
-            source = self.source
-            out["note"] = DEMO_NOTE if source.kind == "tiny" else None
+            source = self.check_model()
+            out["note"] = source.note
             plan = self.plan
         except (ModelLoadError, PlanError) as exc:
             return {**out, "state": "error", "message": str(exc)}
@@ -297,7 +394,7 @@ class GenerationService:
         """The GPU passed its kernel test but failed on a real step: say so and continue on the CPU, once."""
         self._fell_back = True
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        emit(LogEvent(f"⚠ The GPU failed on the first real step ({first}); falling back to CPU for this "
+        emit(LogEvent(f"⚠ The GPU cannot run this model's kernels ({first}); falling back to CPU for this "
                       "session. `python -m sdxl_ui doctor` shows the GPU, its arch and torch's build.", "warning"))
         self.reconfigure(self.settings.with_(device="cpu"))
 
@@ -315,6 +412,13 @@ class GenerationService:
                  output_path: str | Path | None = None) -> Iterator[object]:
         """Yield LogEvent / ProgressEvent / ResultEvent (one per image) / ErrorEvent, then stop."""
         cancel = cancel or CancelToken()
+        with self._active_lock:
+            closing = self._closing
+            if not closing:
+                self._active.add(cancel)
+        if closing:
+            yield ErrorEvent("the app is shutting down and takes no new jobs", "busy")
+            return
         events: queue.Queue = queue.Queue()
         done = object()
 
@@ -327,6 +431,8 @@ class GenerationService:
             try:
                 self._run(request, cancel, output_path, emit)
             finally:
+                with self._active_lock:
+                    self._active.discard(cancel)
                 events.put(done)
 
         thread = threading.Thread(target=worker, name="sdxl-generate", daemon=True)
@@ -342,12 +448,31 @@ class GenerationService:
             if thread.is_alive():
                 cancel.cancel()
 
-    def _run(self, request, cancel, output_path, emit) -> None:
+    def shutdown(self, timeout: float = 120.0) -> bool:
+        """Stop taking jobs; stop the running ones at their next step (an image being decoded or saved is
+        finished and saved first) and wait up to ``timeout`` s for them. True when nothing is left running."""
+        with self._active_lock:
+            self._closing = True
+            running = list(self._active)
+        for token in running:
+            token.cancel()
+        if not self._device_lock.acquire(timeout=timeout):
+            return False
+        self._device_lock.release()
+        deadline = time.monotonic() + timeout
+        while self._active and time.monotonic() < deadline:  # jobs that had not reached the device yet
+            time.sleep(0.05)
+        return not self._active
+
+    def _run(self, request, cancel, output_path, emit, resume: dict | None = None) -> None:
+        """One job under the device lock. ``resume``: the progress of a run that the GPU could not finish; the
+        CPU retry goes on from its next image with the same seeds, never repeating the images already sent."""
         start = time.perf_counter()
-        emit(LogEvent(f"🎨 Generating image for prompt: {request.prompt[:200]!r}"
-                      f"{'…' if len(request.prompt) > 200 else ''}"))
+        if resume is None:
+            emit(LogEvent(f"🎨 Generating image for prompt: {request.prompt[:200]!r}"
+                          f"{'…' if len(request.prompt) > 200 else ''}"))
         try:
-            target = check_output_path(output_path, self.settings.outputs) if output_path else None
+            target = check_output_path(output_path) if output_path is not None else None
         except ValidationError as exc:  # before waiting for the device: a typo should not cost a queue slot
             emit(ErrorEvent(str(exc), "validation"))
             return
@@ -357,12 +482,21 @@ class GenerationService:
                 if cancel.cancelled:
                     emit(ErrorEvent("cancelled while waiting for the device", "cancelled"))
                     return
-        progress = {"done": 0, "total": 0}
+        if cancel.cancelled and resume is None:  # e.g. shutdown() ran while this job was on its way to the lock
+            self._device_lock.release()
+            emit(ErrorEvent("cancelled before it started", "cancelled"))
+            return
+        # images: how many this request has finished (and sent); seed0: its first seed, kept for a CPU retry.
+        progress = {"done": 0, "total": 0, "images": resume["images"] if resume else 0,
+                    "seed0": resume["seed0"] if resume else None}
         device = "cpu"
         try:
             models, load_s = self.ensure_loaded(emit)
             device = self.plan.device
-            self._generate_images(request, models, load_s, start, target, cancel, emit, progress)
+            try:
+                self._generate_images(request, models, load_s, start, target, cancel, emit, progress)
+            finally:
+                _release_offload(models)  # model offload: nothing stays on the GPU, however the run ended
         except Cancelled:
             msg = f"cancelled at step {progress['done']}/{progress['total']}"
             emit(LogEvent(f"⏹ {msg}"))
@@ -377,7 +511,7 @@ class GenerationService:
                                 f"{device.upper()}: {memory_advice(device)}", "memory"))
             elif device != "cpu" and is_gpu_failure(exc) and not self._fell_back:
                 self._fall_back_to_cpu(exc, emit)
-                self._run(request, cancel, output_path, emit)  # once: _fell_back is now set
+                self._run(request, cancel, output_path, emit, resume=progress)  # once: _fell_back is now set
             else:
                 log.exception("generation failed")
                 emit(ErrorEvent(f"Generation failed: {type(exc).__name__}: {str(exc)[:300]}", "runtime"))
@@ -396,6 +530,7 @@ class GenerationService:
                                                 width, height, high))
         use_refiner = plan.refiner and models.refiner is not None
         apply(plan, models)
+        self._applied = (models, plan, use_refiner)  # the status panel reports against this, not the load plan
         rep = report(models, plan, self.probe, use_refiner=use_refiner)
         steps = plan.steps_for(request.requested_steps)
         guidance = request.guidance_scale
@@ -414,8 +549,10 @@ class GenerationService:
         models.base.scheduler = _scheduler_for(sampler, models.scheduler_config)
         if models.refiner is not None:
             models.refiner.scheduler = _scheduler_for(sampler, models.scheduler_config)
-        seed0 = request.seed if request.seed is not None else random.randint(0, MAX_SEED)
-        progress["total"] = steps * request.images
+        if progress["seed0"] is None:
+            progress["seed0"] = request.seed if request.seed is not None else random.randint(0, MAX_SEED)
+        seed0, first = progress["seed0"], progress["images"]
+        progress["total"] = steps * (request.images - first)
         t_run = time.perf_counter()
 
         def on_step(stage_label: str):
@@ -430,7 +567,9 @@ class GenerationService:
                 emit(ProgressEvent(progress["done"], progress["total"], elapsed, rate * remaining, rate,
                                    stage_label, preview))
                 if cancel.cancelled:
-                    raise Cancelled()
+                    # End the loop the way diffusers expects: the pipeline skips its remaining steps and still runs
+                    # maybe_free_model_hooks() (weights back to the CPU under offload). Raising here skipped that.
+                    pipe._interrupt = True
                 return kwargs
             return callback
 
@@ -438,7 +577,7 @@ class GenerationService:
             if stage == 1 and use_refiner:
                 emit(LogEvent(f"⏱️ Stage 2/2: Refiner from {REFINER_SPLIT}…"))
 
-        for index in range(request.images):
+        for index in range(first, request.images):
             seed = (seed0 + index) % (MAX_SEED + 1)
             t_image, done_before = time.perf_counter(), progress["done"]
             generator = torch.Generator("cpu").manual_seed(seed)
@@ -474,6 +613,7 @@ class GenerationService:
                 timings=timings, report=rep, model=models.source.label, device=plan.device, dtype=plan.dtype,
                 parameters=params.to_text(), save_error=save_error,
             ))
+            progress["images"] = index + 1
 
     def _warn_truncation(self, pipe, request, emit) -> None:
         tokenizer = pipe.tokenizer or pipe.tokenizer_2
@@ -490,9 +630,9 @@ class GenerationService:
         """Save the PNG; returns (path, None) or (None, error). A failed save never loses the image in memory."""
         extra = {"seed": params.seed, "model": params.model, "note": params.note}
         try:
-            if target is not None:
+            if target is not None:  # the caller's own file: replaced as given
                 path = target if index == 0 else target.with_name(f"{target.stem}-{index}{target.suffix}")
-                save_png(image, path, params, extra)
+                write_png_atomic(image, path, params, extra, overwrite=True)
             else:
                 path = self._save_unique(image, params, extra)
         except OSError as exc:
@@ -509,8 +649,7 @@ class GenerationService:
             n += 1
             path = folder / f"{n:05d}-{params.seed}.png"
             try:
-                with open(path, "xb") as f:
-                    save_png(image, f, params, extra)
+                write_png_atomic(image, path, params, extra, overwrite=False)
                 return path
             except FileExistsError:
                 continue
@@ -524,19 +663,37 @@ def run_stages(models, use_refiner: bool, width: int, height: int, common: dict,
     ``common``: the pipeline arguments both stages share (prompt, steps, guidance, generator, output_type);
     ``on_step(stage)`` returns the diffusers step callback for stage 1 or 2; ``on_stage_end(stage)`` is called
     after each stage (the bench uses it to time the stages)."""
+    from .optimize import claim_offload
+
     def callback(stage):
         return on_step(stage) if on_step else None
 
+    # Under model offload each stage first claims the shared text encoder 2 and VAE for its own hook chain.
+    claim_offload(models, models.base)
     latents = models.base(width=width, height=height, denoising_end=REFINER_SPLIT if use_refiner else None,
                           callback_on_step_end=callback(1), **common).images
+    if getattr(models.base, "interrupt", False):  # Stop during stage 1 (the callback set _interrupt): no stage 2
+        return latents
     if on_stage_end:
         on_stage_end(1)
     if use_refiner:
+        claim_offload(models, models.refiner)
         latents = models.refiner(image=latents, denoising_start=REFINER_SPLIT, callback_on_step_end=callback(2),
                                  **common).images
-        if on_stage_end:
+        claim_offload(models, models.base)  # the decode that follows runs the base's VAE in the base's chain
+        if on_stage_end and not getattr(models.refiner, "interrupt", False):
             on_stage_end(2)
     return latents
+
+
+def _release_offload(models) -> None:
+    """Model offload: every model back on the CPU after a run. A failing GPU must not hide the run's own error."""
+    from .optimize import release_offload
+
+    try:
+        release_offload(models)
+    except Exception:  # noqa: BLE001 - logged; the run's outcome is reported by the caller
+        log.warning("could not move the models back to the CPU after the run", exc_info=True)
 
 
 def _log_event(event) -> None:

@@ -25,12 +25,13 @@ def load_probe(name: str):
 
 @pytest.fixture(scope="session")
 def tiny_service(tmp_path_factory):
-    """One loaded tiny model for the whole session (CPU, this machine's real probe)."""
+    """One loaded tiny model for the whole session, on the CPU (pinned: its steps policy, 50 → 35, is what these
+    tests check, on a GPU host too), with this machine's real probe."""
     from sdxl_ui.service import GenerationService
     from sdxl_ui.settings import AppSettings
 
     outputs = tmp_path_factory.mktemp("outputs")
-    service = GenerationService(AppSettings(model="tiny", outputs=outputs))
+    service = GenerationService(AppSettings(model="tiny", outputs=outputs, device="cpu"))
     service.ensure_loaded()
     return service
 

@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run
+from conftest import load_probe, run
 
 from sdxl_ui.models import ModelLoadError, build_tiny, load_models, resolve_source
 from sdxl_ui.schema import GenerationRequest
@@ -50,9 +50,12 @@ def test_local_diffusers_folder_loads_through_the_real_code_path(tmp_path):
     models = load_models(resolve_source(str(folder)), None, "float32", "float32", want_refiner=False)
     assert type(models.base).__name__ == "StableDiffusionXLPipeline"
     # Same weights -> same pixels as the in-memory tiny model.
+    # A recorded CPU probe with room for an SDXL-sized plan (a local folder is assumed SDXL-sized): the memory
+    # preflight must not depend on the RAM this host happens to have free.
+    probe = load_probe("cpu_epyc_avx512_bf16")
     service_folder = GenerationService(AppSettings(model=str(folder), outputs=tmp_path, precision="fp32",
-                                                   refiner="none"))
-    service_tiny = GenerationService(AppSettings(model="tiny", outputs=tmp_path, precision="fp32"))
+                                                   refiner="none"), probe=probe)
+    service_tiny = GenerationService(AppSettings(model="tiny", outputs=tmp_path, precision="fp32"), probe=probe)
     req = GenerationRequest(prompt="a fox", steps=3, seed=1, width=256, height=256)
     a = run(service_folder, req)["results"][0].image
     b = run(service_tiny, req)["results"][0].image
@@ -82,3 +85,61 @@ def test_uncached_hub_model_offline_says_what_was_tried_and_the_ways_out():
     message = str(info.value)
     assert "local Hugging Face cache" in message and "offline" in message
     assert "(1) download" in message and "(2) point at a local copy" in message and "(3)" in message
+
+
+# ---------------------------------------------------------------- issue 13, finding 5: single-file checkpoints
+
+XL_BASE_KEY = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"  # diffusers' xl_base marker
+XL_REFINER_KEY = "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias"
+
+
+def _checkpoint(path, keys):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(shape) for k, shape in keys.items()}, str(path))
+    return str(path)
+
+
+@pytest.fixture
+def fake_from_single_file(monkeypatch):
+    """Record what from_single_file is asked for instead of building a pipeline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    calls = []
+
+    def fake(cls, location, **kwargs):
+        calls.append(kwargs)
+        raise OSError("recorded, not loaded")
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "from_single_file", classmethod(fake))
+    return calls
+
+
+def test_single_file_honours_local_files_only(tmp_path, monkeypatch, fake_from_single_file):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # only the flag says "offline" here
+    path = _checkpoint(tmp_path / "xl.safetensors", {XL_BASE_KEY: (4,), "model.diffusion_model.out.2.bias": (4,)})
+    with pytest.raises(ModelLoadError):
+        load_models(resolve_source(path), None, "float32", "float32", False, local_files_only=True)
+    assert fake_from_single_file[0]["local_files_only"] is True
+
+
+@pytest.mark.parametrize("keys,field,needle", [
+    # Stable Diffusion 1.5: UNet under model.diffusion_model., CLIP under cond_stage_model (no SDXL conditioner).
+    ({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+      "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (77, 8)},
+     "model", "holds Stable Diffusion 1.x weights"),
+    ({XL_REFINER_KEY: (4,), "model.diffusion_model.out.2.bias": (4,)}, "model", "pass it as --refiner"),
+])
+def test_single_file_check_accepts_only_sdxl(tmp_path, fake_from_single_file, keys, field, needle):
+    from sdxl_ui.models import check_source
+
+    path = _checkpoint(tmp_path / "m.safetensors", keys)
+    with pytest.raises(ModelLoadError) as info:
+        check_source(resolve_source(path), field)
+    assert str(info.value).startswith(f"{field}: ") and needle in str(info.value)
+    with pytest.raises(ModelLoadError, match=needle):
+        load_models(resolve_source(path), None, "float32", "float32", False)
+    assert fake_from_single_file == []  # refused before any loading
+    base = _checkpoint(tmp_path / "xl.safetensors", {XL_BASE_KEY: (4,), "model.diffusion_model.out.2.bias": (4,)})
+    check_source(resolve_source(base), "model")  # an SDXL base passes

@@ -53,7 +53,8 @@ def test_report_reads_vae_tiling_threads_and_refiner():
     assert status(rep, "VAE tiling") == "off" and status(rep, "Refinement") == "off"
     models.base.vae.enable_tiling()
     tiling = report(models, plan, probe).get("VAE tiling")
-    assert tiling.status == "active" and f"{models.base.vae.tile_sample_min_size}-px tiles" in tiling.detail
+    # Enabled behind the plan's back: diffusers sizes the tiles from the VAE config (the tiny VAE: 256 px).
+    assert tiling.status == "active" and "256-px tiles" in tiling.detail
 
 
 def test_vae_tiling_tiles_a_1024_image():
@@ -92,24 +93,24 @@ def test_xformers_is_reported_not_applicable_on_cpu_and_unavailable_when_absent(
     assert report(models, plan, absent).get("xformers").status.value == "unavailable"
 
 
-@pytest.mark.parametrize("name", ["h100_80gb", "laptop_rtx4060_8gb", "rtx5090_torch_without_sm120"])
-def test_expected_report_rows_match_the_plan(name):
+@pytest.mark.parametrize("name,offload,refiner", [
+    ("h100_80gb", "off", "active"),  # everything fits in 80 GB
+    ("laptop_rtx4060_8gb", "active", "active"),  # model offload on 8 GB
+    ("rtx5090_torch_without_sm120", "not_applicable", "off"),  # no sm_120 kernels: the CPU plan
+])
+def test_expected_report_rows_for_recorded_probes(name, offload, refiner):
     probe = load_probe(name)
-    plan = make_plan(probe, AppSettings())
-    rep = expected_report(plan, probe)
+    rep = expected_report(make_plan(probe, AppSettings()), probe)
     assert rep.source == "plan"
-    assert status(rep, "CPU offload") == {"none": "off", "model": "active"}.get(plan.offload, "not_applicable") \
-        if plan.device == "cuda" else status(rep, "CPU offload") == "not_applicable"
-    assert status(rep, "Refinement") == ("active" if plan.refiner else "off")
-    assert status(rep, "attention slicing") == "off"
+    assert (status(rep, "CPU offload"), status(rep, "Refinement"), status(rep, "attention slicing")) == (
+        offload, refiner, "off")
 
 
 def test_log_lines_are_seed_style():
     models, plan, probe = loaded()
     lines = report(models, plan, probe).log_lines()
     assert any(l.startswith("✓ PyTorch SDPA attention: CPU flash kernel") for l in lines)
-    assert any(l.startswith("– xformers not applicable: 0.0.35 installed, not applicable on CPU") or
-               l.startswith("– xformers not applicable") for l in lines)
+    assert any(l.startswith("– xformers not applicable: ") and "not applicable on CPU" in l for l in lines)
     assert any(l.startswith("– attention slicing off:") and "slicing would only slow" in l for l in lines)
 
 

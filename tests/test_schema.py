@@ -62,3 +62,21 @@ def test_probe_json_round_trip():
     again = HardwareProbe.from_dict(probe.to_dict())
     assert again == probe
     assert again.cuda.sm == "sm_120" and again.cuda.capability == (12, 0)
+
+
+def test_a_plan_cannot_pair_two_attention_choices():
+    """Issue 13: a plan with xformers and slicing could be built; apply() honoured one, the report contradicted
+    itself. Attention is one choice; attention_slicing only restates it."""
+    import dataclasses
+
+    from conftest import load_probe
+
+    from sdxl_ui.policy import make_plan
+    from sdxl_ui.settings import AppSettings
+
+    plan = make_plan(load_probe("rtx4090_24gb"), AppSettings(attention="xformers"))
+    with pytest.raises(ValueError, match="contradictory"):
+        dataclasses.replace(plan, attention_slicing=True)
+    with pytest.raises(ValueError, match="not one of"):
+        dataclasses.replace(plan, attention="classic")
+    assert dataclasses.replace(plan, attention="sliced", attention_slicing=True).attention_slicing

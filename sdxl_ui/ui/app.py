@@ -2,12 +2,20 @@
 
 No torch here (the service object is passed in). Per-user state lives in gr.State or is keyed by the session
 (the running job's cancel token), never in module globals.
+
+Every handler here can be called over HTTP by anyone who can reach the page (the browser calls them that way;
+api_visibility only hides them from the API page), so each one checks its own input and, where it changes what
+every user gets, who is asking (access.py).
 """
 from __future__ import annotations
 
+import logging
+import secrets
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gradio as gr
 
@@ -25,9 +33,23 @@ from ..schema import (
     ValidationError,
 )
 from ..service import CancelToken
+from .access import Access
 from .render import log_html, progress_html, status_html
 
-SDXL_SIZES = ["1024×1024", "1152×896", "896×1152", "1216×832", "832×1216", "1344×768", "768×1344"]
+log = logging.getLogger("sdxl_ui")
+
+# SDXL's trained aspect-ratio buckets at its native 1024²; other models get them scaled to their own native side.
+SDXL_BUCKETS = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344)]
+
+
+def _aspect_sizes(native: int) -> list[str]:
+    """SDXL's aspect ratios at the model's native size (the demo model's 128: 128×128, 144×112, …)."""
+    def scale(side):
+        return max(64, round(side * native / 1024 / 8) * 8)
+
+    return list(dict.fromkeys(f"{scale(w)}×{scale(h)}" for w, h in SDXL_BUCKETS))
+
+
 CUSTOM = "Custom"
 QUALITY_LABELS = {"High quality": Quality.HIGH, "Fast": Quality.FAST}
 CONCURRENCY_ID = "device"  # one generation at a time on the device, whatever the session
@@ -38,6 +60,7 @@ class UIConfig:
     queue_size: int = 16
     share_message: str | None = None  # shown in the status panel (share link, or why there is none)
     max_jobs_per_user: int = 0  # 0 = unlimited queued+running jobs per session
+    access: Access = field(default_factory=Access)  # who is the operator (may switch the model for everyone)
 
 
 @dataclass
@@ -93,17 +116,52 @@ def _user_key(request) -> str:
 
 
 def _size_choices(native: int) -> list[str]:
-    """The model's native size first, then SDXL's native aspect ratios, then Custom."""
-    return [f"Native ({native}×{native})"] + [s for s in SDXL_SIZES if s != f"{native}×{native}"] + [CUSTOM]
+    """The model's native size first, then SDXL's aspect ratios at that size, then Custom."""
+    return [f"Native ({native}×{native})"] + [s for s in _aspect_sizes(native) if s != f"{native}×{native}"] + [
+        CUSTOM]
 
 
-def _size(preset: str, width, height, native: int) -> tuple:
+def _size(preset, width, height, native: int) -> tuple:
     if preset == CUSTOM:
         return width, height
-    if preset.startswith("Native"):
+    if isinstance(preset, str) and preset.startswith("Native"):
         return native, native
-    w, h = preset.split(" ")[0].split("×")
+    sizes = _aspect_sizes(native)
+    if preset not in sizes:  # an API client can send anything, None included
+        raise ValidationError("size", preset, f"must be one of Native, {', '.join(sizes)}, {CUSTOM}")
+    w, h = preset.split("×")
     return int(w), int(h)
+
+
+def _demo_offered(status: dict) -> bool:
+    """The state in which the page shows "continue with the demo model": the model failed to load (a model that
+    is itself a stand-in, with a note, is never replaced)."""
+    return status.get("state") == "error" and status.get("note") is None
+
+
+def _serve_copy(path: str, cache_dir: str) -> str:
+    """A copy of a saved PNG for this session only, in an unguessable folder of gradio's cache. The outputs folder
+    itself is never served: its names (counter-seed) can be guessed, and the PNGs carry their prompts."""
+    folder = Path(cache_dir) / f"sdxl-{secrets.token_hex(16)}"
+    folder.mkdir(parents=True)
+    target = folder / Path(path).name
+    shutil.copyfile(path, target)
+    return str(target)
+
+
+def _public_text(text: str, settings) -> str:
+    """What the page may show of a log or status line: the server's own paths (outputs folder, a local model
+    folder) are replaced by short names, so the page does not reveal the server's file layout."""
+    outputs = Path(settings.outputs)
+    replacements = {str(outputs.resolve()): "outputs", str(outputs.absolute()): "outputs"}
+    model = str(settings.model)
+    if model.startswith(("/", "~", ".")):
+        replacements[str(Path(model).expanduser().resolve())] = Path(model).name or model
+        replacements[model] = Path(model).name or model
+    for long, short in sorted(replacements.items(), key=lambda kv: -len(kv[0])):
+        if long and long not in (".", "/"):
+            text = text.replace(long, short)
+    return text
 
 
 def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
@@ -115,13 +173,16 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
 
     def status_update():
         status = service.status()
+        for key in ("model", "message"):
+            if isinstance(status.get(key), str):
+                status[key] = _public_text(status[key], service.settings)
         status["share"] = config.share_message
         return status_html(status)
 
     with gr.Blocks(title="sdxl_ui") as demo:
         gr.Markdown("## sdxl_ui — Stable Diffusion XL on the hardware you have")
         status_panel = gr.HTML(status_update(), elem_id="status-panel")
-        demo_button = gr.Button("Continue with the demo model (offline, random weights)", visible=False,
+        demo_button = gr.Button("Continue with the demo model (offline: simple shapes and colours — a stand-in for SDXL weights)", visible=False,
                                 elem_id="use-demo")
         status_timer = gr.Timer(2.0, active=True)
         with gr.Row():
@@ -160,29 +221,52 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
                 gallery = gr.Gallery(label="This session's images", columns=4, height=200, elem_id="gallery")
         history = gr.State([])
 
+        # Small helpers of the form. preprocess=False: gradio's own checks of a value raise (and print a
+        # traceback) before the handler runs; these handlers take any value and ignore what they cannot use.
         def on_quality(label):
-            p = PRESETS[QUALITY_LABELS[label]]
+            quality_choice = QUALITY_LABELS.get(label) if isinstance(label, str) else None
+            if quality_choice is None:
+                return gr.update(), gr.update(), gr.update()
+            p = PRESETS[quality_choice]
             return gr.update(value=p.steps), gr.update(value=p.guidance), service.steps_note(p.steps)
 
-        quality.change(on_quality, quality, [steps, guidance, steps_note], queue=False, api_visibility="private")
-        steps.change(lambda n: service.steps_note(n), steps, steps_note, queue=False, api_visibility="private")
+        def on_steps(n):
+            try:
+                return service.steps_note(GenerationRequest(prompt="-", steps=n).requested_steps)
+            except ValidationError:
+                return ""
+
+        quality.change(on_quality, quality, [steps, guidance, steps_note], queue=False, api_visibility="private",
+                       preprocess=False)
+        steps.change(on_steps, steps, steps_note, queue=False, api_visibility="private", preprocess=False)
         size.change(lambda p: gr.update(visible=p == CUSTOM), size, custom_row, queue=False,
-                    api_visibility="private")
-        reuse.click(lambda s: s, used_seed, seed, queue=False, api_visibility="private")
+                    api_visibility="private", preprocess=False)
+        reuse.click(None, used_seed, seed, js="(s) => s", queue=False)  # in the browser only: no server handler
 
         def refresh_status():
             status = service.status()
-            failed = status.get("state") == "error" and status.get("note") is None
             busy = status.get("state") in ("loading…", "not loaded")
-            return status_update(), gr.update(visible=failed), gr.Timer(active=busy)
+            return status_update(), gr.update(visible=_demo_offered(status)), gr.Timer(active=busy)
 
         status_timer.tick(refresh_status, None, [status_panel, demo_button, status_timer], queue=False,
                           api_visibility="private")
         demo.load(refresh_status, None, [status_panel, demo_button, status_timer], queue=False,
                   api_visibility="private")
 
-        def use_demo_model():
-            service.reconfigure(service.settings.with_(model="tiny", refiner="auto"))
+        def use_demo_model(request: gr.Request):
+            # Changes the model for every user: only in the state its button is shown for (the model failed to
+            # load), and only for the operator. A direct HTTP call is refused like a click would be.
+            who = config.access.describe(request)
+            if not _demo_offered(service.status()):
+                log.warning("refused 'continue with the demo model' from %s: the model is not in a failed state", who)
+                raise gr.Error("The demo model is offered only while the configured model cannot be loaded.",
+                               print_exception=False)
+            if not config.access.is_operator(request):
+                log.warning("refused 'continue with the demo model' from %s: not the operator", who)
+                raise gr.Error("Only the operator of this app may switch the model (README: Sharing safely).",
+                               print_exception=False)
+            log.info("%s switched to the demo model", who)
+            service.reconfigure(service.settings.with_(model="demo", refiner="auto"))
             service.preload_in_background()
             choices = _size_choices(service.native_size())
             return status_update(), gr.update(visible=False), gr.Timer(active=True), gr.update(
@@ -193,16 +277,28 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
 
         def generate(prompt_text, negative_text, quality_label, n_steps, cfg, seed_value, n_images, size_label,
                      w, h, sched, session_history, request: gr.Request):
-            session = request.session_hash if request is not None else "api"
             lines = ["⏳ Request received"]
             yield {log_pane: log_html(lines), progress: progress_html(0, "starting…"), preview: None}
             try:
+                yield from run_job(lines, prompt_text, negative_text, quality_label, n_steps, cfg, seed_value,
+                                   n_images, size_label, w, h, sched, session_history, request)
+            except Exception as exc:  # noqa: BLE001 - a bug here must not show a traceback in the page
+                log.exception("page: the Generate handler failed")
+                lines.append(f"❌ internal error ({type(exc).__name__}); the server's log has the details")
+                yield {log_pane: log_html(lines), progress: progress_html(0, "failed")}
+
+        def run_job(lines, prompt_text, negative_text, quality_label, n_steps, cfg, seed_value, n_images,
+                    size_label, w, h, sched, session_history, request):
+            session = request.session_hash if request is not None else "api"
+            try:
                 wd, ht = _size(size_label, w, h, service.native_size())
+                quality_value = QUALITY_LABELS.get(quality_label, quality_label) if isinstance(
+                    quality_label, str) else quality_label
                 req = GenerationRequest.from_raw(
-                    prompt=prompt_text, negative_prompt=negative_text,
-                    quality=QUALITY_LABELS.get(quality_label, quality_label), steps=n_steps, guidance=cfg,
-                    seed=seed_value, images=n_images, width=wd, height=ht, scheduler=sched)
+                    prompt=prompt_text, negative_prompt=negative_text, quality=quality_value, steps=n_steps,
+                    guidance=cfg, seed=seed_value, images=n_images, width=wd, height=ht, scheduler=sched)
             except ValidationError as exc:
+                log.info("refused a request from %s: %s", config.access.describe(request), exc)  # one line
                 lines.append(f"❌ {exc}")
                 yield {log_pane: log_html(lines), progress: progress_html(0, "not started: fix the input")}
                 return
@@ -217,7 +313,7 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
             try:
                 for event in service.generate(req, cancel=token):
                     if isinstance(event, LogEvent):
-                        lines.append(event.message)
+                        lines.append(_public_text(event.message, service.settings))
                         yield {log_pane: log_html(lines)}
                     elif isinstance(event, ProgressEvent):
                         lines.append(event.line())
@@ -226,14 +322,20 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
                             update[preview] = event.preview
                         yield update
                     elif isinstance(event, ResultEvent):
+                        served = None
                         if event.path:
-                            paths.append(event.path)
-                        shown = {output: event.path or event.image, used_seed: event.seed, gallery: list(paths),
+                            try:
+                                served = _serve_copy(event.path, demo.GRADIO_CACHE)
+                                paths.append(served)
+                            except OSError as exc:  # the image is still shown, from memory
+                                log.warning("page: could not copy %s for serving (%s)", event.path, exc)
+                        shown = {output: served or event.image, used_seed: event.seed, gallery: list(paths),
                                  history: list(paths)}
                         yield {**shown, log_pane: log_html(lines)}
                     elif isinstance(event, ErrorEvent):
-                        lines.append(f"❌ {event.message}" if event.kind != "cancelled" else f"⏹ {event.message}")
-                        yield {log_pane: log_html(lines), progress: progress_html(0, event.message)}
+                        message = _public_text(event.message, service.settings)
+                        lines.append(f"❌ {message}" if event.kind != "cancelled" else f"⏹ {message}")
+                        yield {log_pane: log_html(lines), progress: progress_html(0, message)}
                         return
                 # The last update repeats the results, so an API client (which keeps the last one) gets them.
                 yield {**shown, progress: progress_html(1.0, "done"), log_pane: log_html(lines),
@@ -247,6 +349,9 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
             [log_pane, progress, preview, output, used_seed, gallery, history, status_panel],
             api_name="generate", concurrency_id=CONCURRENCY_ID, concurrency_limit=1, show_progress="minimal",
             show_progress_on=[output],
+            # The request's own validation names the field and the value in the log pane; gradio's component
+            # checks would instead raise a bare error and print a traceback in the server log for each bad value.
+            preprocess=False,
         )
 
         def stop(request: gr.Request):
