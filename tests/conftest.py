@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny demo model (built offline in about a second) and recorded hardware probes."""
+"""Shared fixtures: the tiny random-weight model (built offline in about a second) and recorded hardware probes."""
 from __future__ import annotations
 
 import json

@@ -192,7 +192,7 @@ def test_browser_generate_shows_steps_preview_and_image_then_stop_cancels(app, b
     assert "a red fox <b>not bold</b>" in log  # shown as text, not markup
     assert "✓ PyTorch SDPA attention" in log and "ETA" in log and "✅ Image saved to" in log
     assert page.locator("#log b").count() == 0
-    assert page.locator("#status-panel").inner_text().count("demo model") == 1
+    assert page.locator("#status-panel").inner_text().count("random weights") == 1
     # SDXL_UI_UPDATE_SCREENSHOT=1 refreshes the README's picture; otherwise the shot goes to a temp file.
     target = ROOT / "assets" / "screenshot.png" if os.environ.get("SDXL_UI_UPDATE_SCREENSHOT") else tmp_path / "s.png"
     page.screenshot(path=str(target), full_page=True)

@@ -378,9 +378,9 @@ def test_sigterm_during_a_save_in_the_app_finishes_the_png_takes_no_new_job_and_
         client.submit(prompt_text="saved", seed_value=5, n_steps=2, api_name="/generate", **ARGS)
         running.wait_for("SAVING")
         running.proc.send_signal(signal.SIGTERM)
-        late = Client(running.url, verbose=False)
         try:  # a job sent after the signal must not run (refused, or the server is already gone)
-            late.submit(prompt_text="late", seed_value=6, n_steps=2, api_name="/generate", **ARGS)
+            Client(running.url, verbose=False).submit(prompt_text="late", seed_value=6, n_steps=2,
+                                                      api_name="/generate", **ARGS)
         except Exception:  # noqa: BLE001 - a closed server is a refusal too
             pass
         assert running.proc.wait(120) == 0, running.output

@@ -92,6 +92,8 @@ def _failed_service(tmp_path) -> GenerationService:
     (tmp_path / "broken-model").mkdir()
     service = GenerationService(AppSettings(model=str(tmp_path / "broken-model"), outputs=tmp_path),
                                 probe=load_probe("cpu_epyc_avx512_bf16"))
+    if service.status()["state"] != "error":  # a service that learns it only by loading (app.py preloads)
+        service.preload_in_background().join(300)
     assert service.status()["state"] == "error"  # the state the "use the demo model" button is shown in
     return service
 
@@ -162,12 +164,12 @@ def test_a_session_reads_only_its_own_images(app):
         prompt_text="A's secret prompt", seed_value=14, n_steps=2, api_name="/generate", **ARGS)
     log_html, served = result[0], result[3]["path"]
     (saved,) = [p for p in app.outputs.rglob("*.png") if "-14." in p.name]
-    # Session A's copy lives in a folder named by 128 random bits; session B cannot list or guess it.
-    assert re.search(r"/sdxl-[0-9a-f]{32}/", served), served
     # B fetches A's PNG by its name in the outputs folder (a counter and the seed): refused.
     for path in (str(saved), str(saved.resolve())):
         status, _ = http(f"{app.url}gradio_api/file={path}")
         assert status in (403, 404), f"{path} was served to another session"
+    # Session A's copy lives in a folder named by 128 random bits; session B cannot list or guess it.
+    assert re.search(r"/sdxl-[0-9a-f]{32}/", served), served
     # The log pane names the file inside the outputs folder, never the server's absolute path.
     assert "Image saved to outputs/" in log_html and str(app.outputs) not in log_html
     RELIABILITY["bad_inputs"].add("guessed name of another session's image")

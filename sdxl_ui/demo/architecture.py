@@ -139,4 +139,4 @@ def scheduler_config() -> dict:
     """
     return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 steps_offset=1, timestep_spacing="trailing", prediction_type="v_prediction",
-                rescale_betas_zero_snr=True)
+                rescale_betas_zero_snr=True, clip_sample=False, set_alpha_to_one=False)  # as SDXL's (DDIM)
