@@ -172,17 +172,22 @@ def cmd_generate(args) -> int:
     cancel = CancelToken()
     with _stop_on_signals(cancel):
         try:
+            error = None
+            # To the end of the stream, even after an error: the worker has then finished, so the process never
+            # exits while a thread is still inside torch.
             for event in service.generate(request, cancel=cancel, output_path=out):
                 if isinstance(event, ResultEvent):
                     results.append(event)
                 elif isinstance(event, ErrorEvent):
-                    code = EXIT_BAD_INPUT if event.kind == "validation" else EXIT_FAIL
-                    return _fail(event.message, code, args.json, event.kind)
+                    error = event
                 elif isinstance(event, ProgressEvent) and not args.json:
                     print(f"   {event.line()}", file=sys.stderr)
         except KeyboardInterrupt:  # a second SIGINT/SIGTERM: stop now
             return _fail("interrupted twice: stopped without waiting for the run", EXIT_FAIL, args.json,
                          "cancelled")
+    if error is not None:
+        code = EXIT_BAD_INPUT if error.kind == "validation" else EXIT_FAIL
+        return _fail(error.message, code, args.json, error.kind)
     note = service.source.note
     if args.json:
         data = _result_json(results[0], note)

@@ -255,7 +255,7 @@ class GenerationService:
         self.loading = False
         self._fell_back = False
         self._closing = False  # shutdown(): no new jobs
-        self._active: set[CancelToken] = set()  # cancel tokens of the jobs started and not yet finished
+        self._active: dict[CancelToken, threading.Thread] = {}  # jobs started and not yet finished
         self._active_lock = threading.Lock()
 
     # ------------------------------------------------------------ state
@@ -417,13 +417,6 @@ class GenerationService:
                  output_path: str | Path | None = None) -> Iterator[object]:
         """Yield LogEvent / ProgressEvent / ResultEvent (one per image) / ErrorEvent, then stop."""
         cancel = cancel or CancelToken()
-        with self._active_lock:
-            closing = self._closing
-            if not closing:
-                self._active.add(cancel)
-        if closing:
-            yield ErrorEvent("the app is shutting down and takes no new jobs", "busy")
-            return
         events: queue.Queue = queue.Queue()
         done = object()
 
@@ -437,15 +430,26 @@ class GenerationService:
                 self._run(request, cancel, output_path, emit)
             finally:
                 with self._active_lock:
-                    self._active.discard(cancel)
+                    self._active.pop(cancel, None)
                 events.put(done)
 
         thread = threading.Thread(target=worker, name="sdxl-generate", daemon=True)
-        thread.start()
+        with self._active_lock:  # started under the lock: shutdown() only ever joins started threads
+            closing = self._closing
+            if not closing:
+                self._active[cancel] = thread
+                thread.start()
+        if closing:
+            yield ErrorEvent("the app is shutting down and takes no new jobs", "busy")
+            return
         try:
             while True:
                 event = events.get()
                 if event is done:
+                    # Wait for the worker's last instructions too: a process that exits while a thread still
+                    # unwinds through torch can abort in torch's static destructors (SIGABRT instead of its
+                    # exit code).
+                    thread.join()
                     break
                 yield event
         finally:
@@ -456,18 +460,14 @@ class GenerationService:
     def shutdown(self, timeout: float = 120.0) -> bool:
         """Stop taking jobs; stop the running ones at their next step (an image being decoded or saved is
         finished and saved first) and wait up to ``timeout`` s for them. True when nothing is left running."""
+        deadline = time.monotonic() + timeout
         with self._active_lock:
             self._closing = True
-            running = list(self._active)
-        for token in running:
+            running = dict(self._active)
+        for token, thread in running.items():
             token.cancel()
-        if not self._device_lock.acquire(timeout=timeout):
-            return False
-        self._device_lock.release()
-        deadline = time.monotonic() + timeout
-        while self._active and time.monotonic() < deadline:  # jobs that had not reached the device yet
-            time.sleep(0.05)
-        return not self._active
+            thread.join(max(0.0, deadline - time.monotonic()))  # its current step and any save, then its exit
+        return not any(thread.is_alive() for thread in running.values())
 
     def _run(self, request, cancel, output_path, emit, resume: dict | None = None) -> None:
         """One job under the device lock. ``resume``: the progress of a run that the GPU could not finish; the

@@ -94,7 +94,8 @@ def test_gradio_client_generate_returns_png_with_parameters_and_log(app):
     assert used_seed == 7
     params = parse_parameters(read_parameters(image))
     assert params["prompt"] == "a red fox" and params["Seed"] == "7" and params["Steps"] == "7"
-    assert "✓ PyTorch SDPA attention" in log_html and "xformers not applicable" in log_html
+    assert "✓ PyTorch SDPA attention" in log_html
+    assert "xformers not applicable" in log_html or "xformers unavailable: not installed" in log_html
     assert re.search(r"step 7/7 · 100 % · [\d.]+ s/step · ETA 0 s", log_html)
     assert "Mode: HIGH QUALITY (base steps=7, guidance=8)" in log_html
 

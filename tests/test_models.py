@@ -22,7 +22,7 @@ def test_resolve_source_kinds(tmp_path):
 @pytest.mark.parametrize("spec,needle", [
     ("/no/such/folder", "does not exist"),
     ("/no/such/model.safetensors", "does not exist"),
-    ("not a model id", "is not 'tiny'"),
+    ("not a model id", "is not 'demo', 'tiny'"),
 ])
 def test_bad_model_specs_name_the_field(spec, needle):
     with pytest.raises(ModelLoadError) as info:
