@@ -458,7 +458,7 @@ def train(out: str | Path, minutes: float = 75.0, seed: int = 0, resume: bool = 
     from diffusers import DDPMScheduler
 
     alphas_cumprod = DDPMScheduler(**{k: v for k, v in arch.scheduler_config().items()
-                                      if k not in ("timestep_spacing", "steps_offset")}).alphas_cumprod
+                                      if k not in ("timestep_spacing", "steps_offset", "set_alpha_to_one")}).alphas_cumprod
 
     check_scenes = S.eval_scenes(16, seed=99)
 
