@@ -372,7 +372,10 @@ def train_refiner(tokenizer, te2, refiner_unet, scenes, latents, alphas_cumprod,
 def make_pipelines(tokenizer, te1, te2, unet, vae, refiner_unet=None):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    scheduler = EulerDiscreteScheduler(**arch.scheduler_config())
+    config = arch.scheduler_config()
+    ddim_only = {k: config.pop(k) for k in ("clip_sample", "set_alpha_to_one")}
+    scheduler = EulerDiscreteScheduler(**config)
+    scheduler.register_to_config(**ddim_only)  # kept in the saved config for DDIM (the service's samplers)
     base = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer,
                                      tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
                                      force_zeros_for_empty_prompt=True, add_watermarker=False)
