@@ -458,6 +458,25 @@ def test_cublas_alloc_failure_is_out_of_memory_not_a_broken_gpu(tmp_path, monkey
     RELIABILITY["faults"].add("cuBLAS allocation failure")
 
 
+@pytest.mark.parametrize("fault,message", [
+    ("cuBLAS execution failure",
+     "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx( handle, opa, opb, m, n, k, ...)`"),
+    ("cuDNN execution failure", "cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"),
+    ("illegal memory access on the GPU", "CUDA error: an illegal memory access was encountered"),
+])
+def test_other_gpu_errors_are_reported_and_keep_the_gpu(fault, message, tmp_path, monkeypatch):
+    """Only "this build cannot run kernels on this GPU" moves the session to the CPU; any other cuBLAS/cuDNN/CUDA
+    error mentions the library too but says nothing of the kind, so it is reported as it is (issue 12, defect 9)."""
+    service = _gpu_service(tmp_path)
+    _FakeGpu(service, monkeypatch, message)
+    out = run(service, GenerationRequest(prompt="a fox", steps=2, seed=3))
+    assert not out["results"] and not any("falling back" in line for line in out["logs"]), out["logs"]
+    (error,) = out["errors"]
+    assert error.kind == "runtime" and error.message == f"Generation failed: RuntimeError: {message}"
+    assert service.settings.device.value == "auto" and service.plan.device == "cuda"  # the GPU is kept
+    RELIABILITY["faults"].add(fault)
+
+
 def test_gpu_fallback_mid_run_does_not_resend_finished_images(tmp_path, monkeypatch):
     service = _gpu_service(tmp_path)
     # 2 steps per image on the GPU (no CPU step factor): UNet call 3 is image 2's first step.
