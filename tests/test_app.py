@@ -236,16 +236,35 @@ def test_two_browser_sessions_each_see_only_their_own_images(app, browser):
         page.context.close()
 
 
+# Reports, for every write that carries the share login, whether that one write is a whole line. Two writes (the
+# text, then its newline: what print() does) let another thread's log line land between them, as the probe saw
+# (issue 12); one write of a whole line, under the logging handler's lock, cannot be split.
+WHOLE_LINE_WRITES = """
+import sys
+class _Writes:
+    def __init__(self, stream):
+        self._stream = stream
+    def write(self, text):
+        if "Share login" in text:
+            self._stream.write(f"SHARE-LOGIN-WRITE whole_line={text.endswith(chr(10))}" + chr(10))
+        return self._stream.write(text)
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+sys.stdout, sys.stderr = _Writes(sys.stdout), _Writes(sys.stderr)
+"""
+
+
 def test_share_without_auth_prints_generated_credentials_and_keeps_serving_offline(tmp_path):
     import urllib.request
 
-    running = App("--model", "tiny", "--share", "--outputs", str(tmp_path))
+    running = App("--model", "tiny", "--share", "--outputs", str(tmp_path), prelude=WHOLE_LINE_WRITES)
     try:
         running.wait_for("Serving locally only", timeout=120)
         out = running.output
-        # One whole line of its own (a log record): the password never runs into the next line.
+        # One whole line of its own, written at once: the password never runs into the next line.
         creds = re.search(r"^\* Share login — user: (\S+)  password: ([A-Za-z0-9_-]{16})$", out, re.M)
         assert creds, out
+        assert re.findall(r"SHARE-LOGIN-WRITE whole_line=\w+", out) == ["SHARE-LOGIN-WRITE whole_line=True"], out
         assert "Share link could not be created" in out
         with urllib.request.urlopen(running.url, timeout=10) as response:  # still serving, behind a login
             assert response.status == 200
