@@ -43,6 +43,14 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
                    help="torch.compile the UNet (minutes of warm-up, faster steps after; for long-running servers)")
 
 
+def add_technique_args(parser: argparse.ArgumentParser) -> None:
+    """Per-request switches of the techniques that do less work per image (auto = the quality preset's choice)."""
+    parser.add_argument("--feature-cache", default="auto", choices=[c.value for c in Toggle],
+                        help="reuse deep UNet features between steps (auto: on for Fast)")
+    parser.add_argument("--guidance-interval", default="auto", choices=[c.value for c in Toggle],
+                        help="run the negative prompt's branch only in part of the schedule (auto: the preset's)")
+
+
 def settings_from_args(args) -> AppSettings:
     names = ["model", "refiner", "use_refiner", "device", "precision", "attention", "offload", "vae_tiling",
              "threads", "outputs", "local_files_only", "single_file_config", "compile"]
@@ -65,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--height")
     gen.add_argument("--scheduler", default="auto")
     gen.add_argument("--images", default="1", help="images per run, 1-4 (seeds seed, seed+1, …)")
+    add_technique_args(gen)
     gen.add_argument("--out", help="output .png (default: a new file under --outputs)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -99,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--quality", default="high", help="high | fast")
     ev.add_argument("--steps", type=int, help="requested steps (CPU runs × 0.7); default: the preset's")
     ev.add_argument("--grid", help="also write a grid picture of 8 prompts to this PNG")
+    ev.add_argument("--compare", action="store_true",
+                    help="each preset and each technique on its own against the exact run: adherence, PSNR, speed")
     ev.add_argument("--json", action="store_true")
     bench.add_argument("--vae-check", action="store_true",
                        help="also decode in fp32 and report how far the plan's VAE dtype is from it")
@@ -155,7 +166,8 @@ def cmd_generate(args) -> int:
         request = GenerationRequest.from_raw(
             prompt=args.prompt, negative_prompt=args.negative, quality=args.quality, steps=args.steps,
             guidance=args.guidance, seed=args.seed, width=args.width, height=args.height,
-            scheduler=args.scheduler, images=args.images)
+            scheduler=args.scheduler, images=args.images, feature_cache=args.feature_cache,
+            guidance_interval=args.guidance_interval)
         # A relative --out is relative to the current folder, as in any shell tool (and the Python API).
         out = check_output_path(args.out) if args.out is not None else None
         service = GenerationService(settings)
@@ -236,8 +248,12 @@ def cmd_doctor(args) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return plan_error_code(exc)
     rep = expected_report(plan, probe)
+    # The per-request techniques differ between the presets: the Fast preset's rows too.
+    fast_rows = [row for row in expected_report(make_plan(probe, settings, model_kind, size, size, False), probe).rows
+                 if row.name in ("feature cache", "guidance interval", "Refinement")]
     if args.json:
-        print(json.dumps({"probe": probe.to_dict(), "plan": plan.to_dict(), "optimizations": rep.to_list()},
+        print(json.dumps({"probe": probe.to_dict(), "plan": plan.to_dict(), "optimizations": rep.to_list(),
+                          "fast_optimizations": [row.to_dict() for row in fast_rows]},
                          ensure_ascii=False, indent=1))
         return EXIT_OK
     c = probe.cuda
@@ -251,11 +267,19 @@ def cmd_doctor(args) -> int:
         print(f"CUDA not available (torch CUDA build: {c.version or 'none'})")
     print(f"MPS  {'available' if probe.mps.available else 'not available'}")
     print(f"xformers {probe.xformers.version or 'not installed'}")
+    if probe.cpu.gemm_gflops:
+        print(f"GEMM {', '.join(f'{k} {v:g}' for k, v in probe.cpu.gemm_gflops.items())} GFLOP/s (int8: GOP/s), "
+              f"{probe.cpu.gemm_note}")
     print(f"\nPlan: {plan.device}, {plan.dtype} — {plan.reason}")
+    for warning in plan.warnings:
+        print(f"⚠ {warning}")
     print(f"Memory: {plan.reasons['memory']}")
-    print("\nExpected optimization report:")
+    print("\nExpected optimization report (High quality):")
     for line in rep.log_lines():
         print(f"   {line}")
+    print("Fast preset, where it differs:")
+    for row in fast_rows:
+        print(f"   {row.log_line()}")
     return EXIT_OK
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .schema import HardwareProbe, Plan
-from .settings import PRECISION_DTYPES, AppSettings, AttentionChoice, DeviceChoice, OffloadChoice, Precision, Toggle
+from .schema import HardwareProbe, Plan, parse_choice
+from .settings import PRECISION_DTYPES, AppSettings, AttentionChoice, DeviceChoice, Precision, Toggle
 
 # Exact parameter counts of the SDXL 1.0 components (PERFORMANCE-ANCHORS.md).
 SDXL_PARAMS = {
@@ -135,23 +135,66 @@ def plan_device(probe: HardwareProbe, settings: AppSettings) -> tuple[str, str]:
 
 # ---------------------------------------------------------------- dtype
 
-def plan_dtype(probe: HardwareProbe, settings: AppSettings, device: str) -> tuple[str, str, str]:
-    """(dtype, vae_dtype, reason)."""
-    if settings.precision is not Precision.AUTO:
+# A lower precision is taken on the CPU only when its measured GEMM beats fp32 by this much (rounding costs a
+# little accuracy: it has to buy a real speed-up).
+CPU_DTYPE_MIN_GAIN = 1.3
+EXACT_CPU_DTYPES = (("bf16", "bfloat16"), ("fp16", "float16"))
+
+
+def _gemm_figures(gemm, keys=("fp32", "bf16", "fp16", "int8")) -> str:
+    return ", ".join(f"{k} {gemm[k]:g}" for k in keys if k in gemm)
+
+
+def _cpu_dtype_by_measurement(probe: HardwareProbe) -> tuple[str, str] | None:
+    """(dtype, reason) from the probe's measured GEMM speeds, or None when the probe has none (older probes)."""
+    gemm = probe.cpu.gemm_gflops
+    if "fp32" not in gemm:
+        return None
+    fp32 = gemm["fp32"]
+    how = f"measured {probe.cpu.gemm_note or 'matmul'}: {_gemm_figures(gemm, ('fp32', 'bf16', 'fp16'))} GFLOP/s"
+    candidates = [(gemm[k], k, name) for k, name in EXACT_CPU_DTYPES if k in gemm]
+    speed, key, name = max(candidates, default=(0.0, "", ""))
+    if key and speed >= CPU_DTYPE_MIN_GAIN * fp32:
+        flags = [f for f in ("avx512_bf16", "amx_bf16", "amx_fp16") if f in probe.cpu.flags]
+        return name, (f"{how} → {key}, {speed / fp32:.1f}× fp32's GEMM ({' and '.join(flags) or 'hardware support'}"
+                      f"); the SDXL UNet's step follows the GEMM ratio (`bench` on a 2-core EPYC: bf16 18.5 → 9.2 s "
+                      "per guided 512² step)")
+    return "float32", f"{how} → fp32 (no lower precision is ≥ {CPU_DTYPE_MIN_GAIN:g}× faster here: emulated)"
+
+
+def plan_dtype(probe: HardwareProbe, settings: AppSettings, device: str) -> tuple[str, str, str, list[str]]:
+    """(dtype, vae_dtype, reason, warnings). On the CPU the fastest exact dtype by the probe's measurement; a
+    forced dtype that the measurement shows emulated gets a warning with the measured slowdown."""
+    warnings: list[str] = []
+    forced = settings.precision not in (Precision.AUTO, Precision.INT8)
+    if forced:
         dtype = PRECISION_DTYPES[settings.precision]
         why = f"forced by --precision {settings.precision.value}"
-        if device == "cpu" and dtype == "float16":
+        gemm = probe.cpu.gemm_gflops
+        key = settings.precision.value
+        if device == "cpu" and key in gemm and "fp32" in gemm and key != "fp32" and gemm[key] < gemm["fp32"]:
+            slow = gemm["fp32"] / max(gemm[key], 1e-9)
+            warning = (f"precision {key}: measured {gemm[key]:g} GFLOP/s against fp32's {gemm['fp32']:g} on this CPU "
+                       f"({probe.cpu.gemm_note}): emulated, each step will be ~{slow:.0f}× slower than with "
+                       "--precision auto")
+            warnings.append(warning)
+            why += f" ⚠ {warning}"
+        elif device == "cpu" and dtype == "float16":
             why += " (fp16 on CPU has few fast kernels and is usually slower than fp32)"
-        if device == "cpu" and dtype == "bfloat16" and not probe.cpu.has_fast_bf16:
+        elif device == "cpu" and dtype == "bfloat16" and not probe.cpu.has_fast_bf16 and key not in gemm:
             why += " (this CPU has neither avx512_bf16 nor AMX: bf16 is emulated and slow)"
     elif device == "cpu":
-        if probe.cpu.has_fast_bf16:
+        measured = _cpu_dtype_by_measurement(probe)
+        if measured is not None:
+            dtype, why = measured
+        elif probe.cpu.has_fast_bf16:
             found = [f for f in ("avx512_bf16", "amx_bf16") if f in probe.cpu.flags]
-            dtype, why = "bfloat16", (f"CPU has {' and '.join(found)}: bf16 weights and inputs run the SDXL UNet "
-                                      "~2× faster than fp32 (`bench` on a 2-core EPYC: 18.5 → 9.2 s per guided 512² step; "
-                                      "the gain is the CPU's bf16/fp32 GEMM ratio, 2–3.2× on AVX512-BF16)")
+            dtype, why = "bfloat16", (f"CPU has {' and '.join(found)} (no GEMM measurement in this probe): bf16 "
+                                      "weights and inputs run the SDXL UNet ~2× faster than fp32 (`bench` on a 2-core "
+                                      "EPYC: 18.5 → 9.2 s per guided 512² step)")
         else:
-            dtype, why = "float32", "CPU has neither avx512_bf16 nor AMX: bf16 would be emulated, fp32 is fastest"
+            dtype, why = "float32", ("CPU has neither avx512_bf16 nor AMX (no GEMM measurement in this probe): bf16 "
+                                     "would be emulated, fp32 is fastest")
     elif device == "cuda":
         dtype, why = "float16", ("fp16 on CUDA: 3.75× faster than fp32 (H200 reference: 77 vs 290 ms/step) "
                                  "with no visible loss; SDXL ships an fp16 variant")
@@ -162,7 +205,7 @@ def plan_dtype(probe: HardwareProbe, settings: AppSettings, device: str) -> tupl
     vae_dtype = "float32" if dtype == "float16" else dtype
     if vae_dtype != dtype:
         why += "; VAE decoded in fp32 (the SDXL VAE overflows in fp16)"
-    return dtype, vae_dtype, why
+    return dtype, vae_dtype, why, warnings
 
 
 # ---------------------------------------------------------------- attention
@@ -222,143 +265,33 @@ def make_plan(
     width: int = 1024,
     height: int = 1024,
     high_quality: bool = True,
+    feature_cache: Toggle = Toggle.AUTO,
+    guidance_interval: Toggle = Toggle.AUTO,
 ) -> Plan:
-    reasons: dict[str, str] = {}
-    device, reasons["device"] = plan_device(probe, settings)
-    dtype, vae_dtype, reasons["dtype"] = plan_dtype(probe, settings, device)
-    has_refiner = settings.refiner_source is not None
+    """Every optimization's decision, in the order of ``optimizations.table.UNITS`` (each reads only the ones
+    before it); ``feature_cache`` and ``guidance_interval`` are the request's own switches (Advanced)."""
+    from .optimizations.table import Decide, decide
 
-    # Memory available for the models on the chosen device.
-    if device == "cuda":
-        available = probe.cuda.vram_free_gb or probe.cuda.vram_total_gb or 0.0
-        where = f"{available:.1f} GB VRAM free"
-    else:  # CPU and MPS (unified memory) use system RAM
-        available = probe.cpu.ram_available_gb
-        where = f"{available:.1f} GB RAM available"
-    px = f"{width}×{height}"
-
-    # Refiner: on for high quality on a GPU with room; never by default on CPU.
-    want_refiner, refiner_why = False, ""
-    if not has_refiner:
-        refiner_why = "no refiner configured (--refiner none, or a custom base model without --refiner)"
-    elif settings.use_refiner is Toggle.ON:
-        want_refiner, refiner_why = True, "forced on by --use-refiner on"
-    elif settings.use_refiner is Toggle.OFF:
-        refiner_why = "turned off by --use-refiner off"
-    elif not high_quality:
-        refiner_why = "Fast quality uses the base model only"
-    elif device == "cpu":
-        refiner_why = ("DISABLED (CPU mode): the refiner is a second UNet (SDXL's: 2.3 B parameters); on CPU it "
-                       "adds minutes per image")
-    else:
-        # On CUDA the offload decision below makes room (model offload moves one UNet at a time); on MPS the
-        # models share system RAM, so base + refiner must fit.
-        need = 0.0 if device == "cuda" else estimate_memory(
-            model_kind, dtype, vae_dtype, width, height, device, True, False).total_gb
-        if need <= available:
-            want_refiner, refiner_why = True, f"high quality on {device.upper()}: base to 0.8, refiner from 0.8"
-        else:
-            refiner_why = f"off: base + refiner need ~{need:.1f} GB, {where}"
-
-    # VAE tiling: large images or tight memory.
-    tiled = False
-    if settings.vae_tiling is Toggle.ON:
-        tiled, reasons["vae_tiling"] = True, "forced on by --vae-tiling on"
-    elif settings.vae_tiling is Toggle.OFF:
-        reasons["vae_tiling"] = "turned off by --vae-tiling off"
-    else:
-        full = estimate_memory(model_kind, dtype, vae_dtype, width, height, device, want_refiner, False)
-        if width * height > 1536 * 1536:
-            tiled, reasons["vae_tiling"] = True, f"{px} is above 1536²: tiles keep the decode's memory flat"
-        elif device != "cuda" and full.total_gb > available:
-            tiled, reasons["vae_tiling"] = True, f"decode at {px} needs ~{full.decode_gb:.1f} GB, {where}"
-        else:
-            reasons["vae_tiling"] = f"not needed at {px}: decode needs ~{full.decode_gb:.1f} GB, {where}"
-    est = estimate_memory(model_kind, dtype, vae_dtype, width, height, device, want_refiner, tiled)
-
-    # Offload (CUDA only): thresholds from the estimate, not from the seed's "20 GB" rule.
-    offload = "none"
-    if device != "cuda":
-        reasons["offload"] = f"{device.upper()}: the models already live in system memory"
-        if settings.offload in (OffloadChoice.MODEL, OffloadChoice.SEQUENTIAL):
-            reasons["offload"] += f"; --offload {settings.offload.value} ignored"
-    elif settings.offload is not OffloadChoice.AUTO:
-        offload, reasons["offload"] = settings.offload.value, f"forced by --offload {settings.offload.value}"
-    else:
-        full_need = est.total_gb
-        biggest = (SDXL_PARAMS["unet"] if model_kind != "tiny" else 1e6) * DTYPE_BYTES[dtype] / 1e9
-        model_need = biggest + est.step_gb + 0.5
-        if full_need * OFFLOAD_MARGIN <= available:
-            reasons["offload"] = f"none: everything fits (~{full_need:.1f} GB needed, {where})"
-        elif model_need <= available:
-            offload = "model"
-            reasons["offload"] = (f"model offload: all models need ~{full_need:.1f} GB, {where}; one model at a "
-                                  f"time needs ~{model_need:.1f} GB")
-        else:
-            offload = "sequential"
-            reasons["offload"] = (f"sequential offload (slowest): even the UNet alone needs ~{model_need:.1f} GB, "
-                                  f"{where}")
-
-    # Attention: one closed choice (sdpa | xformers | sliced), so no plan pairs two of them. PyTorch SDPA by
-    # default; xformers only where its CUDA kernels ran; slicing only for memory, and never chosen on Apple MPS.
-    attention, reasons["attention"], reasons["attention_slicing"] = _plan_attention(
-        probe, settings, device, offload, est, available, where)
-
-    # Refuse with numbers when even the weights cannot fit.
-    if device != "cuda" and est.weights_gb + est.refiner_gb + est.overhead_gb > available:
-        raise PlanError(
-            f"memory: the model needs ~{est.weights_gb + est.refiner_gb + est.overhead_gb:.1f} GB "
-            f"({dtype} weights{' + refiner' if want_refiner else ''}), {where}; try closing other programs, "
-            f"{'--use-refiner off, ' if want_refiner else ''}"
-            f"{'--precision bf16, ' if dtype == 'float32' else ''}or --model tiny to test the app"
-        )
-
-    reasons["refiner"] = refiner_why
-    if device == "cpu":
-        steps_factor = CPU_STEPS_FACTOR
-        reasons["steps_factor"] = "CPU: steps × 0.7 (the seed's policy, e.g. 50 → 35)"
-        threads = settings.threads or probe.cpu.physical_cores
-        reasons["threads"] = (f"forced to {threads}" if settings.threads
-                              else f"{threads} = physical cores (SMT siblings share the same AVX-512 units)")
-    else:
-        steps_factor, threads = 1.0, None
-        reasons["steps_factor"] = f"{device.upper()}: steps as requested"
-        reasons["threads"] = "torch default (the GPU does the work)"
-    reasons["vae_slicing"] = "one image per pipeline call: nothing to slice"
-    if settings.compile:
-        reasons["compile"] = ("on (--compile): the first step compiles for minutes (H200: 159 s), later steps are "
-                              "faster (H200: 77 → 56 ms; this CPU: −7 %)")
-    else:
-        reasons["compile"] = ("off: the first call compiles for minutes and gains 7 % on CPU, ~27 % on an H200; "
-                              "use --compile for long-running servers")
-    reasons["memory"] = (f"~{est.total_gb:.1f} GB needed (weights {est.weights_gb:.1f}, refiner {est.refiner_gb:.1f}, "
-                         f"step {est.step_gb:.1f}, decode {est.decode_gb:.1f}, overhead {est.overhead_gb:.1f}), "
-                         f"{where}")
+    feature_cache = parse_choice(Toggle, "feature_cache", feature_cache)
+    guidance_interval = parse_choice(Toggle, "guidance_interval", guidance_interval)
+    ctx = decide(Decide(probe, settings, model_kind, width, height, high_quality, feature_cache, guidance_interval))
+    v = ctx.values
     return Plan(
-        device=device,
-        dtype=dtype,
-        vae_dtype=vae_dtype,
-        attention=attention,
-        attention_slicing=attention == "sliced",
-        offload=offload,
-        vae_tiling=tiled,
-        vae_slicing=False,
-        steps_factor=steps_factor,
-        refiner=want_refiner,
-        threads=threads,
-        memory_needed_gb=round(est.total_gb, 2),
-        memory_available_gb=available,
-        reasons=reasons,
-        compile=settings.compile,
+        device=v["device"], dtype=v["dtype"], vae_dtype=v["vae_dtype"], attention=v["attention"],
+        attention_slicing=v["attention_slicing"], offload=v["offload"], vae_tiling=v["vae_tiling"],
+        vae_slicing=v["vae_slicing"], steps_factor=v["steps_factor"], refiner=v["refiner"], threads=v["threads"],
+        memory_needed_gb=v["memory_needed_gb"], memory_available_gb=v["memory_available_gb"],
+        reasons=dict(ctx.reasons), compile=v["compile"], int8=v["int8"], feature_cache=v["feature_cache"],
+        guidance_interval=tuple(v["guidance_interval"]), warnings=tuple(ctx.warnings),
     )
 
 
 def adjust_plan(loaded: Plan, request_plan: Plan) -> Plan:
-    """The plan for one request: device, dtypes, offload and threads stay as loaded (the weights are already
-    placed); size- and quality-dependent choices (refiner use, VAE tiling, attention slicing) come from the
-    request's own plan. A refiner that was not loaded stays off."""
+    """The plan for one request: device, dtypes, int8, offload and threads stay as loaded (the weights are already
+    placed); size- and quality-dependent choices (refiner use, VAE tiling, attention slicing, feature cache,
+    guidance interval) come from the request's own plan. A refiner that was not loaded stays off."""
     reasons = dict(loaded.reasons)
-    for key in ("refiner", "vae_tiling", "memory"):
+    for key in ("refiner", "vae_tiling", "memory", "feature_cache", "guidance_interval"):
         reasons[key] = request_plan.reasons[key]
     # Attention is one choice: the request's, except that an xformers plan stays xformers (its kernel already
     # avoids the full attention matrix, so slicing would add nothing but time).
@@ -372,5 +305,7 @@ def adjust_plan(loaded: Plan, request_plan: Plan) -> Plan:
         attention=attention_from.attention,
         attention_slicing=attention_from.attention == "sliced",
         memory_needed_gb=request_plan.memory_needed_gb,
+        feature_cache=request_plan.feature_cache,
+        guidance_interval=request_plan.guidance_interval,
         reasons=reasons,
     )

@@ -61,21 +61,34 @@ SAMPLER_LABELS = {
 }
 
 
+class Toggle(str, enum.Enum):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
 @dataclass(frozen=True)
 class QualityPreset:
     steps: int
     guidance: float
     scheduler: Scheduler
     why: str
+    feature_cache: int = 1  # UNet calls per full step (1 = every call runs the whole UNet)
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # the fraction of the steps that runs CFG
 
 
 # High quality follows the seed (50 steps, guidance 8.0, refiner on GPU). Fast uses DPM++ 2M with
 # Karras sigmas: a second-order multistep solver whose error falls quickly with step count, so 20 steps
 # look close to 50 Euler steps (diffusers' scheduler docs; the usual "few steps" choice in A1111/ComfyUI).
+# Less work per image (issue 11), each judged by `eval-demo --compare` (README, "Less work per image"): both presets
+# run the negative prompt's branch for the first 60 % of the steps only (adaptive guidance: the low-noise tail
+# barely changes with guidance); Fast also reuses the deep UNet features for 2 of every 3 steps.
 PRESETS: dict[Quality, QualityPreset] = {
-    Quality.HIGH: QualityPreset(50, 8.0, Scheduler.EULER, "seed's high-quality preset"),
+    Quality.HIGH: QualityPreset(50, 8.0, Scheduler.EULER, "seed's high-quality preset",
+                                guidance_interval=(0.0, 0.6)),
     Quality.FAST: QualityPreset(
-        20, 6.0, Scheduler.DPMPP_2M_KARRAS, "DPM++ 2M Karras converges in few steps"
+        20, 6.0, Scheduler.DPMPP_2M_KARRAS, "DPM++ 2M Karras converges in few steps",
+        feature_cache=3, guidance_interval=(0.0, 0.6),
     ),
 }
 
@@ -162,6 +175,8 @@ class GenerationRequest:
     seed: int | None = None  # None = random; the used seed is always reported
     scheduler: Scheduler = Scheduler.AUTO
     images: int = 1
+    feature_cache: Toggle = Toggle.AUTO  # auto = the quality preset's choice (Advanced can force on/off)
+    guidance_interval: Toggle = Toggle.AUTO
 
     def __post_init__(self):
         _text("prompt", self.prompt)
@@ -170,6 +185,9 @@ class GenerationRequest:
         _text("negative_prompt", self.negative_prompt)
         object.__setattr__(self, "quality", parse_choice(Quality, "quality", self.quality))
         object.__setattr__(self, "scheduler", parse_choice(Scheduler, "scheduler", self.scheduler))
+        object.__setattr__(self, "feature_cache", parse_choice(Toggle, "feature_cache", self.feature_cache))
+        object.__setattr__(self, "guidance_interval", parse_choice(Toggle, "guidance_interval",
+                                                                   self.guidance_interval))
         if self.steps is not None:
             object.__setattr__(self, "steps", _in_range("steps", _int("steps", self.steps), 1, MAX_STEPS))
         if self.guidance is not None:
@@ -296,6 +314,10 @@ class CpuInfo:
     flags: tuple[str, ...] = ()
     ram_total_gb: float = 0.0
     ram_available_gb: float = 0.0
+    # Measured by the probe: GFLOP/s of a short square matmul per dtype ("fp32", "bf16", "fp16"; "int8" in GOP/s,
+    # torch._int_mm) with torch's thread count at probe time. Empty in probes recorded before it was measured.
+    gemm_gflops: Mapping[str, float] = field(default_factory=dict)
+    gemm_note: str = ""  # how it was measured, e.g. "512² matmul, 2 threads, best of 3"
 
     @property
     def has_fast_bf16(self) -> bool:
@@ -375,6 +397,10 @@ class Plan:
     memory_available_gb: float | None
     reasons: Mapping[str, str]
     compile: bool = False
+    int8: bool = False  # the UNet's linear layers quantized to int8 (opt-in, CPU; changes the output)
+    feature_cache: int = 1  # UNet calls per full step (1 = off: every call runs the whole UNet)
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # fractions of the steps that run CFG ((0, 1) = all)
+    warnings: tuple[str, ...] = ()  # shown before a run (e.g. a forced dtype this CPU only emulates)
 
     def __post_init__(self):
         # A plan that pairs two attention implementations (e.g. xformers and slicing) cannot be applied as stated:

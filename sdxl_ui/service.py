@@ -532,7 +532,8 @@ class GenerationService:
         width, height = request.width or size, request.height or size
         high = request.quality is Quality.HIGH
         plan = adjust_plan(self.plan, make_plan(self.probe, self.settings, models.source.model_kind,
-                                                width, height, high))
+                                                width, height, high, request.feature_cache,
+                                                request.guidance_interval))
         use_refiner = plan.refiner and models.refiner is not None
         apply(plan, models)
         self._applied = (models, plan, use_refiner)  # the status panel reports against this, not the load plan
@@ -547,6 +548,8 @@ class GenerationService:
                                         if use_refiner else _refiner_off(plan))))
         for line in rep.log_lines():
             emit(LogEvent(line))
+        for warning in plan.warnings:
+            emit(LogEvent(f"⚠ {warning}", "warning"))
         self._warn_truncation(models.base, request, emit)
 
         sampler = request.sampler
@@ -602,6 +605,7 @@ class GenerationService:
                 image = decode_latents(models.base, latents)
             emit(LogEvent(f"VAE decode {time.perf_counter() - t_decode:.1f} s"))
             steps_run = progress["done"] - done_before
+            rep = report(models, plan, self.probe, use_refiner=use_refiner)  # with this run's cache/guidance counts
             params = ImageParameters(
                 prompt=request.prompt, negative_prompt=request.negative_prompt, steps=steps,
                 sampler=SAMPLER_LABELS[sampler], cfg_scale=guidance, seed=seed, width=width, height=height,
@@ -675,20 +679,37 @@ def run_stages(models, use_refiner: bool, width: int, height: int, common: dict,
 
     # Under model offload each stage first claims the shared text encoder 2 and VAE for its own hook chain.
     claim_offload(models, models.base)
-    latents = models.base(width=width, height=height, denoising_end=REFINER_SPLIT if use_refiner else None,
-                          callback_on_step_end=callback(1), **common).images
+    latents = _call(models.base, callback(1), width=width, height=height,
+                    denoising_end=REFINER_SPLIT if use_refiner else None, **common)
     if getattr(models.base, "interrupt", False):  # Stop during stage 1 (the callback set _interrupt): no stage 2
         return latents
     if on_stage_end:
         on_stage_end(1)
     if use_refiner:
         claim_offload(models, models.refiner)
-        latents = models.refiner(image=latents, denoising_start=REFINER_SPLIT, callback_on_step_end=callback(2),
-                                 **common).images
+        latents = _call(models.refiner, callback(2), image=latents, denoising_start=REFINER_SPLIT, **common)
         claim_offload(models, models.base)  # the decode that follows runs the base's VAE in the base's chain
         if on_stage_end and not getattr(models.refiner, "interrupt", False):
             on_stage_end(2)
     return latents
+
+
+def _call(pipe, step_callback, **kwargs):
+    """One pipeline call as a new denoising run of what is installed on the pipeline itself (``apply`` put it
+    there; the report reads the same objects): the feature cache starts afresh, and a guidance interval wraps
+    the step callback."""
+    from .optimizations import feature_cache
+    from .optimizations.table import GUIDANCE_ATTR
+
+    feature_cache.reset(pipe.unet)
+    interval = getattr(pipe, GUIDANCE_ATTR, None)
+    if interval is None:
+        return pipe(callback_on_step_end=step_callback, **kwargs).images
+    interval.then = step_callback
+    interval.tensor_inputs = list(dict.fromkeys([*type(interval).tensor_inputs,
+                                                 *getattr(step_callback, "tensor_inputs", [])]))
+    with interval.attached(pipe):
+        return pipe(callback_on_step_end=interval, **kwargs).images
 
 
 def _release_offload(models) -> None:

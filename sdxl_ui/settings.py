@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
-from .schema import ValidationError, parse_choice
+from .schema import Toggle, ValidationError, parse_choice  # noqa: F401 - Toggle is re-exported
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
@@ -32,6 +32,7 @@ class Precision(str, enum.Enum):
     FP32 = "fp32"
     FP16 = "fp16"
     BF16 = "bf16"
+    INT8 = "int8"  # CPU only, opt-in: the UNet's linear layers in int8, the rest in the best exact dtype
 
 
 class AttentionChoice(str, enum.Enum):
@@ -46,12 +47,6 @@ class OffloadChoice(str, enum.Enum):
     NONE = "none"
     MODEL = "model"
     SEQUENTIAL = "sequential"
-
-
-class Toggle(str, enum.Enum):
-    AUTO = "auto"
-    ON = "on"
-    OFF = "off"
 
 
 PRECISION_DTYPES = {Precision.FP32: "float32", Precision.FP16: "float16", Precision.BF16: "bfloat16"}

@@ -134,6 +134,60 @@ def evaluate(service, quality: str = "high", steps: int | None = None, **request
             "wall_s": round(time.perf_counter() - start, 1)}
 
 
+def psnr(a, b) -> float:
+    """PSNR in dB between two same-size images (99 for identical ones)."""
+    import math
+
+    import numpy as np
+
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = float(((x - y) ** 2).mean())
+    return 99.0 if mse == 0 else round(10 * math.log10(255.0 ** 2 / mse), 2)
+
+
+# Each technique on its own and each preset, against the exact run of the same preset (same prompts and seeds):
+# (label, quality, request fields, needs the int8 service).
+COMPARISONS = (
+    ("high: exact", "high", dict(feature_cache="off", guidance_interval="off"), False),
+    ("high: preset", "high", {}, False),
+    ("high: feature cache only", "high", dict(feature_cache="on", guidance_interval="off"), False),
+    ("high: guidance interval only", "high", dict(feature_cache="off", guidance_interval="on"), False),
+    ("high: int8 only", "high", dict(feature_cache="off", guidance_interval="off"), True),
+    ("fast: exact", "fast", dict(feature_cache="off", guidance_interval="off"), False),
+    ("fast: preset", "fast", {}, False),
+    ("fast: feature cache only", "fast", dict(feature_cache="on", guidance_interval="off"), False),
+    ("fast: guidance interval only", "fast", dict(feature_cache="off", guidance_interval="on"), False),
+)
+
+
+def compare(service, int8_service=None) -> dict:
+    """``eval-demo --compare``: adherence (right answers of 48 prompts × 5 attributes), its difference to the
+    exact run of the same preset in percentage points, mean PSNR against the exact images, median seconds."""
+    out, exact = {}, {}
+    for label, quality, fields, int8 in COMPARISONS:
+        if int8 and int8_service is None:
+            continue
+        images: list = []
+        result = run_prompts(int8_service if int8 else service, prompt_set(), keep_images=images, quality=quality,
+                             **fields)
+        right = sum(result.right.values())
+        total = result.total * len(S.ATTRIBUTES)
+        row = {"right": right, "of": total, "by_attribute": dict(result.right),
+               "s_per_image_median": round(statistics.median(result.seconds), 3)}
+        if label.endswith(": exact"):
+            exact[quality] = (right, images)
+        else:
+            ref_right, ref_images = exact[quality]
+            row["points_vs_exact"] = round(100 * (right - ref_right) / total, 1)
+            row["psnr_vs_exact_db"] = round(statistics.mean(psnr(a[1], b[1]) for a, b in zip(ref_images, images)), 1)
+            row["within_3_points"] = row["points_vs_exact"] >= -3.0
+        out[label] = row
+        print(f"   {label:<30} {right}/{total}" + (f"  {row['points_vs_exact']:+.1f} pts, PSNR "
+                                                  f"{row['psnr_vs_exact_db']} dB" if "points_vs_exact" in row else "")
+              + f"  {row['s_per_image_median']} s/image", file=sys.stderr, flush=True)
+    return out
+
+
 def cmd_eval_demo(args) -> int:
     from ..cli import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, _fail, settings_from_args
     from ..models import ModelLoadError
@@ -157,6 +211,19 @@ def cmd_eval_demo(args) -> int:
         service = GenerationService(settings)
         try:
             service.ensure_loaded()
+            if args.compare:
+                int8_service = None
+                if service.plan.device == "cpu" and "int8" in service.probe.cpu.gemm_gflops:
+                    int8_service = GenerationService(settings.with_(precision="int8"), probe=service.probe)
+                    int8_service.ensure_loaded()
+                result = {"model": service.source.label, "device": service.plan.device,
+                          "dtype": service.plan.dtype, "comparisons": compare(service, int8_service)}
+                result["all_within_3_points"] = all(r.get("within_3_points", True)
+                                                    for r in result["comparisons"].values())
+                print(json.dumps(result, indent=1) if args.json else
+                      "eval-demo --compare: " + ("every technique and preset within 3 points of exact"
+                                                 if result["all_within_3_points"] else "NOT all within 3 points"))
+                return EXIT_OK
             result = evaluate(service, args.quality, args.steps)
             if args.grid:
                 from ..schema import GenerationRequest, ResultEvent
