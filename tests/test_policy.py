@@ -1,4 +1,6 @@
 """Recorded probes -> plans. Each case asserts device, dtype, attention, offload, refiner and the reason text."""
+from dataclasses import replace
+
 import pytest
 from conftest import load_probe
 
@@ -129,8 +131,12 @@ def test_fast_quality_uses_no_refiner_on_gpu():
 def test_adjust_plan_keeps_placement_and_takes_size_dependent_choices():
     loaded = plan_for("h100_80gb")
     big = plan_for("h100_80gb", width=2048, height=2048, high_quality=False)
+    # A request plan whose placement differs from the load plan's (on this probe both would say cuda/fp16/none,
+    # and the assertion below could not tell which one adjust_plan took).
+    big = replace(big, device="cpu", dtype="float32", vae_dtype="float32", offload="model", threads=3)
     adjusted = adjust_plan(loaded, big)
-    assert (adjusted.device, adjusted.dtype, adjusted.offload) == ("cuda", "float16", "none")  # the load plan's
+    assert (adjusted.device, adjusted.dtype, adjusted.vae_dtype, adjusted.offload, adjusted.threads) == (
+        "cuda", "float16", "float32", "none", None)  # the load plan's: the weights are already placed
     assert adjusted.vae_tiling is True and adjusted.refiner is False
 
 
