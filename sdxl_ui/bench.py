@@ -8,6 +8,7 @@ VAE decode; UNet FLOPs come from torch's FlopCounterMode on a meta-device copy (
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -208,10 +209,23 @@ def run_configuration(spec: dict) -> dict:
     out: dict = {"kind": kind, "dtype": spec["dtype"], "device": device, "res": res, "build_s": round(build_s, 1),
                  "params": params}
     grad_context = torch.no_grad  # what the stock pipeline's __call__ uses
-    if kind == "plan":
+    if kind == "int8":
+        from .policy import make_plan
+
+        probe = HardwareProbe.from_dict(spec["probe"])
+        plan = make_plan(probe, _settings(spec).with_(precision="int8"), "tiny" if arch == "tiny" else "sdxl",
+                         res, res, True)
+    if kind in ("plan", "int8"):
         models = LoadedModels(base=pipe, refiner=refiner, source=ModelSource("bench", f"sdxl-{arch}-random"),
                               load_s=build_s)
+        if kind == "int8":  # the noise prediction of the same weights before quantization, for the difference
+            x0, inputs0 = _unet_inputs(torch, pipe.unet.config, res, device, dtype)
+            with torch.inference_mode():
+                reference = pipe.unet(x0, **inputs0).sample.float()
+            t = time.perf_counter()
         apply(plan, models)
+        if kind == "int8":
+            out["quantize_s"] = round(time.perf_counter() - t, 1)
         out["report"] = report(models, plan, probe).to_list()
         grad_context = torch.inference_mode
     out["threads"] = torch.get_num_threads()  # stock: torch's default; plan: what apply() set
@@ -245,6 +259,11 @@ def run_configuration(spec: dict) -> dict:
         out["s_per_step"] = round(min(times[1:]), 4)
         out["step_times_s"] = [round(v, 4) for v in times[1:]]
 
+        if kind in ("plan", "int8") and spec.get("kinds", True):
+            out["kinds"] = _time_kinds(torch, pipe.unet, x, inputs, device, label=spec.get("label", kind))
+        if kind == "int8":
+            out["int8"] = _int8_difference(torch, pipe.unet, x, inputs, reference)
+
         latents = torch.randn(1, 4, res // 8, res // 8, generator=torch.Generator("cpu").manual_seed(0))
         t = time.perf_counter()
         image = decode_latents(pipe, latents.to(device, pipe.vae.dtype))
@@ -253,6 +272,8 @@ def run_configuration(spec: dict) -> dict:
         out["vae_output_ok"] = image.size == (res, res)
         if spec.get("vae_check") and dtype != torch.float32:
             out["vae_check"] = _vae_precision_check(torch, pipe.vae, latents.to(device))
+    if kind == "plan" and spec.get("check_steps"):
+        out["check"] = _end_to_end_check(torch, spec, models, probe)
     if spec.get("hq"):
         out["hq"] = _time_hq(torch, spec, pipe, refiner, plan, models)
     out["peak_rss_gb"] = round(_rss_gb(), 2)
@@ -260,6 +281,169 @@ def run_configuration(spec: dict) -> dict:
         out["peak_vram_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
     out["matmul_peak_gflops"] = round(matmul_peak_gflops(torch, dtype, device), 1)
     return out
+
+
+# A UNet call of a schedule: F (full) or C (cached), and the rows it runs per image (2 = with CFG, 1 = without).
+KIND_NAMES = {"F2": "full_guided", "F1": "full_cond", "C2": "cached_guided", "C1": "cached_cond"}
+
+
+def _median_time(torch, device, fn, repeats: int = 3) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(torch, device)
+        t = time.perf_counter()
+        fn()
+        _sync(torch, device)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def _halve(value):
+    """The conditional half of a batch-2 UNet input (what a step outside the guidance interval runs)."""
+    if isinstance(value, dict):
+        return {k: _halve(v) for k, v in value.items()}
+    shape = getattr(value, "shape", None)
+    return value[1:] if shape is not None and len(shape) and shape[0] == 2 else value
+
+
+def _time_kinds(torch, unet, x, inputs, device, label: str) -> dict:
+    """Seconds per UNet call of each kind a schedule is made of (median of 3 after a warm-up): a full step with
+    CFG (2 rows per image), a full conditional-only step (1 row: outside the guidance interval), and the feature
+    cache's cached step with and without CFG (only the outermost level runs on the kept deep feature)."""
+    from .optimizations import feature_cache
+
+    x1, inputs1 = x[1:], _halve(inputs)
+    out = {"full_guided": _median_time(torch, device, lambda: unet(x, **inputs))}
+    print(f"PROGRESS {label}: full guided step {out['full_guided']:.2f} s", file=sys.stderr, flush=True)
+    out["full_cond"] = _median_time(torch, device, lambda: unet(x1, **inputs1))
+    print(f"PROGRESS {label}: full conditional-only step {out['full_cond']:.2f} s", file=sys.stderr, flush=True)
+    if type(unet).__name__ == "UNet2DConditionModel":
+        cache = feature_cache.enable(unet, interval=1_000_000)  # after its first (full) call, every call is cached
+        for rows, (xs, kw) in (("cached_guided", (x, inputs)), ("cached_cond", (x1, inputs1))):
+            cache.reset()
+            unet(xs, **kw)  # the full call that keeps the deep feature
+            out[rows] = _median_time(torch, device, lambda: unet(xs, **kw))
+            assert cache.run.trace.count("C") >= 4, cache.run.trace  # they really were cached calls
+        feature_cache.disable(unet)
+        print(f"PROGRESS {label}: cached steps {out['cached_guided']:.2f} / {out['cached_cond']:.2f} s",
+              file=sys.stderr, flush=True)
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def _int8_difference(torch, unet, x, inputs, ref) -> dict:
+    """How far the int8 UNet's noise prediction is from the same weights' exact one (same inputs)."""
+    out = unet(x, **inputs).sample.float()
+    rel = float(((out - ref).pow(2).mean() / ref.pow(2).mean()).sqrt())
+    cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
+    return {"noise_pred_rel_rms_diff": round(rel, 5), "noise_pred_cosine": round(cos, 6),
+            "reference": "the same random weights in the plan's exact dtype, same inputs"}
+
+
+class _CallRecorder:
+    """Rows per image of every UNet call of a run (2 = with CFG, 1 = conditional only), read after any guidance
+    interval hook has halved the batch; the feature cache's own trace says which calls were full (F/R) or cached."""
+
+    def __init__(self, unet, images: int = 1):
+        self.rows: list[int] = []
+        self.images = images
+        self._handle = unet.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output):
+        sample = args[0] if args else kwargs["sample"]
+        self.rows.append(sample.shape[0] // self.images)
+
+    def close(self):
+        self._handle.remove()
+
+
+def _run_schedule(unet, rows: list[int]) -> list[str]:
+    from .optimizations import feature_cache
+
+    cache = feature_cache.get(unet)
+    trace = cache.run.trace if cache is not None and cache.enabled and cache.interval > 1 else "F" * len(rows)
+    assert len(trace) == len(rows), (trace, rows)
+    return [f"{'C' if t == 'C' else 'F'}{r}" for t, r in zip(trace, rows)]
+
+
+def preset_schedule(probe, settings, quality: str, requested_steps: int | None = None) -> dict:
+    """The real schedule of a preset's image on this device: the tiny model run through the service's own path
+    (``apply`` + ``run_stages``) with the preset's plan (steps policy, sampler, feature cache, guidance interval),
+    each UNet call recorded. Returns steps, sampler and the calls ("F2", "C1", … see KIND_NAMES)."""
+    import torch
+
+    from .models import load_models, resolve_source
+    from .optimize import apply
+    from .policy import make_plan
+    from .schema import PRESETS, Quality
+    from .service import _scheduler_for, run_stages
+
+    q = Quality(quality)
+    preset = PRESETS[q]
+    plan = make_plan(probe, settings, "sdxl", 1024, 1024, q is Quality.HIGH)
+    steps = plan.steps_for(requested_steps or preset.steps)
+    tiny = make_plan(probe, settings.with_(model="tiny", device="cpu", precision="fp32", compile=False), "tiny",
+                     64, 64, q is Quality.HIGH)
+    tiny = dataclasses.replace(tiny, feature_cache=plan.feature_cache, guidance_interval=plan.guidance_interval,
+                               refiner=False)
+    models = load_models(resolve_source("tiny"), None, "float32", "float32", False)
+    apply(tiny, models)
+    models.base.scheduler = _scheduler_for(preset.scheduler, models.scheduler_config)
+    recorder = _CallRecorder(models.base.unet)
+    try:
+        with torch.inference_mode():
+            run_stages(models, False, 64, 64, dict(prompt="a fox", num_inference_steps=steps,
+                                                   guidance_scale=preset.guidance, output_type="latent",
+                                                   generator=torch.Generator().manual_seed(0)))
+    finally:
+        recorder.close()
+    calls = _run_schedule(models.base.unet, recorder.rows)
+    return {"steps": steps, "sampler": preset.scheduler.value, "feature_cache": plan.feature_cache,
+            "guidance_interval": list(plan.guidance_interval), "calls": calls,
+            "counts": {KIND_NAMES[c]: calls.count(c) for c in sorted(set(calls))}}
+
+
+def schedule_seconds(calls, kinds: dict, scale: float = 1.0) -> float:
+    """The UNet time of a schedule from the per-kind step times (× ``scale``, e.g. the 1024²/res² FLOP ratio)."""
+    return sum(kinds[KIND_NAMES[c]] for c in calls) * scale
+
+
+def _end_to_end_check(torch, spec, models, probe) -> dict:
+    """One real image with the Fast preset's techniques at the bench size and ``check_steps`` steps, timed end to
+    end through the service's path, against the time computed from the per-kind step times and its own recorded
+    schedule — the computation the per-image figures rest on."""
+    from .policy import make_plan
+    from .schema import PRESETS, Quality
+    from .service import _scheduler_for, decode_latents, run_stages
+
+    res, steps, device = spec["res"], spec["check_steps"], spec["device"]
+    fast = make_plan(probe, _settings(spec), "sdxl", res, res, False)
+    from .optimize import apply
+
+    apply(fast, models)
+    pipe = models.base
+    preset = PRESETS[Quality.FAST]
+    pipe.scheduler = _scheduler_for(preset.scheduler, pipe.scheduler.config)
+    recorder = _CallRecorder(pipe.unet)
+    try:
+        with torch.inference_mode():
+            _sync(torch, device)
+            t = time.perf_counter()
+            latents = run_stages(models, False, res, res, dict(
+                prompt=PROMPT, num_inference_steps=steps, guidance_scale=preset.guidance, output_type="latent",
+                generator=torch.Generator("cpu").manual_seed(0)))
+            _sync(torch, device)
+            denoise = time.perf_counter() - t
+            t = time.perf_counter()
+            decode_latents(pipe, latents)
+            decode = time.perf_counter() - t
+    finally:
+        recorder.close()
+    calls = _run_schedule(pipe.unet, recorder.rows)
+    print(f"PROGRESS check: {steps} Fast steps at {res}² in {denoise:.1f} s (+ decode {decode:.1f} s)",
+          file=sys.stderr, flush=True)
+    return {"steps": steps, "res": res, "calls": calls, "measured_denoise_s": round(denoise, 2),
+            "decode_s": round(decode, 2)}
 
 
 def _time_hq(torch, spec: dict, pipe, refiner, plan, models) -> dict:
@@ -395,15 +579,27 @@ def cmd_bench(args) -> int:
         configs.append(("baseline", {"kind": "baseline", "dtype": baseline_dtype}))
     if args.only in ("both", "plan"):
         configs.append(("plan", {"kind": "plan", "dtype": plan.dtype, "vae_check": args.vae_check}))
+    if args.only in ("both", "plan") and device == "cpu" and "int8" in probe.cpu.gemm_gflops:
+        # Opt-in int8 (--precision int8): its step, and how far its noise prediction is from the exact one.
+        configs.append(("int8", {"kind": "int8", "dtype": plan.dtype, "hq": False}))
     if args.compile:
         configs.append(("compiled", {"kind": "plan", "dtype": plan.dtype, "compile": True, "hq": False}))
+    for name, extra in configs:
+        if name == "plan" and args.check_steps:
+            extra["check_steps"] = args.check_steps
     for name, extra in configs:
         say(f"-- building and timing {name} ({extra['dtype']})… (minutes on CPU)")
         results[name] = _child({**base_spec, **extra, "label": name})
         results[name]["kind"] = name
 
+    schedules = {}
+    if "plan" in results and "kinds" in results["plan"]:
+        for quality in ("high", "fast"):
+            schedules[quality] = preset_schedule(probe, plan_settings, quality)
     summary = summarize(results, args.arch, args.res, args.steps, device, _machine(probe, device),
-                        probe.torch_version, hq_steps=plan.steps_for(50))
+                        probe.torch_version, hq_steps=plan.steps_for(50), schedules=schedules,
+                        dtype_peaks={"gflops": dict(probe.cpu.gemm_gflops), "how": probe.cpu.gemm_note}
+                        if device == "cpu" else None)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
@@ -418,16 +614,19 @@ def _replay(args) -> int:
     """Re-derive and print a saved `bench --json` result (e.g. after changing the table) without re-timing."""
     with open(args.from_json, encoding="utf-8") as f:
         saved = json.load(f)
-    results = {k: v for k, v in saved.items() if isinstance(v, dict) and "s_per_step" in v}
+    results = {k: v for k, v in saved.items() if isinstance(v, dict) and "matmul_peak_gflops" in v}
     plan_steps = round(50 * 0.7) if saved["device"] == "cpu" else 50
     summary = summarize(results, saved["arch"], saved["res"], saved["timed_steps"], saved["device"],
-                        saved["machine"], saved["torch"], hq_steps=plan_steps, day=saved["date"])
+                        saved["machine"], saved["torch"], hq_steps=plan_steps, day=saved["date"],
+                        schedules={k: v["schedule"] for k, v in saved.get("presets", {}).items() if k != "stock"},
+                        dtype_peaks=saved.get("dtype_peaks"))
     print(json.dumps(summary, indent=1) if args.json else format_table(summary))
     return 0
 
 
 def summarize(results: dict, arch: str, res: int, steps: int, device: str, machine: str, torch_version: str,
-              hq_steps: int, day: str | None = None) -> dict:
+              hq_steps: int, day: str | None = None, schedules: dict | None = None,
+              dtype_peaks: dict | None = None) -> dict:
     """Derived figures (FLOPs, % of peak, 1024² projections, ratios) from the children's raw timings."""
     import torch
 
@@ -461,7 +660,49 @@ def summarize(results: dict, arch: str, res: int, steps: int, device: str, machi
         summary["image_ratio"] = round(base["projected_1024_hq_s"] / plan["projected_1024_hq_s"], 2)
         if "hq" in base and "hq" in plan:
             summary["hq_ratio"] = round(base["hq"]["total_s"] / plan["hq"]["total_s"], 2)
+    if dtype_peaks:
+        summary["dtype_peaks"] = dtype_peaks
+    if "baseline" in results and "plan" in results and "kinds" in results["plan"] and schedules:
+        summary["presets"] = per_image(results, schedules, unet_tf_1024 / unet_tf, vae_scale)
+        if "check" in results["plan"]:
+            summary["check"] = check_figures(results["plan"])
+    if "baseline" in results and "int8" in results:
+        i8, base = results["int8"], results["baseline"]
+        step = i8.get("kinds", {}).get("full_guided", i8["s_per_step"])
+        summary["int8_step"] = {"s_per_step": step, "ratio_vs_stock_fp32": round(base["s_per_step"] / step, 2),
+                                "ratio_vs_plan": round(results["plan"]["kinds"]["full_guided"] / step, 2)
+                                if "kinds" in results.get("plan", {}) else None, **i8.get("int8", {})}
     return summary
+
+
+STOCK_STEPS = 50  # stock diffusers' default: Euler, 50 steps, CFG on every step, fp32 on a CPU
+
+
+def per_image(results: dict, schedules: dict, unet_scale: float, vae_scale: float) -> dict:
+    """Seconds per 1024² image: stock diffusers (its fp32 guided step × 50) and each preset from its real schedule
+    (per-kind step times × the calls of each kind), both with the UNet times scaled by the 1024²/res² FLOP ratio,
+    plus text encoding and the FLOP-scaled VAE decode of that configuration."""
+    base, plan = results["baseline"], results["plan"]
+    stock = (STOCK_STEPS * base["s_per_step"] * unet_scale + base["text_encode_s"] + base["vae_decode_s"] * vae_scale)
+    out = {"stock": {"image_s": round(stock, 1), "steps": STOCK_STEPS, "dtype": base["dtype"],
+                     "what": "stock diffusers: fp32, Euler, 50 steps, CFG on every step"}}
+    for name, sched in schedules.items():
+        unet_s = schedule_seconds(sched["calls"], plan["kinds"], unet_scale)
+        image = unet_s + plan["text_encode_s"] + plan["vae_decode_s"] * vae_scale
+        out[name] = {"image_s": round(image, 1), "ratio": round(stock / image, 2), "unet_s": round(unet_s, 1),
+                     "steps": sched["steps"], "sampler": sched["sampler"], "counts": sched["counts"],
+                     "dtype": plan["dtype"], "schedule": sched}
+    return out
+
+
+def check_figures(plan: dict) -> dict:
+    """The end-to-end image against the same computation (at the bench size, not scaled): within 10 %?"""
+    c = plan["check"]
+    computed = schedule_seconds(c["calls"], plan["kinds"]) + plan["text_encode_s"]
+    error = (c["measured_denoise_s"] - computed) / computed
+    return {"steps": c["steps"], "res": c["res"], "measured_s": c["measured_denoise_s"],
+            "computed_s": round(computed, 2), "error_pct": round(100 * error, 1), "within_10_pct": abs(error) <= 0.10,
+            "counts": {KIND_NAMES[k]: c["calls"].count(k) for k in sorted(set(c["calls"]))}}
 
 
 def _tiny_unet_config():
@@ -482,7 +723,7 @@ HQ_PARTS = (("base_s", "base"), ("refiner_s", "refiner"), ("refiner_and_decode_s
 
 
 def format_table(s: dict) -> str:
-    rows = [r for k, r in s.items() if isinstance(r, dict) and "s_per_step" in r]
+    rows = [r for k, r in s.items() if isinstance(r, dict) and "matmul_peak_gflops" in r]
     head = (f"SDXL {s['arch']} architecture on {s['machine']} ({s['device']}), torch {s['torch']}, "
             f"{s['res']}², {s['date']}")
     lines = [head, "",
@@ -510,6 +751,30 @@ def format_table(s: dict) -> str:
                          f"{'on' if h['refiner'] else 'off'}: {', '.join(parts)})")
         if "hq_ratio" in s:
             lines.append(f"High-quality image, stock ÷ plan: {s['hq_ratio']}×")
+    if "dtype_peaks" in s:
+        peaks = s["dtype_peaks"]
+        lines += ["", "This host's GEMM (probe): " + ", ".join(f"{k} {v:g}" for k, v in peaks["gflops"].items())
+                  + f" GFLOP/s (int8: GOP/s), {peaks['how']}"]
+    if "presets" in s:
+        kinds = s["plan"]["kinds"]
+        lines += ["", f"Step kinds at {s['res']}² ({s['plan']['dtype']}, median of 3): " + ", ".join(
+            f"{k.replace('_', ' ')} {v:.3f} s" for k, v in kinds.items())]
+        lines.append("Per 1024² image (UNet steps FLOP-scaled from the step kinds, + text encoding + decode):")
+        for name, p in s["presets"].items():
+            what = p.get("what") or (f"{p['steps']} steps {p['sampler']}, "
+                                     + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in p["counts"].items()))
+            lines.append(f"   {name:<6} {p['image_s']:>9.1f} s" + (f"  {p['ratio']:>5.2f}× stock" if "ratio" in p
+                                                                     else "         ") + f"  ({what})")
+    if "check" in s:
+        c = s["check"]
+        lines.append(f"Check: one real Fast image at {c['res']}², {c['steps']} steps: measured {c['measured_s']} s, "
+                     f"computed {c['computed_s']} s ({c['error_pct']:+.1f} %, "
+                     f"{'within' if c['within_10_pct'] else 'NOT within'} 10 %)")
+    if "int8_step" in s:
+        i = s["int8_step"]
+        lines.append(f"int8 (opt-in): {i['s_per_step']:.3f} s per guided step, {i['ratio_vs_stock_fp32']}× stock fp32"
+                     + (f", {i['ratio_vs_plan']}× the plan's step" if i.get("ratio_vs_plan") else "")
+                     + f"; noise prediction {100 * i['noise_pred_rel_rms_diff']:.2f} % RMS from exact")
     lines.append("HQ 1024² = steps (stock: 50; plan: its steps policy) × FLOP-scaled step time + text encoding + "
                  "FLOP-scaled decode")
     lines.append("RSS step = peak RSS through text encoding and UNet steps; RSS all = including the VAE decode")

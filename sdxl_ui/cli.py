@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--bench-device", "--target", dest="bench_device", choices=["auto", "cpu", "cuda"],
                        default="auto")
     bench.add_argument("--only", choices=["both", "baseline", "plan"], default="both")
+    bench.add_argument("--check-steps", type=int, default=8,
+                       help="steps of the one real Fast image that checks the per-image computation (0: skip)")
     bench.add_argument("--baseline-precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                        help="dtype of the stock-diffusers baseline (fp16 on a GPU = stock fp16 + SDPA)")
     bench.add_argument("--from-json", help="print the table of a saved `bench --json` result (no re-timing)")

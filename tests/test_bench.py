@@ -27,11 +27,31 @@ def test_bench_runs_end_to_end_with_the_high_quality_path(tmp_path):
     assert {r["name"] for r in data["plan"]["report"]} >= {"precision", "PyTorch SDPA attention"}
     assert "progress" not in proc.stdout and "warm-up" in proc.stderr  # progress on stderr, JSON alone on stdout
     assert "HQ timed: refiner step" in proc.stderr
+    # Per image: stock diffusers (50 fp32 guided steps) and each preset from its real schedule on this CPU, written
+    # out by hand here: High quality 35 Euler steps, CFG for the first 60 % (21 guided, 14 conditional only); Fast
+    # 14 DPM++ steps, a full UNet call every 3rd call, CFG for the first 9 steps.
+    presets = data["presets"]
+    assert presets["stock"]["steps"] == 50 and presets["stock"]["image_s"] > 0
+    assert presets["high"]["schedule"]["calls"] == ["F2"] * 21 + ["F1"] * 14
+    assert presets["fast"]["schedule"]["calls"] == ("F2 C2 C2 F2 C2 C2 F2 C2 C2 F1 C1 C1 F1 C1").split()
+    kinds = data["plan"]["kinds"]
+    assert set(kinds) == {"full_guided", "full_cond", "cached_guided", "cached_cond"}
+    fast = presets["fast"]
+    assert fast["counts"] == {"full_guided": 3, "cached_guided": 6, "full_cond": 2, "cached_cond": 3}
+    assert fast["ratio"] == round(presets["stock"]["image_s"] / fast["image_s"], 2) or abs(
+        fast["ratio"] - presets["stock"]["image_s"] / fast["image_s"]) < 0.02
+    check = data["check"]  # the one real Fast image, against the same computation
+    assert check["steps"] == 8 and check["measured_s"] > 0 and check["computed_s"] > 0
+    assert sum(check["counts"].values()) == 8 and check["counts"]["cached_guided"] > 0
+    assert set(data["dtype_peaks"]["gflops"]) >= {"fp32"}
+    if "int8" in data["dtype_peaks"]["gflops"]:
+        assert data["int8_step"]["s_per_step"] > 0 and 0 < data["int8_step"]["noise_pred_rel_rms_diff"] < 0.1
     saved = tmp_path / "bench.json"
     saved.write_text(proc.stdout)
     table = cli("bench", "--from-json", str(saved))
     assert table.returncode == 0 and "per guided step, plan vs stock diffusers" in table.stdout
     assert "High-quality image, stock ÷ plan" in table.stdout and "refiner + decode" in table.stdout
+    assert "Per 1024² image" in table.stdout and "Check: one real Fast image" in table.stdout
 
 
 def test_full_architecture_matches_the_published_parameter_counts():
