@@ -205,6 +205,13 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
                         height = gr.Number(label="Height", value=native, precision=0)
                     scheduler = gr.Dropdown([s.value for s in Scheduler], value=Scheduler.AUTO.value,
                                             label="Scheduler (auto: Euler for High quality, DPM++ 2M Karras for Fast)")
+                    with gr.Row():
+                        cache_choice = gr.Dropdown(["auto", "on", "off"], value="auto", elem_id="feature-cache",
+                                                   label="Feature cache (auto: on for Fast; reuses deep UNet "
+                                                         "features on 2 of 3 steps)")
+                        interval_choice = gr.Dropdown(["auto", "on", "off"], value="auto", elem_id="guidance-interval",
+                                                      label="Guidance interval (auto: the negative prompt's branch "
+                                                            "for the first 60 % of the steps)")
                 with gr.Row():
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -276,19 +283,20 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
                           api_visibility="private")
 
         def generate(prompt_text, negative_text, quality_label, n_steps, cfg, seed_value, n_images, size_label,
-                     w, h, sched, session_history, request: gr.Request):
+                     w, h, sched, cache_value, interval_value, session_history, request: gr.Request):
             lines = ["⏳ Request received"]
             yield {log_pane: log_html(lines), progress: progress_html(0, "starting…"), preview: None}
             try:
                 yield from run_job(lines, prompt_text, negative_text, quality_label, n_steps, cfg, seed_value,
-                                   n_images, size_label, w, h, sched, session_history, request)
+                                   n_images, size_label, w, h, sched, session_history, request,
+                                   techniques=dict(feature_cache=cache_value, guidance_interval=interval_value))
             except Exception as exc:  # noqa: BLE001 - a bug here must not show a traceback in the page
                 log.exception("page: the Generate handler failed")
                 lines.append(f"❌ internal error ({type(exc).__name__}); the server's log has the details")
                 yield {log_pane: log_html(lines), progress: progress_html(0, "failed")}
 
         def run_job(lines, prompt_text, negative_text, quality_label, n_steps, cfg, seed_value, n_images,
-                    size_label, w, h, sched, session_history, request):
+                    size_label, w, h, sched, session_history, request, techniques=None):
             session = request.session_hash if request is not None else "api"
             try:
                 wd, ht = _size(size_label, w, h, service.native_size())
@@ -296,7 +304,8 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
                     quality_label, str) else quality_label
                 req = GenerationRequest.from_raw(
                     prompt=prompt_text, negative_prompt=negative_text, quality=quality_value, steps=n_steps,
-                    guidance=cfg, seed=seed_value, images=n_images, width=wd, height=ht, scheduler=sched)
+                    guidance=cfg, seed=seed_value, images=n_images, width=wd, height=ht, scheduler=sched,
+                    **{k: v for k, v in (techniques or {}).items() if v is not None})
             except ValidationError as exc:
                 log.info("refused a request from %s: %s", config.access.describe(request), exc)  # one line
                 lines.append(f"❌ {exc}")
@@ -345,7 +354,8 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
 
         generate_btn.click(
             generate,
-            [prompt, negative, quality, steps, guidance, seed, images, size, width, height, scheduler, history],
+            [prompt, negative, quality, steps, guidance, seed, images, size, width, height, scheduler, cache_choice,
+             interval_choice, history],
             [log_pane, progress, preview, output, used_seed, gallery, history, status_panel],
             api_name="generate", concurrency_id=CONCURRENCY_ID, concurrency_limit=1, show_progress="minimal",
             show_progress_on=[output],
