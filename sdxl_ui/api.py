@@ -54,11 +54,16 @@ class ImageService:
         except ValidationError as exc:
             return self._fail(str(exc))
         # The service logs each line (🎨 …, Mode: …, ✓/– …, ✅ Image saved to …) to the "sdxl_ui" logger.
+        # Read to the end of the stream, even after an error: generate() then has joined its worker, so a script
+        # that exits right after this returns never exits while that thread is still running (as the CLI does).
+        error = None
         for event in self.service.generate(request, output_path=target):
             if isinstance(event, ErrorEvent):
-                return self._fail(event.message)
-            if isinstance(event, ResultEvent):
+                error = event
+            elif isinstance(event, ResultEvent):
                 self.last_result = event
+        if error is not None:
+            return self._fail(error.message)
         if self.last_result is None or self.last_result.path is None:
             return self._fail(self.last_result.save_error if self.last_result else "no image was produced")
         return True

@@ -1,5 +1,7 @@
 import asyncio
 import logging
+import threading
+import time
 
 from sdxl_ui import ImageService
 
@@ -55,3 +57,22 @@ def test_seed_api_selects_the_demo_model_by_name_or_environment(monkeypatch, tmp
     monkeypatch.setenv("SDXL_UI_MODEL", "demo")
     service = ImageService(outputs=tmp_path).service
     assert service.settings.is_demo and service.source.label == "demo" and service.native_size() == 128
+
+
+def test_seed_api_returns_only_after_its_worker_has_finished_even_on_an_error(tmp_path, monkeypatch):
+    """A script may exit as soon as generate_image returns; a worker thread still running then can take the
+    process down with it (Python 3.11 ends daemon threads at exit). So False comes after the worker is done, too."""
+    from sdxl_ui.service import GenerationService
+
+    real_run = GenerationService._run
+
+    def run_then_linger(self, *args, **kwargs):  # the worker's last instructions, after its error event
+        real_run(self, *args, **kwargs)
+        time.sleep(0.5)
+
+    monkeypatch.setattr(GenerationService, "_run", run_then_linger)
+    (tmp_path / "empty").mkdir()
+    service = ImageService(model=str(tmp_path / "empty"), outputs=tmp_path)
+    assert asyncio.run(service.generate_image(prompt="a fox", output_path=str(tmp_path / "x.png"))) is False
+    assert "no model_index.json" in service.last_error
+    assert not [t for t in threading.enumerate() if t.name == "sdxl-generate"], "returned while its worker ran"

@@ -349,8 +349,11 @@ def _only_complete_pngs(folder) -> list:
 
 
 def test_sigterm_during_a_cli_save_finishes_that_png_and_stops(tmp_path):
+    # -X faulthandler: should the child ever abort again (rc -6 once in CI, before generate() joined its worker and
+    # the CLI read the stream to its end), its stderr, shown below, holds every thread's stack at that moment.
     proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_SAVE + "from sdxl_ui.cli import main\nsys.exit(main(sys.argv[1:]))",
+        [sys.executable, "-X", "faulthandler", "-c",
+         SLOW_SAVE + "from sdxl_ui.cli import main\nsys.exit(main(sys.argv[1:]))",
          "generate", "--model", "tiny", "--device", "cpu", "--prompt", "a fox", "--steps", "2", "--seed", "4",
          "--images", "2", "--outputs", str(tmp_path)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
