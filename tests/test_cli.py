@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import PROBES, ROOT
+from conftest import PROBES, RELIABILITY, ROOT
 from PIL import Image
 
 from sdxl_ui.metadata import parse_parameters, read_parameters
@@ -86,6 +86,7 @@ def test_a_device_this_machine_lacks_is_bad_input_in_cli_and_app(tmp_path):
     app = subprocess.run([sys.executable, "app.py", "--model", str(tmp_path / "nope"), "--outputs", str(tmp_path)],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert app.returncode == 2 and "error: model: " in app.stderr and "does not exist" in app.stderr, app.stderr
+    RELIABILITY["bad_inputs"].add("--device this machine lacks (CLI and app)")
 
 
 def test_a_failed_save_says_not_saved_once(tmp_path, monkeypatch, capsys):
@@ -100,6 +101,7 @@ def test_a_failed_save_says_not_saved_once(tmp_path, monkeypatch, capsys):
                  "--outputs", str(tmp_path)])
     assert code == 1
     assert capsys.readouterr().out == "not saved: No space left on device\n"
+    RELIABILITY["faults"].add("failed save (CLI)")
 
 
 def test_doctor_json_on_this_machine():
