@@ -16,7 +16,8 @@ from .schema import CpuInfo, CudaInfo, HardwareProbe, MpsInfo, XformersInfo
 
 log = logging.getLogger(__name__)
 
-INTERESTING_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+INTERESTING_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_fp16",
+                         "amx_tile", "amx_int8")
 
 
 def _gb(n_bytes: float) -> float:

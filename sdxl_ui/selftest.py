@@ -44,6 +44,7 @@ class Configuration:
     stop: bool = False
     tiles: bool = False  # the image must be larger than one VAE tile
     note: str = ""  # why it is not offered elsewhere
+    request: dict = field(default_factory=dict)  # GenerationRequest fields (e.g. the Fast preset)
 
 
 CONFIGURATIONS: tuple[Configuration, ...] = (
@@ -63,6 +64,10 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
     Configuration("vae-tiling", "VAE tiling", {"vae_tiling": "on"}, ("cuda", "mps", "cpu"), tiles=True),
     Configuration("xformers", "xformers attention", {"attention": "xformers"}, ("cuda",),
                   note="CUDA-only kernels"),
+    Configuration("fast", "Fast: feature cache + guidance interval", {}, ("cuda", "mps", "cpu"), steps=6,
+                  request={"quality": "fast"}),
+    Configuration("int8", "int8 linear layers (opt-in)", {"precision": "int8"}, ("cpu",),
+                  note="CPU only (torch._int_mm on VNNI/AMX-INT8)"),
     Configuration("compile", "torch.compile UNet", {"compile": True}, ("cuda", "mps", "cpu"), steps=3),
     Configuration("stop", "Stop mid-run, then a new run", {}, ("cuda", "mps", "cpu"), steps=10, stop=True),
 )
@@ -230,6 +235,10 @@ def _expected_rows(plan, config) -> dict[str, tuple[str, str | None]]:
             "VAE tiling": ("active" if plan.vae_tiling else "off", None),
             "Refinement": ("active" if plan.refiner else "off", None),
             "torch.compile": ("active" if plan.compile else "off", None)}
+    rows["feature cache"] = ("active", "cached UNet calls") if plan.feature_cache > 1 else ("off", None)
+    rows["guidance interval"] = (("active", "conditional-only steps") if tuple(plan.guidance_interval) != (0.0, 1.0)
+                                 else ("off", None))
+    rows["int8 linear layers"] = ("active", "linear layers int8") if plan.int8 else ("off", None)
     if plan.attention == "xformers":
         rows["xformers"] = ("active", "kernel test passed")
     if plan.offload != "none":
@@ -291,7 +300,7 @@ def run_configuration(config: Configuration, device: str, arch: str, res: int, p
     start = time.perf_counter()
     service = models = watch = None
     side = max(res, VAE_TILE_PX + 128) if config.tiles else res
-    request = GenerationRequest(prompt=PROMPT, steps=config.steps, width=side, height=side, seed=7)
+    request = GenerationRequest(prompt=PROMPT, steps=config.steps, width=side, height=side, seed=7, **config.request)
     try:
         service = _service(config, device, arch, probe, outputs)
         models, _ = service.ensure_loaded()

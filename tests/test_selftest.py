@@ -7,7 +7,7 @@ from conftest import load_probe
 from sdxl_ui.cli import main
 from sdxl_ui.selftest import CONFIGURATIONS, applicable
 
-CPU_KEYS = {"bf16", "fp32", "sliced", "refiner", "vae-tiling", "compile", "stop"}
+CPU_KEYS = {"bf16", "fp32", "sliced", "refiner", "vae-tiling", "fast", "int8", "compile", "stop"}
 
 
 def selftest(capsys, *args):
@@ -33,6 +33,7 @@ def test_selftest_on_cpu_passes_every_cpu_configuration(capsys):
         assert row["memory_after_gb"] is not None and row["memory_before_gb"] is not None
     assert "VAE tiles" in rows["vae-tiling"]["note"]
     assert "attention sliced" in rows["sliced"]["note"] and "refiner" in rows["refiner"]["note"]
+    assert "int8" in rows["int8"]["note"] or "int8" in rows["int8"]["configuration"]
 
 
 def test_selftest_fails_and_says_why_when_a_configuration_is_broken(capsys, monkeypatch):
@@ -61,10 +62,11 @@ def test_selftest_bad_input_names_the_field(capsys, monkeypatch):
 @pytest.mark.parametrize("probe,device,runs,not_here", [
     ("cpu_avx2_no_bf16", "cpu", CPU_KEYS, {"fp16": "not offered on CPU", "xformers": "CUDA-only"}),
     ("rtx4090_24gb", "cuda", {"fp16", "bf16", "sliced", "refiner", "offload-model", "offload-sequential",
-                              "vae-tiling", "xformers", "compile", "stop"}, {"fp32": "GPUs use fp16"}),
+                              "vae-tiling", "xformers", "fast", "compile", "stop"},
+     {"fp32": "GPUs use fp16", "int8": "CPU only"}),
     ("h100_80gb", "cuda", {"fp16", "bf16", "sliced", "refiner", "offload-model", "offload-sequential",
-                           "vae-tiling", "compile", "stop"}, {"xformers": "kernel did not run"}),
-    ("apple_m2_pro", "mps", {"fp16", "refiner", "vae-tiling", "compile", "stop"},
+                           "vae-tiling", "fast", "compile", "stop"}, {"xformers": "kernel did not run"}),
+    ("apple_m2_pro", "mps", {"fp16", "refiner", "vae-tiling", "fast", "compile", "stop"},
      {"sliced": "InvokeAI #7049", "offload-model": "CUDA only"}),
 ])
 def test_which_configurations_run_follows_the_probe(probe, device, runs, not_here):
