@@ -506,7 +506,7 @@ class MemoryCheck(Unit):
                 f"memory: the model needs ~{est.weights_gb + est.refiner_gb + est.overhead_gb:.1f} GB "
                 f"({v['dtype']} weights{' + refiner' if v['refiner'] else ''}), {ctx.where}; try closing other "
                 f"programs, {'--use-refiner off, ' if v['refiner'] else ''}"
-                f"{'--precision bf16, ' if v['dtype'] == 'float32' else ''}or --model tiny to test the app")
+                f"{'--precision bf16, ' if v['dtype'] == 'float32' else ''}or --model demo to try the app offline")
         v["memory_needed_gb"], v["memory_available_gb"] = round(est.total_gb, 2), ctx.available
         ctx.reasons["memory"] = (
             f"~{est.total_gb:.1f} GB needed (weights {est.weights_gb:.1f}, refiner {est.refiner_gb:.1f}, "
