@@ -218,7 +218,8 @@ class GuidanceInterval(PipelineCallback):
                                    "attach(pipe) (or `with interval.attached(pipe):`) around the pipeline call")
             if i == 0:
                 self.reset()
-        elif self._pipe is not pipeline or i != self._calls - 1:
+        elif getattr(self._pipe, "unet", None) is not pipeline.unet or i != self._calls - 1:
+            # (the same UNet, not necessarily the same object: a wrapper around the pipeline may have been attached)
             raise RuntimeError(f"guidance interval: step {i} after {self._calls} UNet calls of this run: attach it "
                                "to the pipeline it runs in, and reset() it before each pipeline call")
         run = self._run
