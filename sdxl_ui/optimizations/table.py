@@ -571,7 +571,7 @@ class SchedulerRow(Unit):
 
         return [OptimizationRow("scheduler", Status.ACTIVE,
                                 "per request: " + "; ".join(f"{q.value}: {SAMPLER_LABELS[p.scheduler]}, {p.steps} steps"
-                                                            for q, p in PRESETS.items()) + " (Advanced: any)")]
+                                                            for q, p in PRESETS.items()) + " (any sampler can be picked per request)")]
 
     def live(self, live):
         return [OptimizationRow("scheduler", Status.ACTIVE, type(live.base.scheduler).__name__)]

@@ -283,7 +283,8 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
                           api_visibility="private")
 
         def generate(prompt_text, negative_text, quality_label, n_steps, cfg, seed_value, n_images, size_label,
-                     w, h, sched, cache_value, interval_value, session_history, request: gr.Request):
+                     w, h, sched, cache_value="auto", interval_value="auto", session_history=None,
+                     request: gr.Request = None):
             lines = ["⏳ Request received"]
             yield {log_pane: log_html(lines), progress: progress_html(0, "starting…"), preview: None}
             try:
