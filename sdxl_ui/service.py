@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .backends import CancelToken  # noqa: F401 - the seam's token; still importable from here
 from .metadata import ImageParameters, save_png
 from .models import LoadedModels, ModelLoadError, ModelSource, check_source, load_models, resolve_source
 from .policy import PlanError, adjust_plan, make_plan
@@ -53,18 +54,6 @@ LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
 
 class Cancelled(Exception):
     pass
-
-
-class CancelToken:
-    def __init__(self):
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
 
 
 def check_output_path(path: str | Path) -> Path:
@@ -235,6 +224,8 @@ def memory_advice(device: str) -> str:
 
 class GenerationService:
     """Owns the loaded model (loaded once, reused) and runs one generation at a time."""
+
+    concurrency = 1  # the seam (backends.Backend): one job at a time on this process's device
 
     def __init__(self, settings: AppSettings | None = None, probe: HardwareProbe | None = None,
                  probe_fn: Callable[[], HardwareProbe] | None = None, source: ModelSource | None = None,

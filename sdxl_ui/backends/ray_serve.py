@@ -1,0 +1,589 @@
+"""RayBackend: the same seam as the in-process service, served by Ray Serve replicas (one device each).
+
+Layout (issue 14):
+
+* ``Worker`` is the deployment's body. Each replica owns one device (``num_gpus=1``, or a CPU share) and runs an
+  ordinary ``GenerationService`` on it: load, plan, read-back report, generate, cancel. Its ``generate`` is an
+  async generator: the page's events (log lines, per-step progress with ETA and previews, results) are yielded as
+  they come, as the same typed dataclasses, pickled by Ray. ``max_ongoing_requests=1``: one job per replica.
+* ``Registry`` is a small actor the replicas report to every ``HEARTBEAT_S`` (node, pid, device, model, state and
+  the optimization report read back from their own pipeline), so the status panel can list each replica: a
+  deployment handle routes to *some* replica and cannot ask a chosen one.
+* ``RayBackend`` is what the page, the CLI and the API hold. It starts a local Ray instance (``--workers N``) or
+  connects to a cluster (``--ray-address``), deploys the workers, sends each job through
+  ``handle.options(stream=True)`` and turns Stop into ``DeploymentResponseGenerator.cancel()``, which raises
+  ``CancelledError`` inside the replica's generator; the replica then sets the job's CancelToken and the run ends
+  within one step. ``shutdown()`` stops what it started and nothing else.
+
+Ray is imported only here, only when this backend is used (``requirements-serve.txt``).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+from ..schema import ErrorEvent, GenerationRequest, LogEvent, ProgressEvent, ResultEvent
+from ..settings import AppSettings, DeviceChoice
+from . import CancelToken
+
+log = logging.getLogger("sdxl_ui")
+
+NAMESPACE = "sdxl_ui"
+DEPLOYMENT = "SDXLWorker"
+HEARTBEAT_S = 1.0  # how often a replica reports its state to the registry
+STALE_S = 6.0  # a replica silent this long is gone (killed, or its node lost); Ray starts a replacement
+FAILED_SHOWN_S = 600.0  # a replica that could not load its model stays in the status panel this long
+
+
+# ---------------------------------------------------------------- replica side
+
+class Registry:
+    """Per-replica reports, keyed by replica id; times are the registry's own clock (nodes' clocks differ)."""
+
+    def __init__(self):
+        self._reports: dict[str, dict] = {}
+        self._seen: dict[str, float] = {}
+
+    def update(self, replica: str, report: dict) -> None:
+        self._reports[replica] = report
+        self._seen[replica] = time.monotonic()
+
+    def snapshot(self) -> list[dict]:
+        now = time.monotonic()
+        out = []
+        for replica, report in list(self._reports.items()):
+            age = now - self._seen[replica]
+            if report.get("state") == "error":
+                if age > FAILED_SHOWN_S:
+                    del self._reports[replica], self._seen[replica]
+                    continue
+            elif report.get("state") == "stopped" or age > STALE_S * 10:
+                del self._reports[replica], self._seen[replica]
+                continue
+            out.append({**report, "age_s": round(age, 1)})
+        return out
+
+
+class Worker:
+    """One replica: one device, one ``GenerationService``, one job at a time.
+
+    The model loads in the constructor, so a replica takes jobs only once it is loaded; one that cannot load
+    reports why to the registry and raises, so Ray never routes a job to it (and retries it a few times)."""
+
+    def __init__(self, settings: AppSettings, registry_name: str):
+        import ray
+        from ray import serve
+
+        from ..service import GenerationService
+
+        self._registry = ray.get_actor(registry_name, namespace=NAMESPACE)
+        context = serve.get_replica_context()
+        self._replica = context.replica_id.unique_id
+        self._node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+        self._pid = os.getpid()
+        self._service = GenerationService(settings)
+        self._state = "loading"
+        self._jobs = 0
+        self._stop = threading.Event()
+        self._report_now()
+        threading.Thread(target=self._heartbeat, name="sdxl-heartbeat", daemon=True).start()
+        try:
+            self._service.check_model()
+            self._service.ensure_loaded()
+        except Exception as exc:  # noqa: BLE001 - reported to the status panel, then the replica fails to start
+            self._state = "error"
+            self._error = f"{type(exc).__name__}: {exc}" if not str(exc).startswith(("model", "memory")) else str(exc)
+            self._stop.set()
+            self._report_now()
+            log.error("replica %s on %s could not load its model: %s", self._replica, self._node, exc)
+            raise
+        self._state = "idle"
+        self._report_now()
+        log.info("replica %s on %s ready (pid %d)", self._replica, self._node, self._pid)
+
+    # -- status
+    def _report(self) -> dict:
+        try:
+            status = self._service.status()
+        except Exception as exc:  # noqa: BLE001 - a status read must never kill the heartbeat
+            status = {"state": "error", "message": f"status failed: {exc}"}
+        state = self._state
+        return {**status, "replica": self._replica, "node": self._node, "pid": self._pid,
+                "state": state, "jobs": self._jobs,
+                "message": getattr(self, "_error", None) if state == "error" else status.get("message")}
+
+    def _report_now(self) -> None:
+        try:
+            self._registry.update.remote(self._replica, self._report())
+        except Exception:  # noqa: BLE001 - the registry went away (app shutting down)
+            log.debug("registry update failed", exc_info=True)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            self._report_now()
+
+    # -- jobs
+    async def generate(self, request: GenerationRequest, output_path: str | None = None):
+        """The job's events, as the in-process service yields them, after one line naming this replica."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        done = object()
+        token = CancelToken()
+
+        def pump():
+            try:
+                for event in self._service.generate(request, cancel=token, output_path=output_path):
+                    loop.call_soon_threadsafe(events.put_nowait, event)
+            except BaseException as exc:  # noqa: BLE001 - becomes the job's error event
+                log.exception("replica %s: job failed", self._replica)
+                loop.call_soon_threadsafe(events.put_nowait, ErrorEvent(
+                    f"Generation failed on worker {self._replica}: {type(exc).__name__}: {str(exc)[:300]}",
+                    "runtime"))
+            finally:
+                loop.call_soon_threadsafe(events.put_nowait, done)
+
+        self._state = "busy"
+        self._jobs += 1
+        self._report_now()
+        thread = threading.Thread(target=pump, name="sdxl-replica-job", daemon=True)
+        thread.start()
+        try:
+            yield LogEvent(f"🖥 Worker {self._replica} on {self._node}, pid {self._pid}, "
+                           f"{self._device_label()}")
+            while True:
+                event = await events.get()
+                if event is done:
+                    break
+                yield event
+        finally:
+            # Normal end, or the caller cancelled the streaming response (Stop, closed tab): Serve raises
+            # CancelledError at the await above. The run then stops within one step.
+            token.cancel()
+            # The state is idle once this job's thread has let go of the device (a cancelled run finishes its
+            # current step first), read by the next heartbeat.
+            threading.Thread(target=self._idle_after, args=(thread,), daemon=True).start()
+
+    def _idle_after(self, thread: threading.Thread) -> None:
+        thread.join()
+        if self._state == "busy":
+            self._state = "idle"
+        self._report_now()
+
+    def _device_label(self) -> str:
+        try:
+            plan = self._service.plan
+            return f"{plan.device.upper()} {plan.dtype}"
+        except Exception:  # noqa: BLE001
+            return "device ?"
+
+    def pid(self) -> int:
+        return self._pid
+
+    def __del__(self):
+        # Serve calls this on graceful shutdown: let a running job finish its step and any image being saved.
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+            self._service.shutdown(30.0)
+            self._state = "stopped"
+            self._report_now()
+
+
+# ---------------------------------------------------------------- front-end side
+
+def _absolute_settings(settings: AppSettings, threads: int) -> AppSettings:
+    """Replicas run in other processes (other folders, other machines): paths are made absolute here, and each CPU
+    replica gets threads for its own CPU share instead of all the machine's cores."""
+    changes: dict = {"outputs": Path(settings.outputs).expanduser().absolute()}
+    model = str(settings.model)
+    if model.startswith(("/", "~", ".")) or Path(model).exists():
+        changes["model"] = str(Path(model).expanduser().absolute())
+    if threads and not settings.threads:
+        changes["threads"] = threads
+    return settings.with_(**changes)
+
+
+def default_workers(probe=None) -> int:
+    """One replica per GPU on this machine; one on a machine without a usable GPU."""
+    if probe is None:
+        from ..device import probe_hardware
+
+        probe = probe_hardware()
+    if probe.cuda.available and probe.cuda.kernel_ok is not False:
+        try:
+            import torch
+
+            return max(1, torch.cuda.device_count())
+        except Exception:  # noqa: BLE001
+            return 1
+    return 1
+
+
+class RayBackend:
+    """Jobs go to Ray Serve replicas; the page, the CLI and the API see the same seam as the local service."""
+
+    def __init__(self, settings: AppSettings, workers: int | None = None, address: str | None = None,
+                 cpus_per_worker: float = 1.0, use_gpus: bool | None = None, app_name: str = "sdxl_ui",
+                 ray_init: dict | None = None, probe=None):
+        if workers is not None and workers < 1:
+            from ..schema import ValidationError
+
+            raise ValidationError("workers", workers, "must be 1 or more")
+        if cpus_per_worker <= 0:
+            from ..schema import ValidationError
+
+            raise ValidationError("worker_cpus", cpus_per_worker, "must be more than 0")
+        self.settings = settings
+        self._workers = workers
+        self._address = address
+        self._cpus = cpus_per_worker
+        self._use_gpus = use_gpus
+        self._app = app_name
+        self._ray_init = dict(ray_init or {})
+        self._probe = probe
+        self._local_service = None  # for the form's cheap questions (native size, steps policy): no model load
+        self._handle = None
+        self._registry = None
+        self._started_ray = False
+        self._started_serve = False
+        self._closing = False
+        self._active: dict[CancelToken, threading.Event] = {}
+        self._lock = threading.Lock()
+        self.concurrency = workers or 1
+
+    # ------------------------------------------------------------ start / stop
+    def start(self) -> "RayBackend":
+        """Start (or join) Ray, start Serve if it is not running, deploy the workers; returns at once while the
+        replicas load (the status panel follows them)."""
+        import ray
+        from ray import serve
+
+        if self._address:
+            ray.init(address=self._address, namespace=NAMESPACE, **self._ray_init)
+        else:
+            gpus = self._gpus_per_worker() if self._workers is None else None
+            workers = self._workers or (default_workers(self._probe) if gpus is None or gpus else 1)
+            self._workers = workers
+            kwargs = {"include_dashboard": False, "namespace": NAMESPACE, "log_to_driver": False}
+            kwargs.update(self._ray_init)
+            kwargs.setdefault("num_cpus", max(os.cpu_count() or 1, math.ceil(workers * self._cpus)))
+            ray.init(address="local", **kwargs)
+            self._started_ray = True
+        if self._workers is None:  # an existing cluster: one replica per GPU in it, else one
+            self._workers = int(ray.cluster_resources().get("GPU", 0)) or 1
+        self.concurrency = self._workers
+        self._started_serve = not _serve_running()
+        serve.start(proxy_location="Disabled")
+        registry_name = f"{self._app}-registry"
+        self._registry = ray.remote(num_cpus=0)(Registry).options(name=registry_name, namespace=NAMESPACE,
+                                                                   get_if_exists=True).remote()
+        self._deploy(registry_name)
+        log.info("Ray Serve: %d worker replica(s) starting (%s)", self._workers,
+                 f"cluster {self._address}" if self._address else "local Ray on this machine")
+        return self
+
+    def _gpus_per_worker(self) -> float:
+        if self._use_gpus is False or self.settings.device in (DeviceChoice.CPU, DeviceChoice.MPS):
+            return 0
+        if self._address:
+            import ray
+
+            return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        return 1 if default_workers(self._probe) >= 1 and self._has_gpu() else 0
+
+    def _has_gpu(self) -> bool:
+        try:
+            probe = self._probe
+            if probe is None:
+                from ..device import probe_hardware
+
+                probe = self._probe = probe_hardware()
+            return bool(probe.cuda.available and probe.cuda.kernel_ok is not False)
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _deploy(self, registry_name: str) -> None:
+        from ray import serve
+
+        gpus = self._gpus_per_worker()
+        settings = self.settings
+        if not gpus and settings.device is DeviceChoice.AUTO:
+            settings = settings.with_(device="cpu")  # a replica without a GPU share must not find one
+        settings = _absolute_settings(settings, threads=0 if gpus else max(1, int(self._cpus)))
+        options = {"num_cpus": 0 if gpus else self._cpus, "num_gpus": gpus}
+        deployment = serve.deployment(
+            Worker, name=DEPLOYMENT, num_replicas=self._workers, max_ongoing_requests=1,
+            ray_actor_options=options, health_check_period_s=2.0, graceful_shutdown_timeout_s=60.0,
+            max_constructor_retry_count=3 * self._workers)
+        serve.run_many([serve.RunTarget(deployment.bind(settings, registry_name), name=self._app,
+                                        route_prefix=None)],
+                       wait_for_applications_running=False)
+        self._handle = serve.get_deployment_handle(DEPLOYMENT, app_name=self._app).options(stream=True)
+
+    def shutdown(self, timeout: float = 120.0) -> bool:
+        """No new jobs; the running ones stop at their next step; then remove what this app started: its Serve
+        application and registry always, Serve itself and the Ray instance only if it started them."""
+        import ray
+        from ray import serve
+
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._closing = True
+            running = dict(self._active)
+        for token in running:
+            token.cancel()
+        for finished in running.values():
+            finished.wait(max(0.0, deadline - time.monotonic()))
+        clean = all(finished.is_set() for finished in running.values())
+        if not ray.is_initialized():
+            return clean
+        try:
+            # graceful: each replica's __del__ lets a job that is saving an image finish it
+            serve.delete(self._app)
+            if self._started_serve and not serve.status().applications:
+                serve.shutdown()
+            if self._registry is not None:
+                ray.kill(self._registry)
+        except Exception:  # noqa: BLE001 - the cluster may already be gone
+            log.warning("Ray Serve: could not remove the application cleanly", exc_info=True)
+            clean = False
+        if self._started_ray or self._address:
+            ray.shutdown()  # a local instance we started stops; from a cluster we only disconnect
+        return clean
+
+    # ------------------------------------------------------------ the form's questions (no model load)
+    @property
+    def _local(self):
+        if self._local_service is None:
+            from ..service import GenerationService
+
+            device_settings = self.settings if self._has_gpu() else self.settings.with_(device="cpu")
+            self._local_service = GenerationService(device_settings, probe_fn=self._probe_or_probe)
+        return self._local_service
+
+    def _probe_or_probe(self):
+        if self._probe is None:
+            from ..device import probe_hardware
+
+            self._probe = probe_hardware()
+        return self._probe
+
+    def native_size(self) -> int:
+        return self._local.native_size()
+
+    def steps_note(self, requested: int) -> str:
+        return self._local.steps_note(requested)
+
+    def check_model(self):
+        return self._local.check_model()
+
+    @property
+    def plan(self):
+        return self._local.plan
+
+    @property
+    def source(self):
+        return self._local.source
+
+    def preload_in_background(self):
+        return None  # the replicas load their models themselves, in their constructors
+
+    def reconfigure(self, settings: AppSettings) -> None:
+        """Another model for every replica (the operator's 'continue with the demo model'): Serve replaces the
+        replicas with ones built with the new settings."""
+        self.settings = settings
+        self._local_service = None
+        self._deploy(f"{self._app}-registry")
+
+    # ------------------------------------------------------------ status
+    def replicas(self) -> list[dict]:
+        import ray
+
+        if self._registry is None:
+            return []
+        try:
+            reports = ray.get(self._registry.snapshot.remote(), timeout=5)
+        except Exception as exc:  # noqa: BLE001
+            return [{"replica": "?", "state": "error", "message": f"registry unreachable: {exc}"}]
+        for report in reports:
+            if report.get("state") not in ("error", "stopped") and report.get("age_s", 0) > STALE_S:
+                report["state"] = "gone"
+                report["message"] = (f"no report for {report['age_s']:.0f} s: the replica died or its node is "
+                                     "unreachable; Ray starts a replacement")
+        return sorted(reports, key=lambda r: (r.get("node", ""), str(r.get("replica"))))
+
+    def _app_status(self) -> tuple[str, str]:
+        from ray import serve
+
+        try:
+            app = serve.status().applications.get(self._app)
+        except Exception as exc:  # noqa: BLE001
+            return "UNKNOWN", str(exc)
+        if app is None:
+            return "NOT_STARTED", ""
+        return str(getattr(app.status, "value", app.status)), app.message or ""
+
+    def status(self) -> dict:
+        """The page's status panel: one line for the whole pool, then each replica with its own read-back report
+        (replicas on different hardware can differ)."""
+        replicas = self.replicas()
+        ready = [r for r in replicas if r.get("state") in ("idle", "busy")]
+        failed = [r for r in replicas if r.get("state") == "error"]
+        app_state, app_message = self._app_status()
+        first = ready[0] if ready else (replicas[0] if replicas else {})
+        if ready:
+            state = "loaded"
+        elif failed and app_state in ("DEPLOY_FAILED", "UNHEALTHY"):
+            state = "error"
+        else:
+            state = "loading…"
+        devices = sorted({f"{r.get('device', '?')}" for r in ready}) or ["?"]
+        message = None
+        if failed:
+            message = (f"{len(failed)} replica(s) could not load the model and get no jobs: "
+                       f"{failed[-1].get('message')}")
+        elif not ready and app_state == "DEPLOY_FAILED":
+            message = app_message
+        return {
+            "model": self.settings.model, "note": first.get("note"),
+            "device": f"{len(ready)}/{self._workers} replicas ready ({', '.join(devices)})",
+            "dtype": first.get("dtype", "?"), "state": state, "message": message, "rows": [],
+            "source": first.get("source"), "replicas": replicas, "backend": "ray",
+        }
+
+    # ------------------------------------------------------------ jobs
+    def generate(self, request: GenerationRequest, cancel: CancelToken | None = None,
+                 output_path: str | Path | None = None) -> Iterator[object]:
+        cancel = cancel or CancelToken()
+        finished = threading.Event()
+        with self._lock:
+            closing = self._closing
+            if not closing:
+                self._active[cancel] = finished
+        if closing:
+            yield ErrorEvent("the app is shutting down and takes no new jobs", "busy")
+            return
+        try:
+            yield from self._generate(request, cancel, output_path)
+        finally:
+            finished.set()
+            with self._lock:
+                self._active.pop(cancel, None)
+
+    def _wait_for_a_replica(self, cancel: CancelToken) -> Iterator[object]:
+        """Until a replica has loaded its model: say so every few seconds; an error if none can."""
+        said = 0.0
+        start = time.monotonic()
+        while True:
+            replicas = self.replicas()
+            if any(r.get("state") in ("idle", "busy") for r in replicas):
+                return
+            app_state, app_message = self._app_status()
+            failed = [r for r in replicas if r.get("state") == "error"]
+            if app_state in ("DEPLOY_FAILED", "UNHEALTHY") and not any(
+                    r.get("state") == "loading" for r in replicas):
+                reason = failed[-1].get("message") if failed else app_message
+                yield ErrorEvent(f"No worker could load the model: {reason}", "model")
+                return
+            if cancel.cancelled:
+                yield ErrorEvent("cancelled while waiting for a worker", "cancelled")
+                return
+            waited = time.monotonic() - start
+            if waited - said >= 3.0 or said == 0.0:
+                said = waited or 0.001
+                yield LogEvent(f"Waiting for a worker to load the model ({waited:.0f} s)…")
+            cancel.wait(1.0)
+
+    def _generate(self, request, cancel, output_path) -> Iterator[object]:
+        for event in self._wait_for_a_replica(cancel):
+            yield event
+            if isinstance(event, ErrorEvent):
+                return
+        out = str(Path(output_path).expanduser().absolute()) if output_path is not None else None
+        for attempt in (1, 2):
+            received = 0
+            last_progress: ProgressEvent | None = None
+            results = 0
+            worker = "?"
+            response = self._handle.generate.remote(request, out)
+            watcher_done = threading.Event()
+            threading.Thread(target=_cancel_on, args=(cancel, response, watcher_done), daemon=True).start()
+            try:
+                for event in response:
+                    received += 1
+                    if isinstance(event, LogEvent):
+                        if received == 1:
+                            worker = event.message.split(" on ")[0].removeprefix("🖥 Worker ")
+                        log.log(logging.WARNING if event.level == "warning" else logging.INFO, "[%s] %s",
+                                worker, event.message)
+                    elif isinstance(event, ProgressEvent):
+                        last_progress = event
+                    elif isinstance(event, ResultEvent):
+                        results += 1
+                    yield event
+                return
+            except GeneratorExit:  # the consumer went away (closed tab): stop the job within one step
+                response.cancel()
+                raise
+            except Exception as exc:  # noqa: BLE001 - sorted below: cancelled, or the worker failed
+                if cancel.cancelled or _is_cancellation(exc):
+                    done = f"{last_progress.step}/{last_progress.total}" if last_progress else "0/?"
+                    msg = f"cancelled at step {done}"
+                    log.info("[%s] ⏹ %s", worker, msg)
+                    yield LogEvent(f"⏹ {msg}")
+                    yield ErrorEvent(msg, "cancelled")
+                    return
+                if received == 0 and attempt == 1:
+                    # Nothing ran (the replica died before it took the job): another replica can take it.
+                    log.warning("Ray Serve: job not started (%s: %s); sending it again", type(exc).__name__, exc)
+                    yield LogEvent("⚠ The worker chosen for this job was lost before it started; trying another…",
+                                   "warning")
+                    continue
+                where = f"at step {last_progress.step}/{last_progress.total}" if last_progress else "before its first step"
+                kept = f"; the {results} image(s) already sent were saved" if results else ""
+                msg = (f"The worker running this job ({worker}) stopped {where} ({type(exc).__name__}). "
+                       f"Nothing more was saved{kept}. Ray restarts the worker; try again.")
+                log.error("Ray Serve: %s — %s", msg, str(exc).splitlines()[0][:300] if str(exc) else "")
+                yield ErrorEvent(msg, "runtime")
+                return
+            finally:
+                watcher_done.set()
+
+
+def _cancel_on(cancel: CancelToken, response, done: threading.Event) -> None:
+    """Stop (the job's CancelToken) cancels the streaming response; Serve then cancels the replica's generator."""
+    while not done.is_set():
+        if cancel.wait(0.1):
+            if not done.is_set():
+                response.cancel()
+            return
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    import concurrent.futures
+
+    from ray.exceptions import TaskCancelledError
+    from ray.serve.exceptions import RequestCancelledError
+
+    return isinstance(exc, (TaskCancelledError, RequestCancelledError, asyncio.CancelledError,
+                            concurrent.futures.CancelledError))
+
+
+def _serve_running() -> bool:
+    import ray
+
+    try:
+        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        return True
+    except ValueError:
+        return False
+
+
+__all__ = ["RayBackend", "Worker", "Registry", "default_workers"]
