@@ -39,6 +39,14 @@ def parse_args(argv=None):
                              "without a login: whoever connects from this machine). Env SDXL_UI_OPERATOR")
     parser.add_argument("--queue-size", type=int, default=16, help="waiting jobs before 'queue full'")
     parser.add_argument("--max-jobs-per-user", type=int, default=0, help="0 = unlimited")
+    serving = parser.add_argument_group("serving a team (Ray Serve, requirements-serve.txt; README: Serving a team)")
+    serving.add_argument("--workers", type=int, default=None, metavar="N",
+                         help="start a local Ray instance with N worker replicas, one job each at a time "
+                              "(0 = one per GPU, or one on a machine without a GPU)")
+    serving.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                         help="use an existing Ray cluster (`ray start --head` …), e.g. 10.0.0.5:6379 or auto")
+    serving.add_argument("--worker-cpus", type=float, default=1.0, metavar="CPUS",
+                         help="CPU share of each worker replica that runs on the CPU (default 1)")
     return parser.parse_args(argv)
 
 
@@ -100,7 +108,17 @@ def main(argv=None) -> int:
     from sdxl_ui.ui.access import Access, LoginThrottle, LoginThrottleMiddleware
     from sdxl_ui.ui.render import CSS
 
-    service = GenerationService(settings)
+    if args.workers is not None or args.ray_address:
+        from sdxl_ui.backends.ray_serve import RayBackend
+
+        try:  # the same seam as GenerationService: the page cannot tell them apart
+            service = RayBackend(settings, workers=args.workers or None, address=args.ray_address,
+                                 cpus_per_worker=args.worker_cpus)
+        except ValidationError as exc:
+            log.error("error: %s", exc)
+            return EXIT_BAD_INPUT
+    else:
+        service = GenerationService(settings)
     try:
         # A --model that does not exist or is not SDXL: said now, not in the page. (A hub id passes: whether it
         # can be downloaded shows in the page's status panel, which then offers the demo model.)
@@ -115,6 +133,12 @@ def main(argv=None) -> int:
             return EXIT_BAD_INPUT
         # Too little memory: the page says so in its status panel (and offers the demo model).
 
+    if hasattr(service, "start"):  # the Ray backend: start or join Ray, deploy the workers (they load meanwhile)
+        try:
+            service.start()
+        except Exception as exc:  # noqa: BLE001 - e.g. no cluster at --ray-address
+            log.error("error: Ray Serve could not start: %s: %s", type(exc).__name__, exc)
+            return 1
     config = UIConfig(queue_size=args.queue_size, max_jobs_per_user=args.max_jobs_per_user,
                       access=Access(login=auth is not None, operator=operator))
     if args.share:

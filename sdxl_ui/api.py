@@ -24,12 +24,18 @@ log = logging.getLogger("sdxl_ui")
 
 
 class ImageService:
-    def __init__(self, model: str | None = None, settings: AppSettings | None = None, **setting_overrides):
+    def __init__(self, model: str | None = None, settings: AppSettings | None = None, backend=None,
+                 **setting_overrides):
+        """``backend``: any implementation of the generation seam (``sdxl_ui.backends.Backend``), e.g. a started
+        ``RayBackend``; default: the in-process service with these settings."""
         from .service import GenerationService
 
-        if settings is None:
-            settings = AppSettings.from_env(model=model, **setting_overrides)
-        self.service = GenerationService(settings)
+        if backend is not None:
+            self.service = backend
+        else:
+            if settings is None:
+                settings = AppSettings.from_env(model=model, **setting_overrides)
+            self.service = GenerationService(settings)
         self.last_result: ResultEvent | None = None
         self.last_error: str | None = None
 

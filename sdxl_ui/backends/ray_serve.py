@@ -99,9 +99,12 @@ class Worker:
             self._service.ensure_loaded()
         except Exception as exc:  # noqa: BLE001 - reported to the status panel, then the replica fails to start
             self._state = "error"
-            self._error = f"{type(exc).__name__}: {exc}" if not str(exc).startswith(("model", "memory")) else str(exc)
+            self._error = f"replica on {self._node}: {str(exc).strip() or type(exc).__name__}"
             self._stop.set()
-            self._report_now()
+            try:  # delivered before the replica fails: a report sent fire-and-forget dies with the process
+                ray.get(self._registry.update.remote(self._replica, self._report()), timeout=10)
+            except Exception:  # noqa: BLE001
+                log.warning("could not report the load failure to the registry", exc_info=True)
             log.error("replica %s on %s could not load its model: %s", self._replica, self._node, exc)
             raise
         self._state = "idle"
@@ -189,11 +192,12 @@ class Worker:
     def __del__(self):
         # Serve calls this on graceful shutdown: let a running job finish its step and any image being saved.
         stop = getattr(self, "_stop", None)
-        if stop is not None:
-            stop.set()
-            self._service.shutdown(30.0)
-            self._state = "stopped"
-            self._report_now()
+        if stop is None or getattr(self, "_state", None) == "error":  # a failed load stays reported
+            return
+        stop.set()
+        self._service.shutdown(30.0)
+        self._state = "stopped"
+        self._report_now()
 
 
 # ---------------------------------------------------------------- front-end side
@@ -240,6 +244,15 @@ class RayBackend:
             from ..schema import ValidationError
 
             raise ValidationError("worker_cpus", cpus_per_worker, "must be more than 0")
+        try:
+            import ray  # noqa: F401
+            from ray import serve  # noqa: F401
+        except ImportError as exc:
+            from ..schema import ValidationError
+
+            raise ValidationError("workers", workers if address is None else address,
+                                  f"needs Ray Serve, which is not installed ({exc}): "
+                                  "pip install -r requirements-serve.txt") from None
         self.settings = settings
         self._workers = workers
         self._address = address
@@ -253,6 +266,7 @@ class RayBackend:
         self._registry = None
         self._started_ray = False
         self._started_serve = False
+        self._joined = False
         self._closing = False
         self._active: dict[CancelToken, threading.Event] = {}
         self._lock = threading.Lock()
@@ -265,11 +279,14 @@ class RayBackend:
         import ray
         from ray import serve
 
-        if self._address:
+        if ray.is_initialized():  # this process already joined or started Ray (e.g. a second app): use it as is
+            pass
+        elif self._address:
             ray.init(address=self._address, namespace=NAMESPACE, **self._ray_init)
+            self._joined = True
         else:
-            gpus = self._gpus_per_worker() if self._workers is None else None
-            workers = self._workers or (default_workers(self._probe) if gpus is None or gpus else 1)
+            # default: one replica per GPU of this machine; one on a machine without a usable GPU
+            workers = self._workers or (default_workers(self._probe) if self._gpus_per_worker() else 1)
             self._workers = workers
             kwargs = {"include_dashboard": False, "namespace": NAMESPACE, "log_to_driver": False}
             kwargs.update(self._ray_init)
@@ -296,7 +313,7 @@ class RayBackend:
             import ray
 
             return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        return 1 if default_workers(self._probe) >= 1 and self._has_gpu() else 0
+        return 1 if self._has_gpu() else 0
 
     def _has_gpu(self) -> bool:
         try:
@@ -354,7 +371,7 @@ class RayBackend:
         except Exception:  # noqa: BLE001 - the cluster may already be gone
             log.warning("Ray Serve: could not remove the application cleanly", exc_info=True)
             clean = False
-        if self._started_ray or self._address:
+        if self._started_ray or (self._address and self._joined):
             ray.shutdown()  # a local instance we started stops; from a cluster we only disconnect
         return clean
 
@@ -379,14 +396,25 @@ class RayBackend:
         return self._local.native_size()
 
     def steps_note(self, requested: int) -> str:
-        return self._local.steps_note(requested)
+        # The steps policy depends on the device: this machine's plan is the workers' plan only when they run
+        # here. On a cluster each replica plans for its own hardware (its log says "50 → 35 on CPU" if so).
+        return "" if self._address else self._local.steps_note(requested)
 
     def check_model(self):
         return self._local.check_model()
 
     @property
     def plan(self):
-        return self._local.plan
+        """This machine's plan (the workers' plan with --workers). On a cluster the replicas plan for their own
+        hardware, so a device this machine lacks is no error here."""
+        if not self._address:
+            return self._local.plan
+        from ..policy import PlanError
+
+        try:
+            return self._local.plan
+        except PlanError:
+            return None
 
     @property
     def source(self):

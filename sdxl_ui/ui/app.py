@@ -32,7 +32,7 @@ from ..schema import (
     Scheduler,
     ValidationError,
 )
-from ..service import CancelToken
+from ..backends import CancelToken
 from .access import Access
 from .render import log_html, progress_html, status_html
 
@@ -52,7 +52,7 @@ def _aspect_sizes(native: int) -> list[str]:
 
 CUSTOM = "Custom"
 QUALITY_LABELS = {"High quality": Quality.HIGH, "Fast": Quality.FAST}
-CONCURRENCY_ID = "device"  # one generation at a time on the device, whatever the session
+CONCURRENCY_ID = "device"  # one generation at a time per device (per worker replica), whatever the session
 
 
 @dataclass
@@ -176,6 +176,9 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
         for key in ("model", "message"):
             if isinstance(status.get(key), str):
                 status[key] = _public_text(status[key], service.settings)
+        for replica in status.get("replicas") or []:  # several workers (Ray backend): each one's own message
+            if isinstance(replica.get("message"), str):
+                replica["message"] = _public_text(replica["message"], service.settings)
         status["share"] = config.share_message
         return status_html(status)
 
@@ -358,7 +361,9 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
             [prompt, negative, quality, steps, guidance, seed, images, size, width, height, scheduler, cache_choice,
              interval_choice, history],
             [log_pane, progress, preview, output, used_seed, gallery, history, status_panel],
-            api_name="generate", concurrency_id=CONCURRENCY_ID, concurrency_limit=1, show_progress="minimal",
+            # One job per device: 1 for the in-process service, the number of replicas for the Ray backend.
+            api_name="generate", concurrency_id=CONCURRENCY_ID, concurrency_limit=getattr(service, "concurrency", 1),
+            show_progress="minimal",
             show_progress_on=[output],
             # The request's own validation names the field and the value in the log pane; gradio's component
             # checks would instead raise a bare error and print a traceback in the server log for each bad value.

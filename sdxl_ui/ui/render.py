@@ -34,6 +34,8 @@ def status_html(status: dict) -> str:
         parts.append(f'<div class="sdxl-warn">{e(status["message"])}</div>')
     if status.get("share"):
         parts.append(f'<div class="sdxl-share">{e(status["share"])}</div>')
+    if status.get("replicas") is not None:
+        parts.append(replicas_html(status["replicas"]))
     rows = status.get("rows") or []
     if rows:
         source = "read back from the loaded pipeline" if status.get("source") == "pipeline" else "planned"
@@ -43,6 +45,35 @@ def status_html(status: dict) -> str:
                          f"<td>{e(row['status'])}</td><td>{e(row['detail'])}</td></tr>")
         parts.append("</table></details>")
     parts.append("</div>")
+    return "".join(parts)
+
+
+def replicas_html(replicas: list[dict]) -> str:
+    """Several workers (Ray backend): one line per replica, each with its own read-back report, since replicas on
+    different hardware can differ."""
+    e = html.escape
+    parts = [f'<details open id="sdxl-replicas"><summary>Workers ({len(replicas)})</summary>'
+             '<table class="sdxl-report"><tr><th>replica</th><th>node</th><th>pid</th><th>device</th>'
+             '<th>model</th><th>state</th><th>jobs</th></tr>']
+    for r in replicas:
+        parts.append(f"<tr><td>{e(str(r.get('replica', '?')))}</td><td>{e(str(r.get('node', '?')))}</td>"
+                     f"<td>{e(str(r.get('pid', '?')))}</td>"
+                     f"<td>{e(str(r.get('device', '?')))} {e(str(r.get('dtype', '')))}</td>"
+                     f"<td>{e(str(r.get('model', '?')))}</td><td>{e(str(r.get('state', '?')))}</td>"
+                     f"<td>{e(str(r.get('jobs', '')))}</td></tr>")
+        if r.get("message"):
+            parts.append(f'<tr><td></td><td colspan="6" class="sdxl-warn">{e(str(r["message"]))}</td></tr>')
+        rows = r.get("rows") or []
+        if rows:
+            source = "read back from its pipeline" if r.get("source") == "pipeline" else "planned"
+            report = "; ".join(f"{STATUS_MARK.get(row['status'], '?')} {row['name']}" for row in rows)
+            parts.append(f'<tr><td></td><td colspan="6"><details><summary>report ({e(source)}): {e(report)}'
+                         "</summary><table>")
+            for row in rows:
+                parts.append(f"<tr><td>{STATUS_MARK.get(row['status'], '?')}</td><td>{e(row['name'])}</td>"
+                             f"<td>{e(row['status'])}</td><td>{e(row['detail'])}</td></tr>")
+            parts.append("</table></details></td></tr>")
+    parts.append("</table></details>")
     return "".join(parts)
 
 
