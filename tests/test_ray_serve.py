@@ -272,9 +272,10 @@ def test_a_replica_that_cannot_load_is_reported_gets_no_jobs_and_its_app_stops_o
     RELIABILITY["faults"].add("Ray replica cannot load its model")
 
 
-def test_app_flags_for_workers(capsys):
+def test_app_flags_for_workers(caplog):
     import app
 
     assert app.main(["--workers", "-1", "--model", "tiny"]) == 2
     assert app.main(["--workers", "2", "--worker-cpus", "0", "--model", "tiny"]) == 2
-    assert "worker_cpus: must be more than 0" in capsys.readouterr().err
+    assert "error: workers: must be 1 or more (got -1)" in caplog.text
+    assert "error: worker_cpus: must be more than 0 (got 0.0)" in caplog.text

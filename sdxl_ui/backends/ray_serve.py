@@ -364,8 +364,8 @@ class RayBackend:
         try:
             # graceful: each replica's __del__ lets a job that is saving an image finish it
             serve.delete(self._app)
-            if self._started_serve and not serve.status().applications:
-                serve.shutdown()
+            if self._started_serve and not self._started_ray and not serve.status().applications:
+                serve.shutdown()  # on a cluster: Serve only if this app started it and nothing else uses it
             if self._registry is not None:
                 ray.kill(self._registry)
         except Exception:  # noqa: BLE001 - the cluster may already be gone
