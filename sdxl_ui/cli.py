@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     add_technique_args(gen)
     gen.add_argument("--out", help="output .png (default: a new file under --outputs)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.add_argument("--ray-address", help="send the job to the workers that `app.py --ray-address` (or "
+                                           "--workers) deployed on this Ray cluster (README: Serving a team)")
 
     doc = sub.add_parser("doctor", help="print the hardware probe, the plan and the expected report")
     add_settings_args(doc)
@@ -172,7 +174,12 @@ def cmd_generate(args) -> int:
             guidance_interval=args.guidance_interval)
         # A relative --out is relative to the current folder, as in any shell tool (and the Python API).
         out = check_output_path(args.out) if args.out is not None else None
-        service = GenerationService(settings)
+        if getattr(args, "ray_address", None):  # the same seam, served by the team's Ray workers
+            from .backends.ray_serve import RayBackend
+
+            service = RayBackend(settings, address=args.ray_address, attach=True)
+        else:
+            service = GenerationService(settings)
         service.check_model()  # a missing or non-SDXL --model, before any work (and before the memory check)
     except ValidationError as exc:
         return _fail(str(exc), EXIT_BAD_INPUT, args.json, "validation")
@@ -182,6 +189,12 @@ def cmd_generate(args) -> int:
         service.plan  # noqa: B018 - --device/--attention this machine cannot honour, or too little memory
     except PlanError as exc:
         return _fail(str(exc), plan_error_code(exc), args.json, "settings")
+    if hasattr(service, "start"):
+        try:
+            service.start()
+        except Exception as exc:  # noqa: BLE001 - no cluster there, or no app deployed on it
+            return _fail(f"ray-address: no sdxl_ui workers reachable at {args.ray_address!r} "
+                         f"({type(exc).__name__}: {exc})", EXIT_FAIL, args.json, "runtime")
     results: list[ResultEvent] = []
     cancel = CancelToken()
     with _stop_on_signals(cancel):

@@ -137,6 +137,20 @@ def test_api_runs_on_the_ray_backend(pool, tmp_path):
     assert parse_parameters(read_parameters(tmp_path / "fox.png"))["Seed"] == "9"
 
 
+def test_cli_sends_a_job_to_the_running_workers(pool, tmp_path, capsys):
+    import json
+
+    from sdxl_ui import cli
+
+    out = tmp_path / "cli.png"
+    code = cli.main(["generate", "--ray-address", "auto", "--prompt", "from the cli", "--seed", "11", "--steps", "2",
+                     "--out", str(out), "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0 and data["seed"] == 11 and data["path"] == str(out)
+    assert parse_parameters(read_parameters(out))["Model"] == "tiny"
+    assert ray.is_initialized()  # attached to this process's Ray: left as it was
+
+
 def test_8_clients_2_jobs_each_through_the_page_none_lost_none_mixed(pool):
     from gradio_client import Client
 

@@ -235,7 +235,9 @@ class RayBackend:
 
     def __init__(self, settings: AppSettings, workers: int | None = None, address: str | None = None,
                  cpus_per_worker: float = 1.0, use_gpus: bool | None = None, app_name: str = "sdxl_ui",
-                 ray_init: dict | None = None, probe=None):
+                 ray_init: dict | None = None, probe=None, attach: bool = False):
+        """``attach=True``: use the workers an app already deployed on the cluster at ``address`` (the CLI sending
+        a job to the team's workers); nothing is deployed, and ``shutdown`` only disconnects."""
         if workers is not None and workers < 1:
             from ..schema import ValidationError
 
@@ -261,6 +263,7 @@ class RayBackend:
         self._app = app_name
         self._ray_init = dict(ray_init or {})
         self._probe = probe
+        self._attach = attach
         self._local_service = None  # for the form's cheap questions (native size, steps policy): no model load
         self._handle = None
         self._registry = None
@@ -293,12 +296,22 @@ class RayBackend:
             kwargs.setdefault("num_cpus", max(os.cpu_count() or 1, math.ceil(workers * self._cpus)))
             ray.init(address="local", **kwargs)
             self._started_ray = True
+        registry_name = f"{self._app}-registry"
+        if self._attach:
+            self._registry = ray.get_actor(registry_name, namespace=NAMESPACE)  # ValueError: no such app
+            self._handle = serve.get_deployment_handle(DEPLOYMENT, app_name=self._app).options(stream=True)
+            replicas = self.replicas()
+            self._workers = self.concurrency = max(1, len(replicas))
+            model = next((r["model"] for r in replicas if r.get("model")), None)
+            if model:  # the workers' model is the one that runs: name it (PNG, JSON, note)
+                self.settings = self.settings.with_(model=model)
+                self._local_service = None
+            return self
         if self._workers is None:  # an existing cluster: one replica per GPU in it, else one
             self._workers = int(ray.cluster_resources().get("GPU", 0)) or 1
         self.concurrency = self._workers
         self._started_serve = not _serve_running()
         serve.start(proxy_location="Disabled")
-        registry_name = f"{self._app}-registry"
         self._registry = ray.remote(num_cpus=0)(Registry).options(name=registry_name, namespace=NAMESPACE,
                                                                    get_if_exists=True).remote()
         self._deploy(registry_name)
@@ -360,6 +373,10 @@ class RayBackend:
             finished.wait(max(0.0, deadline - time.monotonic()))
         clean = all(finished.is_set() for finished in running.values())
         if not ray.is_initialized():
+            return clean
+        if self._attach:
+            if self._joined:
+                ray.shutdown()  # disconnect; the app that deployed the workers keeps them
             return clean
         try:
             # graceful: each replica's __del__ lets a job that is saving an image finish it
