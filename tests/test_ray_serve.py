@@ -187,7 +187,7 @@ def test_8_clients_2_jobs_each_through_the_page_none_lost_none_mixed(pool):
     for i, mine in outcomes.items():
         for seed, result in mine:
             log, _, _, image, used_seed, gallery = result[:6]
-            assert used_seed == seed and f"client {i} job" in log
+            assert used_seed == seed and f"client {i} job" in log and "🖥 Worker " in log, (i, seed, log[-2000:])
             workers.add(log.split("🖥 Worker ")[1].split(" ")[0])
             assert parse_parameters(read_parameters(image))["Seed"] == str(seed)
             paths.add(image)

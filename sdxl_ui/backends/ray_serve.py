@@ -123,14 +123,20 @@ class Worker:
                 "message": getattr(self, "_error", None) if state == "error" else status.get("message")}
 
     def _report_now(self) -> None:
+        """The full report (the optimization rows read back from the pipeline): at start, after the load, after
+        each job. Between those the heartbeat resends it with the current state only (cheap: no pipeline read)."""
+        self._last = self._report()
+        self._send(self._last)
+
+    def _send(self, report: dict) -> None:
         try:
-            self._registry.update.remote(self._replica, self._report())
+            self._registry.update.remote(self._replica, report)
         except Exception:  # noqa: BLE001 - the registry went away (app shutting down)
             log.debug("registry update failed", exc_info=True)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            self._report_now()
+            self._send({**self._last, "state": self._state, "jobs": self._jobs})
 
     # -- jobs
     async def generate(self, request: GenerationRequest, output_path: str | None = None):
@@ -154,7 +160,7 @@ class Worker:
 
         self._state = "busy"
         self._jobs += 1
-        self._report_now()
+        self._send({**self._last, "state": self._state, "jobs": self._jobs})
         thread = threading.Thread(target=pump, name="sdxl-replica-job", daemon=True)
         thread.start()
         try:
