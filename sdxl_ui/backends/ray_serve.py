@@ -597,7 +597,8 @@ class RayBackend:
                     yield LogEvent("⚠ The worker chosen for this job was lost before it started; trying another…",
                                    "warning")
                     continue
-                where = f"at step {last_progress.step}/{last_progress.total}" if last_progress else "before its first step"
+                where = (f"at step {last_progress.step}/{last_progress.total}" if last_progress
+                         else "before its first step")
                 kept = f"; the {results} image(s) already sent were saved" if results else ""
                 msg = (f"The worker running this job ({worker}) stopped {where} ({type(exc).__name__}). "
                        f"Nothing more was saved{kept}. Ray restarts the worker; try again.")
