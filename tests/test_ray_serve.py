@@ -47,12 +47,14 @@ def pool(tmp_path_factory):
     outputs = tmp_path_factory.mktemp("ray-outputs")
     backend = RayBackend(AppSettings(model="tiny", outputs=outputs, device="cpu"), workers=2, cpus_per_worker=1,
                          ray_init=dict(num_cpus=3, object_store_memory=100 * 1024 * 1024, _temp_dir=temp))
+    sigterm = signal.getsignal(signal.SIGTERM)  # ray.init installs its own in the driver (this pytest process)
     try:
         backend.start()
         ready(backend, 2)
         yield backend
     finally:
         backend.shutdown(60)
+        signal.signal(signal.SIGTERM, sigterm)
         shutil.rmtree(temp, ignore_errors=True)
     assert not ray.is_initialized(), "the Ray instance this app started was left running"
 
