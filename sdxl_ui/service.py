@@ -6,14 +6,9 @@ step; a caller that stops iterating (closed browser tab) cancels its run too.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
-import os
 import queue
 import random
-import secrets
-import tempfile
 import threading
 import time
 from datetime import datetime
@@ -21,7 +16,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .backends import CancelToken  # noqa: F401 - the seam's token; still importable from here
-from .metadata import ImageParameters, save_png
+from .denoise import (REFINER_SPLIT, _scheduler_for, decode_latents, latent_preview,  # noqa: F401 - re-exported
+                      run_stages)
+from .failures import is_gpu_failure, is_out_of_memory, memory_advice  # noqa: F401
+from .metadata import ImageParameters
+from .saving import check_output_path, write_png_atomic  # noqa: F401 - re-exported (CLI, API)
 from .models import LoadedModels, ModelLoadError, ModelSource, check_source, load_models, resolve_source
 from .policy import PlanError, adjust_plan, make_plan
 from .schema import (
@@ -36,7 +35,6 @@ from .schema import (
     ProgressEvent,
     Quality,
     ResultEvent,
-    Scheduler,
     Timings,
     ValidationError,
 )
@@ -44,182 +42,11 @@ from .settings import AppSettings, Toggle
 
 log = logging.getLogger("sdxl_ui")
 
-REFINER_SPLIT = 0.8  # base denoises to 80 %, the refiner does the last 20 % (SDXL's "ensemble of experts")
 PREVIEW_EVERY = 5
-# SDXL latent -> RGB linear approximation (ComfyUI latent_formats.SDXL), for previews without a VAE decode.
-LATENT_RGB = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362),
-              (-0.3165, -0.2492, -0.2188))
-LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
 
 
 class Cancelled(Exception):
     pass
-
-
-def check_output_path(path: str | Path) -> Path:
-    """An explicit output file, checked before minutes of work: a .png in an existing, writable folder.
-
-    One rule for the CLI and the Python API: a relative path is relative to the current folder, as for ``open()``
-    and any shell tool (the outputs folder holds only the names the service picks itself).
-    """
-    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
-        raise ValidationError("output_path", path, "must be a file path ending in .png")
-    raw = str(path)
-    if "\x00" in raw:
-        raise ValidationError("output_path", raw, "must not contain a NUL character")
-    if Path(raw).suffix.lower() != ".png":
-        raise ValidationError("output_path", raw, "must end with .png (PNG keeps the parameters chunk)")
-    try:
-        target = Path(raw).expanduser().absolute()
-        if target.is_dir():
-            raise ValidationError("output_path", raw, "is a folder; give a file name ending in .png")
-        parent = target.parent
-        if not parent.is_dir():
-            raise ValidationError("output_path", raw, f"folder {str(parent)!r} does not exist")
-    except (OSError, ValueError) as exc:  # e.g. a name too long for the file system, undecodable bytes
-        if isinstance(exc, ValidationError):
-            raise
-        raise ValidationError("output_path", raw, f"cannot be used ({exc})") from None
-    try:  # os.access says yes to root everywhere; only a real file creation tells
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as exc:
-        raise ValidationError("output_path", raw, f"folder {str(parent)!r} is not writable ({exc.strerror})") from None
-    return target
-
-
-def write_png_atomic(image, path: Path, params: ImageParameters, extra: dict, overwrite: bool) -> None:
-    """Write the PNG to a hidden temporary file in the same folder, then rename it into place, so no reader and no
-    crash, full disk or signal ever leaves a half-written PNG under ``path``; the temporary file goes on any error.
-
-    ``overwrite=False`` never replaces an existing file (FileExistsError): a hard link is the atomic
-    "create if absent" for a finished file. On file systems without hard links the name is reserved first and
-    the finished file renamed over the reservation.
-    """
-    # Not mkstemp: its 0600 mode would make the PNG private; os.open applies the umask like any new file.
-    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            save_png(image, f, params, extra)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-            return
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
-                raise
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # reserve the name (FileExistsError)
-            os.replace(tmp, path)
-            return
-        os.unlink(tmp)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _scheduler_for(sampler: Scheduler, config):
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-        UniPCMultistepScheduler,
-    )
-
-    table = {
-        Scheduler.EULER: (EulerDiscreteScheduler, {}),
-        Scheduler.EULER_A: (EulerAncestralDiscreteScheduler, {}),
-        Scheduler.DPMPP_2M: (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-        Scheduler.DPMPP_2M_KARRAS: (DPMSolverMultistepScheduler,
-                                    {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-        Scheduler.DDIM: (DDIMScheduler, {}),
-        Scheduler.UNIPC: (UniPCMultistepScheduler, {}),
-    }
-    cls, options = table[sampler]
-    if options.get("use_karras_sigmas") and config.get("rescale_betas_zero_snr"):
-        # A zero-terminal-SNR model (the demo model) has sigma_max = 4096: Karras spacing would spend most steps
-        # above sigma 50, where the picture is still pure noise (14 steps: 9 of them). Its trailing timesteps
-        # already start at pure noise, so plain DPM++ 2M is used (demo model, 8 Fast prompts: 21 → 29 of 32).
-        options = {k: v for k, v in options.items() if k != "use_karras_sigmas"}
-    return cls.from_config(config, **options)
-
-
-def latent_preview(latents):
-    """(1, 4, h, w) latents -> small PIL image, by SDXL's linear latent->RGB map (no VAE decode)."""
-    import torch
-    from PIL import Image
-
-    lat = latents[0].detach().float().cpu()
-    factors = torch.tensor(LATENT_RGB)
-    rgb = torch.einsum("chw,cr->hwr", lat, factors) + torch.tensor(LATENT_RGB_BIAS)
-    rgb = ((rgb.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).numpy()
-    image = Image.fromarray(rgb, "RGB")
-    scale = max(1, min(8, 512 // max(image.size)))
-    return image.resize((image.width * scale, image.height * scale), Image.BILINEAR)
-
-
-def decode_latents(pipe, latents):
-    """VAE decode in the VAE's own dtype (fp32 beside an fp16 UNet), then to PIL.
-
-    Unscaled as diffusers' SDXL pipeline does it: with the VAE's ``latents_mean``/``latents_std`` when its config
-    has them (e.g. Playground v2.5), else by ``scaling_factor`` alone."""
-    from diffusers.utils.torch_utils import get_module_execution_device
-
-    vae = pipe.vae
-    config = vae.config
-    latents = latents.to(device=get_module_execution_device(vae), dtype=vae.dtype)
-    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-    if mean is not None and std is not None:
-        import torch
-
-        shape = (1, latents.shape[1], 1, 1)
-        mean = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
-        std = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
-        latents = latents * std / config.scaling_factor + mean
-    else:
-        latents = latents / config.scaling_factor
-    image = vae.decode(latents, return_dict=False)[0]
-    if hasattr(pipe, "maybe_free_model_hooks"):
-        pipe.maybe_free_model_hooks()
-    return pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
-
-
-# cuBLAS/cuDNN report a failed workspace allocation under their own names: out of memory, not a broken GPU.
-ALLOC_FAILED_MARKERS = ("out of memory", "can't allocate memory", "cublas_status_alloc_failed",
-                        "cudnn_status_alloc_failed")
-# Only errors that mean "this GPU cannot run these kernels" (a PyTorch build without the GPU's arch, an
-# unsupported operation) justify moving the session to the CPU; any other CUDA error is reported as it is.
-GPU_UNSUPPORTED_MARKERS = ("no kernel image is available", "invalid device function", "arch_mismatch",
-                           "cublas_status_not_supported", "cudnn_status_not_supported")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA raises torch.OutOfMemoryError (or a cuBLAS/cuDNN ALLOC_FAILED); the CPU allocator MemoryError or a
-    RuntimeError."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(m in text for m in ALLOC_FAILED_MARKERS)
-
-
-def is_gpu_failure(exc: BaseException) -> bool:
-    """The GPU cannot run these kernels (see GPU_UNSUPPORTED_MARKERS); out-of-memory errors never count."""
-    return (isinstance(exc, RuntimeError) and not is_out_of_memory(exc)
-            and any(m in str(exc).lower() for m in GPU_UNSUPPORTED_MARKERS))
-
-
-def memory_advice(device: str) -> str:
-    if device == "cuda":
-        return ("try a smaller size, --offload model (or sequential), or --attention sliced; "
-                "close other programs using the GPU")
-    return "try a smaller size, close other programs, or use --precision bf16 to halve the weights"
 
 
 class GenerationService:
@@ -653,54 +480,6 @@ class GenerationService:
                 return path
             except FileExistsError:
                 continue
-
-
-def run_stages(models, use_refiner: bool, width: int, height: int, common: dict, on_step=None,
-               on_stage_end=None):
-    """The denoising of one image, as latents: the base alone, or the base to REFINER_SPLIT and then the refiner
-    from there (SDXL's "ensemble of experts"). The service and the benchmark both run exactly this.
-
-    ``common``: the pipeline arguments both stages share (prompt, steps, guidance, generator, output_type);
-    ``on_step(stage)`` returns the diffusers step callback for stage 1 or 2; ``on_stage_end(stage)`` is called
-    after each stage (the bench uses it to time the stages)."""
-    from .optimize import claim_offload
-
-    def callback(stage):
-        return on_step(stage) if on_step else None
-
-    # Under model offload each stage first claims the shared text encoder 2 and VAE for its own hook chain.
-    claim_offload(models, models.base)
-    latents = _call(models.base, callback(1), width=width, height=height,
-                    denoising_end=REFINER_SPLIT if use_refiner else None, **common)
-    if getattr(models.base, "interrupt", False):  # Stop during stage 1 (the callback set _interrupt): no stage 2
-        return latents
-    if on_stage_end:
-        on_stage_end(1)
-    if use_refiner:
-        claim_offload(models, models.refiner)
-        latents = _call(models.refiner, callback(2), image=latents, denoising_start=REFINER_SPLIT, **common)
-        claim_offload(models, models.base)  # the decode that follows runs the base's VAE in the base's chain
-        if on_stage_end and not getattr(models.refiner, "interrupt", False):
-            on_stage_end(2)
-    return latents
-
-
-def _call(pipe, step_callback, **kwargs):
-    """One pipeline call as a new denoising run of what is installed on the pipeline itself (``apply`` put it
-    there; the report reads the same objects): the feature cache starts afresh, and a guidance interval wraps
-    the step callback."""
-    from .optimizations import feature_cache
-    from .optimizations.table import GUIDANCE_ATTR
-
-    feature_cache.reset(pipe.unet)
-    interval = getattr(pipe, GUIDANCE_ATTR, None)
-    if interval is None:
-        return pipe(callback_on_step_end=step_callback, **kwargs).images
-    interval.then = step_callback
-    interval.tensor_inputs = list(dict.fromkeys([*type(interval).tensor_inputs,
-                                                 *getattr(step_callback, "tensor_inputs", [])]))
-    with interval.attached(pipe):
-        return pipe(callback_on_step_end=interval, **kwargs).images
 
 
 def _release_offload(models) -> None:

@@ -90,7 +90,7 @@ def test_a_device_this_machine_lacks_is_bad_input_in_cli_and_app(tmp_path):
 
 
 def test_a_failed_save_says_not_saved_once(tmp_path, monkeypatch, capsys):
-    import sdxl_ui.service as service_module
+    import sdxl_ui.saving as service_module  # the atomic PNG write lives there
     from sdxl_ui.cli import main
 
     def disk_full(*args, **kwargs):

@@ -308,7 +308,7 @@ def _disk_full_midway(image, target, *args, **kwargs):
 
 
 def test_a_full_disk_leaves_no_partial_png_and_still_shows_the_image(service, monkeypatch, tmp_path):
-    import sdxl_ui.service as service_module
+    import sdxl_ui.saving as service_module  # the atomic PNG write lives there
 
     outputs = service.settings.outputs
     before = {p for p in outputs.rglob("*") if p.is_file()}

@@ -1,0 +1,127 @@
+"""One image's denoising and decoding, shared by the service, the bench and the selftest: the sampler from the
+model's own scheduler config, the base (then the refiner) pipeline call with whatever the plan installed on the
+pipeline (feature cache, guidance interval), latent previews and the VAE decode."""
+from __future__ import annotations
+
+from .schema import Scheduler
+
+REFINER_SPLIT = 0.8  # base denoises to 80 %, the refiner does the last 20 % (SDXL's "ensemble of experts")
+# SDXL latent -> RGB linear approximation (ComfyUI latent_formats.SDXL), for previews without a VAE decode.
+LATENT_RGB = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362),
+              (-0.3165, -0.2492, -0.2188))
+LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
+
+
+def _scheduler_for(sampler: Scheduler, config):
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
+
+    table = {
+        Scheduler.EULER: (EulerDiscreteScheduler, {}),
+        Scheduler.EULER_A: (EulerAncestralDiscreteScheduler, {}),
+        Scheduler.DPMPP_2M: (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+        Scheduler.DPMPP_2M_KARRAS: (DPMSolverMultistepScheduler,
+                                    {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+        Scheduler.DDIM: (DDIMScheduler, {}),
+        Scheduler.UNIPC: (UniPCMultistepScheduler, {}),
+    }
+    cls, options = table[sampler]
+    if options.get("use_karras_sigmas") and config.get("rescale_betas_zero_snr"):
+        # A zero-terminal-SNR model (the demo model) has sigma_max = 4096: Karras spacing would spend most steps
+        # above sigma 50, where the picture is still pure noise (14 steps: 9 of them). Its trailing timesteps
+        # already start at pure noise, so plain DPM++ 2M is used (demo model, 8 Fast prompts: 21 → 29 of 32).
+        options = {k: v for k, v in options.items() if k != "use_karras_sigmas"}
+    return cls.from_config(config, **options)
+
+
+def latent_preview(latents):
+    """(1, 4, h, w) latents -> small PIL image, by SDXL's linear latent->RGB map (no VAE decode)."""
+    import torch
+    from PIL import Image
+
+    lat = latents[0].detach().float().cpu()
+    factors = torch.tensor(LATENT_RGB)
+    rgb = torch.einsum("chw,cr->hwr", lat, factors) + torch.tensor(LATENT_RGB_BIAS)
+    rgb = ((rgb.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).numpy()
+    image = Image.fromarray(rgb, "RGB")
+    scale = max(1, min(8, 512 // max(image.size)))
+    return image.resize((image.width * scale, image.height * scale), Image.BILINEAR)
+
+
+def decode_latents(pipe, latents):
+    """VAE decode in the VAE's own dtype (fp32 beside an fp16 UNet), then to PIL.
+
+    Unscaled as diffusers' SDXL pipeline does it: with the VAE's ``latents_mean``/``latents_std`` when its config
+    has them (e.g. Playground v2.5), else by ``scaling_factor`` alone."""
+    from diffusers.utils.torch_utils import get_module_execution_device
+
+    vae = pipe.vae
+    config = vae.config
+    latents = latents.to(device=get_module_execution_device(vae), dtype=vae.dtype)
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        import torch
+
+        shape = (1, latents.shape[1], 1, 1)
+        mean = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor
+    image = vae.decode(latents, return_dict=False)[0]
+    if hasattr(pipe, "maybe_free_model_hooks"):
+        pipe.maybe_free_model_hooks()
+    return pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
+
+
+def run_stages(models, use_refiner: bool, width: int, height: int, common: dict, on_step=None,
+               on_stage_end=None):
+    """The denoising of one image, as latents: the base alone, or the base to REFINER_SPLIT and then the refiner
+    from there (SDXL's "ensemble of experts"). The service and the benchmark both run exactly this.
+
+    ``common``: the pipeline arguments both stages share (prompt, steps, guidance, generator, output_type);
+    ``on_step(stage)`` returns the diffusers step callback for stage 1 or 2; ``on_stage_end(stage)`` is called
+    after each stage (the bench uses it to time the stages)."""
+    from .optimize import claim_offload
+
+    def callback(stage):
+        return on_step(stage) if on_step else None
+
+    # Under model offload each stage first claims the shared text encoder 2 and VAE for its own hook chain.
+    claim_offload(models, models.base)
+    latents = _call(models.base, callback(1), width=width, height=height,
+                    denoising_end=REFINER_SPLIT if use_refiner else None, **common)
+    if getattr(models.base, "interrupt", False):  # Stop during stage 1 (the callback set _interrupt): no stage 2
+        return latents
+    if on_stage_end:
+        on_stage_end(1)
+    if use_refiner:
+        claim_offload(models, models.refiner)
+        latents = _call(models.refiner, callback(2), image=latents, denoising_start=REFINER_SPLIT, **common)
+        claim_offload(models, models.base)  # the decode that follows runs the base's VAE in the base's chain
+        if on_stage_end and not getattr(models.refiner, "interrupt", False):
+            on_stage_end(2)
+    return latents
+
+
+def _call(pipe, step_callback, **kwargs):
+    """One pipeline call as a new denoising run of what is installed on the pipeline itself (``apply`` put it
+    there; the report reads the same objects): the feature cache starts afresh, and a guidance interval wraps
+    the step callback."""
+    from .optimizations import feature_cache
+    from .optimizations.table import GUIDANCE_ATTR
+
+    feature_cache.reset(pipe.unet)
+    interval = getattr(pipe, GUIDANCE_ATTR, None)
+    if interval is None:
+        return pipe(callback_on_step_end=step_callback, **kwargs).images
+    interval.then = step_callback
+    interval.tensor_inputs = list(dict.fromkeys([*type(interval).tensor_inputs,
+                                                 *getattr(step_callback, "tensor_inputs", [])]))
+    with interval.attached(pipe):
+        return pipe(callback_on_step_end=interval, **kwargs).images
