@@ -329,7 +329,7 @@ def test_a_full_disk_leaves_no_partial_png_and_still_shows_the_image(service, mo
 # A child process whose PNG writes take 4 s and say when they start: SIGTERM lands inside the save.
 SLOW_SAVE = """
 import sys, time
-import sdxl_ui.service as service
+import sdxl_ui.saving as service  # the atomic PNG write lives there
 real_save_png = service.save_png
 def slow_save_png(image, target, *args, **kwargs):
     print("SAVING", flush=True)
