@@ -689,7 +689,9 @@ def per_image(results: dict, schedules: dict, unet_scale: float, vae_scale: floa
     for name, sched in schedules.items():
         unet_s = schedule_seconds(sched["calls"], plan["kinds"], unet_scale)
         image = unet_s + plan["text_encode_s"] + plan["vae_decode_s"] * vae_scale
-        out[name] = {"image_s": round(image, 1), "ratio": round(stock / image, 2), "unet_s": round(unet_s, 1),
+        # The ratio of the figures as printed (rounded), so that the JSON agrees with itself.
+        out[name] = {"image_s": round(image, 1), "ratio": round(round(stock, 1) / round(image, 1), 2),
+                     "unet_s": round(unet_s, 1),
                      "steps": sched["steps"], "sampler": sched["sampler"], "counts": sched["counts"],
                      "dtype": plan["dtype"], "schedule": sched}
     return out
