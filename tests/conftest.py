@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,9 @@ def run(service, request, **kwargs):
     """Collect a generation's events into (results, errors, logs, progress)."""
     from sdxl_ui.schema import ErrorEvent, LogEvent, ProgressEvent, ResultEvent
 
-    out = {"results": [], "errors": [], "logs": [], "progress": []}
+    out = {"results": [], "errors": [], "logs": [], "progress": [], "t": []}  # t: (time, event type) of each
     for event in service.generate(request, **kwargs):
+        out["t"].append((time.time(), type(event).__name__))
         if isinstance(event, ResultEvent):
             out["results"].append(event)
         elif isinstance(event, ErrorEvent):
@@ -51,6 +53,15 @@ def run(service, request, **kwargs):
         elif isinstance(event, ProgressEvent):
             out["progress"].append(event)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny base and refiner pipelines, built once per test module, for tests that work on the pipelines."""
+    from sdxl_ui.models import build_tiny
+
+    base, refiner = build_tiny()
+    return {"base": base, "refiner": refiner}
 
 
 # Counts filled in by test_reliability.py; printed as one summary line at the end of the run.

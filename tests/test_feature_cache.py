@@ -15,14 +15,6 @@ CALL = dict(prompt="a red circle on a blue background", width=64, height=64, gui
             output_type="latent")
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from sdxl_ui.models import build_tiny
-
-    base, refiner = build_tiny()
-    return {"base": base, "refiner": refiner}
-
-
 @pytest.fixture(autouse=True)
 def _clean(tiny):
     yield

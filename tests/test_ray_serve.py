@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import RELIABILITY
+from conftest import RELIABILITY, run
 
 ray = pytest.importorskip("ray", reason="Ray Serve is optional: pip install -r requirements-serve.txt")
 
@@ -42,7 +42,7 @@ def ready(backend, n: int, timeout: float = READY_TIMEOUT) -> list[dict]:
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
     if ray.is_initialized():
-        pytest.skip("another test joined Ray in this process")
+        pytest.skip("Ray is already initialised in this pytest process by another test: run this file on its own")
     temp = tempfile.mkdtemp(prefix="sdxlray")  # short: Ray's socket paths must stay under 107 characters
     outputs = tmp_path_factory.mktemp("ray-outputs")
     backend = RayBackend(AppSettings(model="tiny", outputs=outputs, device="cpu"), workers=2, cpus_per_worker=1,
@@ -60,17 +60,7 @@ def pool(tmp_path_factory):
 
 
 def collect(backend, request, cancel=None, **kwargs) -> dict:
-    out = {"results": [], "errors": [], "logs": [], "progress": [], "t": []}
-    for event in backend.generate(request, cancel=cancel, **kwargs):
-        out["t"].append((time.time(), type(event).__name__))
-        if isinstance(event, ResultEvent):
-            out["results"].append(event)
-        elif isinstance(event, ErrorEvent):
-            out["errors"].append(event)
-        elif isinstance(event, LogEvent):
-            out["logs"].append(event.message)
-        elif isinstance(event, ProgressEvent):
-            out["progress"].append(event)
+    out = run(backend, request, cancel=cancel, **kwargs)
     out["worker"] = next((m.split(" on ")[0].removeprefix("🖥 Worker ") for m in out["logs"]
                           if m.startswith("🖥 Worker")), None)
     return out
