@@ -22,6 +22,7 @@ from .failures import is_gpu_failure, is_out_of_memory, memory_advice  # noqa: F
 from .metadata import ImageParameters
 from .saving import check_output_path, write_png_atomic  # noqa: F401 - re-exported (CLI, API)
 from .models import LoadedModels, ModelLoadError, ModelSource, check_source, load_models, resolve_source
+from .optimizations.registry import Plan, parse_switches
 from .policy import PlanError, adjust_plan, make_plan
 from .schema import (
     MAX_SEED,
@@ -31,7 +32,6 @@ from .schema import (
     HardwareProbe,
     LogEvent,
     OptimizationReport,
-    Plan,
     ProgressEvent,
     Quality,
     ResultEvent,
@@ -296,6 +296,7 @@ class GenerationService:
                           f"{'…' if len(request.prompt) > 200 else ''}"))
         try:
             target = check_output_path(output_path) if output_path is not None else None
+            parse_switches(request.techniques)  # names the unknown switch before the job waits for the device
         except ValidationError as exc:  # before waiting for the device: a typo should not cost a queue slot
             emit(ErrorEvent(str(exc), "validation"))
             return
@@ -350,8 +351,7 @@ class GenerationService:
         width, height = request.width or size, request.height or size
         high = request.quality is Quality.HIGH
         plan = adjust_plan(self.plan, make_plan(self.probe, self.settings, models.source.model_kind,
-                                                width, height, high, request.feature_cache,
-                                                request.guidance_interval))
+                                                width, height, high, request.techniques))
         use_refiner = plan.refiner and models.refiner is not None
         apply(plan, models)
         self._applied = (models, plan, use_refiner)  # the status panel reports against this, not the load plan
