@@ -233,3 +233,8 @@ class Unit:
 
     def live(self, live: Live) -> list[OptimizationRow]:
         return []
+
+    def evidence(self, plan) -> dict[str, str]:
+        """Row name -> text its live detail must contain after a run with ``plan`` (``selftest``: proof that the
+        technique did its work, beyond its status)."""
+        return {}

@@ -216,6 +216,9 @@ class Offload(Unit):
         if plan.offload == "model":
             release_offload(models)
 
+    def evidence(self, plan):
+        return {"CPU offload": f"{plan.offload} offload hooks attached"} if plan.offload != "none" else {}
+
     def expected(self, plan, probe):
         if plan.device != "cuda":
             return [OptimizationRow("CPU offload", Status.NOT_APPLICABLE, plan.reasons["offload"])]
@@ -260,6 +263,9 @@ class Attention(Unit):
             else:
                 pipe.unet.set_attn_processor(AttnProcessor2_0())
                 pipe.vae.set_attn_processor(AttnProcessor2_0())
+
+    def evidence(self, plan):
+        return {"xformers": "kernel test passed"} if plan.attention == "xformers" else {}
 
     def expected(self, plan, probe):
         r = plan.reasons
@@ -351,3 +357,6 @@ class VaeSlicing(Unit):
     def live(self, live):
         return [live_row("VAE slicing", bool(live.base.vae.use_slicing), live.plan.vae_slicing,
                          live.plan.reasons["vae_slicing"])]
+
+
+UNITS = (Refiner(), VaeTiling(), Offload(), Attention(), MemoryCheck(), VaeSlicing())

@@ -69,6 +69,9 @@ class FeatureCache(Unit):
             else:
                 feature_cache.disable(pipe.unet)
 
+    def evidence(self, plan):
+        return {"feature cache": "cached UNet calls"} if plan.feature_cache > 1 else {}
+
     def expected(self, plan, probe):
         return [planned_row("feature cache", plan.feature_cache > 1, plan.reasons["feature_cache"])]
 
@@ -128,6 +131,10 @@ class GuidanceIntervalUnit(Unit):
             hooks.install(pipe, "guidance_interval",
                           None if interval == EXACT_GUIDANCE else GuidanceInterval(*interval))
 
+    def evidence(self, plan):
+        return {"guidance interval": "conditional-only steps"} if tuple(plan.guidance_interval) != EXACT_GUIDANCE \
+            else {}
+
     def expected(self, plan, probe):
         return [planned_row("guidance interval", tuple(plan.guidance_interval) != EXACT_GUIDANCE,
                             plan.reasons["guidance_interval"])]
@@ -154,3 +161,6 @@ def _interval_words(interval) -> str:
     return (f"the negative prompt's branch runs from {start:.0%} to {stop:.0%} of the steps only ({head}the last "
             f"{1 - stop:.0%} run the conditional branch alone, ~{saved:.0%} fewer UNet rows; Kynkäänniemi et al. "
             "2024, Castillo et al. 2023)")
+
+
+UNITS = (FeatureCache(), GuidanceIntervalUnit())

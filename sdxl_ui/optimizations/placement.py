@@ -173,6 +173,9 @@ class PrecisionUnit(Unit):
         ctx.values.update(dtype=dtype, vae_dtype=vae_dtype)
         ctx.warnings += warnings
 
+    def evidence(self, plan):
+        return {"precision": f"{SHORT_DTYPE[plan.dtype]} UNet/text encoders, {SHORT_DTYPE[plan.vae_dtype]} VAE"}
+
     def expected(self, plan, probe):
         return [OptimizationRow("precision", Status.ACTIVE,
                                 f"{SHORT_DTYPE[plan.dtype]} UNet/text encoders, {SHORT_DTYPE[plan.vae_dtype]} VAE — "
@@ -224,6 +227,9 @@ class Int8(Unit):
         for pipe in pipes(models):
             int8.quantize_linears(pipe.unet, min_features=INT8_MIN_FEATURES)
 
+    def evidence(self, plan):
+        return {"int8 linear layers": "linear layers int8"} if plan.int8 else {}
+
     def expected(self, plan, probe):
         return [planned_row("int8 linear layers", plan.int8, plan.reasons["int8"])]
 
@@ -242,3 +248,6 @@ class Int8(Unit):
 def gemm_line(gemm) -> str:
     units = {"int8": "GOP/s"}
     return ", ".join(f"{k} {v:g} {units.get(k, 'GFLOP/s')}" for k, v in gemm.items())
+
+
+UNITS = (Device(), PrecisionUnit(), Int8())

@@ -1,25 +1,21 @@
 """The registry of optimization units: the one list, the three walks in the order the units declare, the
 ``Plan`` class built from their fields, their per-request switches, and the per-request adjustment.
 
-Adding a technique is adding a unit to ``UNITS`` (with its mechanism and its tests): its plan fields, its place in
-the decisions, the application and the report, and its per-request switch (the page's Advanced, the CLI's flag,
-selftest's expected rows) all come from the unit itself."""
+Adding a technique is writing its mechanism, its unit (listed in its family module's ``UNITS``) and its tests:
+its plan fields, its place in the decisions, the application and the report, its per-request switch (the page's
+Advanced, the CLI's flag, the request's ``techniques``) and what selftest checks after a run all come from the
+unit itself."""
 from __future__ import annotations
 
 from dataclasses import field, make_dataclass, replace
 from typing import Any, Mapping
 
 from ..schema import Toggle, ValidationError, parse_choice
+from . import fitting, less_work, placement, speed
 from .base import REQUIRED, Decide, PlanBase, Switch, Unit
-from .fitting import Attention, MemoryCheck, Offload, Refiner, VaeSlicing, VaeTiling
-from .less_work import FeatureCache, GuidanceIntervalUnit
-from .placement import Device, Int8, PrecisionUnit
-from .speed import Compile, SchedulerRow, Steps, Threads
 
-UNITS: tuple[Unit, ...] = (
-    Device(), PrecisionUnit(), Int8(), Refiner(), VaeTiling(), Offload(), Attention(), MemoryCheck(), Steps(),
-    Threads(), VaeSlicing(), Compile(), FeatureCache(), GuidanceIntervalUnit(), SchedulerRow(),
-)
+# Each family module lists its units; the walks below order them by what each unit declares.
+UNITS: tuple[Unit, ...] = (*placement.UNITS, *fitting.UNITS, *speed.UNITS, *less_work.UNITS)
 
 
 def _walk(attribute: str) -> tuple[Unit, ...]:

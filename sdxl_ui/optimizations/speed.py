@@ -109,3 +109,6 @@ class Threads(Unit):
         return [OptimizationRow("CPU threads",
                                 Status.ACTIVE if live.device_type == "cpu" else Status.NOT_APPLICABLE,
                                 f"torch uses {torch.get_num_threads()} — {live.plan.reasons['threads']}")]
+
+
+UNITS = (Steps(), Threads(), Compile(), SchedulerRow())
