@@ -11,13 +11,13 @@ import queue
 import random
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
 
 from .backends import CancelToken  # noqa: F401 - the seam's token; still importable from here
-from .denoise import (REFINER_SPLIT, _scheduler_for, decode_latents, latent_preview,  # noqa: F401 - re-exported
-                      run_stages)
+from .denoise import REFINER_SPLIT, decode_latents, latent_preview, run_stages, scheduler_for  # noqa: F401
 from .failures import is_gpu_failure, is_out_of_memory, memory_advice  # noqa: F401
 from .metadata import ImageParameters
 from .saving import check_output_path, write_png_atomic  # noqa: F401 - re-exported (CLI, API)
@@ -342,8 +342,20 @@ class GenerationService:
             self._device_lock.release()
 
     def _generate_images(self, request, models, load_s, start, target, cancel, emit, progress) -> None:
-        import torch
+        run = self._prepare_run(request, models, emit)
+        if progress["seed0"] is None:
+            progress["seed0"] = request.seed if request.seed is not None else random.randint(0, MAX_SEED)
+        first = progress["images"]
+        progress["total"] = run.steps * (request.images - first)
+        on_step = _step_callbacks(progress, time.perf_counter(), cancel, emit)
+        for index in range(first, request.images):
+            self._generate_image(request, models, run, index, (load_s, start), target, cancel, emit, progress,
+                                 on_step)
+            progress["images"] = index + 1
 
+    def _prepare_run(self, request, models, emit) -> "_RunPlan":
+        """This request's plan, applied to the pipelines and said in the log; the sampler set from the model's own
+        scheduler config."""
         from .optimize import apply, report
 
         size = models.source.native_size
@@ -372,75 +384,62 @@ class GenerationService:
 
         sampler = request.sampler
         # Always from the model's original config: a previous sampler's options (e.g. Karras sigmas) must not leak.
-        models.base.scheduler = _scheduler_for(sampler, models.scheduler_config)
+        models.base.scheduler = scheduler_for(sampler, models.scheduler_config)
         if models.refiner is not None:
-            models.refiner.scheduler = _scheduler_for(sampler, models.scheduler_config)
-        if progress["seed0"] is None:
-            progress["seed0"] = request.seed if request.seed is not None else random.randint(0, MAX_SEED)
-        seed0, first = progress["seed0"], progress["images"]
-        progress["total"] = steps * (request.images - first)
-        t_run = time.perf_counter()
+            models.refiner.scheduler = scheduler_for(sampler, models.scheduler_config)
+        return _RunPlan(plan, width, height, steps, guidance, use_refiner)
 
-        def on_step(stage_label: str):
-            def callback(pipe, i, t, kwargs):
-                progress["done"] += 1
-                elapsed = time.perf_counter() - t_run
-                rate = elapsed / progress["done"]
-                remaining = progress["total"] - progress["done"]
-                preview = None
-                if progress["done"] % PREVIEW_EVERY == 0 or remaining == 0:
-                    preview = latent_preview(kwargs["latents"])
-                emit(ProgressEvent(progress["done"], progress["total"], elapsed, rate * remaining, rate,
-                                   stage_label, preview))
-                if cancel.cancelled:
-                    # End the loop the way diffusers expects: the pipeline skips its remaining steps and still runs
-                    # maybe_free_model_hooks() (weights back to the CPU under offload). Raising here skipped that.
-                    pipe._interrupt = True
-                return kwargs
-            return callback
+    def _generate_image(self, request, models, run: "_RunPlan", index, times, target, cancel, emit, progress,
+                        on_step) -> None:
+        """One image of the request: denoise (base, then the refiner), decode, save, and its ResultEvent.
+        ``times``: (seconds spent loading in this job, the job's start)."""
+        import torch
+
+        from .optimize import report
+
+        load_s, start = times
+        plan, use_refiner, steps = run.plan, run.use_refiner, run.steps
+        seed = (progress["seed0"] + index) % (MAX_SEED + 1)
+        t_image, done_before = time.perf_counter(), progress["done"]
+        generator = torch.Generator("cpu").manual_seed(seed)
+        common = dict(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
+                      num_inference_steps=steps, guidance_scale=run.guidance, generator=generator,
+                      output_type="latent")
+        stages = 2 if use_refiner else 1
+        emit(LogEvent(f"⏱️ Stage 1/{stages}: Base generation "
+                      f"(image {index + 1}/{request.images}, seed {seed})…"))
 
         def stage_done(stage):
             if stage == 1 and use_refiner:
                 emit(LogEvent(f"⏱️ Stage 2/2: Refiner from {REFINER_SPLIT}…"))
 
-        for index in range(first, request.images):
-            seed = (seed0 + index) % (MAX_SEED + 1)
-            t_image, done_before = time.perf_counter(), progress["done"]
-            generator = torch.Generator("cpu").manual_seed(seed)
-            common = dict(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
-                          num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                          output_type="latent")
-            stages = 2 if use_refiner else 1
-            emit(LogEvent(f"⏱️ Stage 1/{stages}: Base generation "
-                          f"(image {index + 1}/{request.images}, seed {seed})…"))
-            with torch.inference_mode():
-                latents = run_stages(
-                    models, use_refiner, width, height, common, on_stage_end=stage_done,
-                    on_step=lambda stage: on_step(f"Stage {stage}/{stages}" if use_refiner else ""))
-                if cancel.cancelled:
-                    raise Cancelled()
-                t_decode = time.perf_counter()
-                image = decode_latents(models.base, latents)
-            emit(LogEvent(f"VAE decode {time.perf_counter() - t_decode:.1f} s"))
-            steps_run = progress["done"] - done_before
-            rep = report(models, plan, self.probe, use_refiner=use_refiner)  # with this run's cache/guidance counts
-            params = ImageParameters(
-                prompt=request.prompt, negative_prompt=request.negative_prompt, steps=steps,
-                sampler=SAMPLER_LABELS[sampler], cfg_scale=guidance, seed=seed, width=width, height=height,
-                model=models.source.label, device=plan.device, dtype=plan.dtype, refiner=use_refiner,
-                note=models.note,
-            )
-            generate_s = time.perf_counter() - t_image
-            path, save_error = self._save(image, params, target, index, emit)
-            timings = Timings(load_s=round(load_s if index == 0 else 0.0, 3), generate_s=round(generate_s, 3),
-                              total_s=round(time.perf_counter() - start, 3))
-            emit(ResultEvent(
-                image=image, path=str(path) if path else None, seed=seed, index=index,
-                steps_requested=request.requested_steps, steps_run=steps_run, refiner=use_refiner,
-                timings=timings, report=rep, model=models.source.label, device=plan.device, dtype=plan.dtype,
-                parameters=params.to_text(), save_error=save_error,
-            ))
-            progress["images"] = index + 1
+        with torch.inference_mode():
+            latents = run_stages(
+                models, use_refiner, run.width, run.height, common, on_stage_end=stage_done,
+                on_step=lambda stage: on_step(f"Stage {stage}/{stages}" if use_refiner else ""))
+            if cancel.cancelled:
+                raise Cancelled()
+            t_decode = time.perf_counter()
+            image = decode_latents(models.base, latents)
+        emit(LogEvent(f"VAE decode {time.perf_counter() - t_decode:.1f} s"))
+        steps_run = progress["done"] - done_before
+        rep = report(models, plan, self.probe, use_refiner=use_refiner)  # with this run's cache/guidance counts
+        params = ImageParameters(
+            prompt=request.prompt, negative_prompt=request.negative_prompt, steps=steps,
+            sampler=SAMPLER_LABELS[request.sampler], cfg_scale=run.guidance, seed=seed, width=run.width,
+            height=run.height, model=models.source.label, device=plan.device, dtype=plan.dtype, refiner=use_refiner,
+            note=models.note,
+        )
+        generate_s = time.perf_counter() - t_image
+        path, save_error = self._save(image, params, target, index, emit)
+        timings = Timings(load_s=round(load_s if index == 0 else 0.0, 3), generate_s=round(generate_s, 3),
+                          total_s=round(time.perf_counter() - start, 3))
+        emit(ResultEvent(
+            image=image, path=str(path) if path else None, seed=seed, index=index,
+            steps_requested=request.requested_steps, steps_run=steps_run, refiner=use_refiner,
+            timings=timings, report=rep, model=models.source.label, device=plan.device, dtype=plan.dtype,
+            parameters=params.to_text(), save_error=save_error,
+        ))
 
     def _warn_truncation(self, pipe, request, emit) -> None:
         tokenizer = pipe.tokenizer or pipe.tokenizer_2
@@ -480,6 +479,42 @@ class GenerationService:
                 return path
             except FileExistsError:
                 continue
+
+
+@dataclass(frozen=True)
+class _RunPlan:
+    """What one request runs with, after its plan: the same for each of its images."""
+
+    plan: Plan
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    use_refiner: bool
+
+
+def _step_callbacks(progress: dict, t_run: float, cancel: CancelToken, emit):
+    """``on_step(stage_label)``: the pipeline's step-end callback for one stage. Counts the steps of the whole
+    request in ``progress``, emits a ProgressEvent (ETA; a latent preview every few steps), and ends the pipeline's
+    loop when the job is cancelled."""
+    def on_step(stage_label: str):
+        def callback(pipe, i, t, kwargs):
+            progress["done"] += 1
+            elapsed = time.perf_counter() - t_run
+            rate = elapsed / progress["done"]
+            remaining = progress["total"] - progress["done"]
+            preview = None
+            if progress["done"] % PREVIEW_EVERY == 0 or remaining == 0:
+                preview = latent_preview(kwargs["latents"])
+            emit(ProgressEvent(progress["done"], progress["total"], elapsed, rate * remaining, rate,
+                               stage_label, preview))
+            if cancel.cancelled:
+                # End the loop the way diffusers expects: the pipeline skips its remaining steps and still runs
+                # maybe_free_model_hooks() (weights back to the CPU under offload). Raising here skipped that.
+                pipe._interrupt = True
+            return kwargs
+        return callback
+    return on_step
 
 
 def _release_offload(models) -> None:
