@@ -11,13 +11,13 @@ import queue
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .backends import CancelToken  # noqa: F401 - the seam's token; still importable from here
 from .denoise import REFINER_SPLIT, decode_latents, latent_preview, run_stages, scheduler_for  # noqa: F401
+from .jobs import SHUTTING_DOWN, Admission, CancelToken, new_job_id  # CancelToken: still importable from here
 from .failures import is_gpu_failure, is_out_of_memory, memory_advice  # noqa: F401
 from .metadata import ImageParameters
 from .saving import check_output_path, write_png_atomic  # noqa: F401 - re-exported (CLI, API)
@@ -72,9 +72,7 @@ class GenerationService:
         self.load_error: str | None = None
         self.loading = False
         self._fell_back = False
-        self._closing = False  # shutdown(): no new jobs
-        self._active: dict[CancelToken, threading.Thread] = {}  # jobs started and not yet finished
-        self._active_lock = threading.Lock()
+        self._admission = Admission()  # jobs started and not yet finished; none new after shutdown()
 
     # ------------------------------------------------------------ state
     @property
@@ -232,33 +230,30 @@ class GenerationService:
 
     # ------------------------------------------------------------ generation
     def generate(self, request: GenerationRequest, cancel: CancelToken | None = None,
-                 output_path: str | Path | None = None) -> Iterator[object]:
-        """Yield LogEvent / ProgressEvent / ResultEvent (one per image) / ErrorEvent, then stop."""
+                 output_path: str | Path | None = None, job_id: str | None = None) -> Iterator[object]:
+        """Yield LogEvent / ProgressEvent / ResultEvent (one per image) / ErrorEvent, then stop. Every event
+        carries the job's id: ``job_id`` (a Ray replica passes its caller's), else a new one per call."""
         cancel = cancel or CancelToken()
+        job_id = job_id or new_job_id()
         events: queue.Queue = queue.Queue()
         done = object()
 
         def emit(event) -> None:
             if isinstance(event, LogEvent):
                 log.log(logging.WARNING if event.level == "warning" else logging.INFO, event.message)
-            events.put(event)
+            events.put(replace(event, job_id=job_id))
 
         def worker():
             try:
                 self._run(request, cancel, output_path, emit)
             finally:
-                with self._active_lock:
-                    self._active.pop(cancel, None)
+                self._admission.done(cancel)
                 events.put(done)
 
         thread = threading.Thread(target=worker, name="sdxl-generate", daemon=True)
-        with self._active_lock:  # started under the lock: shutdown() only ever joins started threads
-            closing = self._closing
-            if not closing:
-                self._active[cancel] = thread
-                thread.start()
-        if closing:
-            yield ErrorEvent("the app is shutting down and takes no new jobs", "busy")
+        # started under the admission's lock: shutdown() only ever joins started threads
+        if not self._admission.admit(cancel, thread, start=thread.start):
+            yield ErrorEvent(SHUTTING_DOWN, "busy", job_id=job_id)
             return
         try:
             while True:
@@ -278,14 +273,7 @@ class GenerationService:
     def shutdown(self, timeout: float = 120.0) -> bool:
         """Stop taking jobs; stop the running ones at their next step (an image being decoded or saved is
         finished and saved first) and wait up to ``timeout`` s for them. True when nothing is left running."""
-        deadline = time.monotonic() + timeout
-        with self._active_lock:
-            self._closing = True
-            running = dict(self._active)
-        for token, thread in running.items():
-            token.cancel()
-            thread.join(max(0.0, deadline - time.monotonic()))  # its current step and any save, then its exit
-        return not any(thread.is_alive() for thread in running.values())
+        return self._admission.close(timeout)
 
     def _run(self, request, cancel, output_path, emit, resume: dict | None = None) -> None:
         """One job under the device lock. ``resume``: the progress of a run that the GPU could not finish; the

@@ -4,16 +4,20 @@ served by two different replicas (the log says which), and stopping the app stop
 The app runs in a subprocess with its own small Ray instance (one per module, as in test_ray_serve.py)."""
 from __future__ import annotations
 
+import html
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
+import time
 
 import pytest
 from test_app import App
 
 pytest.importorskip("ray", reason="Ray Serve is optional: pip install -r requirements-serve.txt")
+pytestmark = pytest.mark.ray
 
 
 def ray_processes() -> set[int]:
@@ -32,20 +36,24 @@ def test_app_with_two_workers_serves_two_sessions_on_two_replicas_and_stops_its_
         app.wait_for("Running on local URL")
         args = dict(negative_text="", quality_label="High quality", cfg=8.0, n_images=1,
                     size_label="Native (256×256)", w=256, h=256, sched="auto")
-        logs = {}
+        outs, ended = {}, {}
 
         def session(i):
-            logs[i] = Client(app.url, verbose=False).predict(prompt_text=f"session {i}", seed_value=i, n_steps=30,
-                                                             api_name="/generate", **args)[0]
+            outs[i] = Client(app.url, verbose=False).predict(prompt_text=f"session {i}", seed_value=i, n_steps=30,
+                                                             api_name="/generate", **args)
+            ended[i] = time.time()
 
         threads = [threading.Thread(target=session, args=(i,)) for i in (1, 2)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(300)
-        workers = {i: logs[i].split("🖥 Worker ")[1].split(" ")[0] for i in (1, 2)}
-        assert workers[1] != workers[2], logs
-        for worker in workers.values():  # the app's own log says which replica ran what
+        # Which replicas ran the two jobs: the status panel's table of replicas (from their reports, not the log)
+        # as the later session received it. One job each: two replicas.
+        last = max(ended, key=ended.get)
+        jobs = replica_jobs(outs[last][-1])  # the page's last output: the status panel
+        assert sorted(jobs.values()) == [1, 1], (jobs, [outs[i][0] for i in (1, 2)])
+        for worker in jobs:  # the app's own log says which replica ran what
             assert f"[{worker}] 🖥 Worker {worker} on " in app.output
         app.proc.send_signal(signal.SIGTERM)
         assert app.proc.wait(120) == 0
@@ -55,3 +63,10 @@ def test_app_with_two_workers_serves_two_sessions_on_two_replicas_and_stops_its_
             app.stop()
         shutil.rmtree(temp, ignore_errors=True)
     assert ray_processes() <= before, "the app left its Ray instance running"
+
+
+def replica_jobs(status_panel: str) -> dict[str, int]:
+    """The status panel's table of Ray replicas: replica id → jobs it has taken."""
+    rows = re.findall(r"<tr><td>([^<]+)</td><td>[^<]*</td><td>\d+</td>(?:<td>[^<]*</td>){3}<td>(\d+)</td></tr>",
+                      status_panel)
+    return {html.unescape(replica): int(jobs) for replica, jobs in rows}
