@@ -1,5 +1,6 @@
-"""Issue 20: the job contract every backend shares (sdxl_ui.jobs: CancelToken, Backend, Admission) and the ids the
-events carry. None of these need torch or Ray."""
+"""Issue 20: the job contract every backend shares (sdxl_ui.jobs: CancelToken, Backend, Admission), the ids the
+events carry, and the one line that says what to set when a Ray cluster wants a token (sdxl_ui.backends.ray_auth).
+None of these need torch or Ray."""
 from __future__ import annotations
 
 import subprocess
@@ -8,6 +9,7 @@ import threading
 
 from conftest import ROOT
 
+from sdxl_ui.backends.ray_auth import auth_message, refused_for_auth, token_source
 from sdxl_ui.jobs import Admission, CancelToken, new_job_id
 from sdxl_ui.schema import ErrorEvent, LogEvent, ProgressEvent
 
@@ -21,7 +23,7 @@ def test_the_contract_is_one_object_wherever_it_is_imported_from():
 
 
 def test_importing_the_contract_and_the_seam_imports_neither_torch_nor_ray_nor_gradio():
-    code = ("import sys, sdxl_ui.jobs, sdxl_ui.backends\n"
+    code = ("import sys, sdxl_ui.jobs, sdxl_ui.backends, sdxl_ui.backends.ray_auth\n"
             "print(sorted(m for m in ('torch', 'ray', 'gradio') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -65,3 +67,32 @@ def test_events_carry_their_ids_with_defaults_for_every_existing_constructor():
     assert (event.job_id, event.replica) == ("abc", "r1")
     ids = {new_job_id() for _ in range(100)}
     assert len(ids) == 100 and all(ids)
+
+
+def test_token_auth_message_names_what_to_set_and_where_the_token_lives(monkeypatch, tmp_path):
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token here
+    assert token_source() is None
+    message = auth_message("10.0.0.5:6379")
+    assert "\n" not in message and "RAY_AUTH_MODE=token" in message and "10.0.0.5:6379" in message
+    assert "copy the head node's ~/.ray/auth_token" in message
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("t")
+    assert token_source() == "~/.ray/auth_token" and "token is in ~/.ray/auth_token" in auth_message("h:1")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/srv/ray/token")
+    assert "/srv/ray/token" in auth_message("h:1")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # set, yet refused: the token is not the cluster's
+    assert "refused this app's token (/srv/ray/token" in auth_message("h:1")
+
+
+def test_a_refused_token_is_told_from_other_connection_errors():
+    try:
+        try:
+            raise RuntimeError("Failed to connect to GCS. ray.exceptions.AuthenticationError: RPC error: "
+                               "InvalidAuthToken: Authentication token is missing or incorrect.")
+        except RuntimeError as cause:
+            raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6390") from cause
+    except ConnectionError as exc:
+        assert refused_for_auth(exc)
+    assert not refused_for_auth(ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6390"))

@@ -13,7 +13,8 @@ Layout (issue 14):
 Job admission is ``sdxl_ui.jobs``'s. Every event carries the job's id (``job_id``, made here and passed to the
 replica) and the replica that ran it (``replica``): that is how this side knows the worker, never the log text.
 
-Ray is imported only here, only when this backend is used (``requirements-serve.txt``).
+Ray is imported only here, only when this backend is used (``requirements-serve.txt``); joining a cluster that
+uses token authentication is ``sdxl_ui.backends.ray_auth``.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from typing import Iterator
 from ..jobs import SHUTTING_DOWN, Admission, CancelToken, new_job_id
 from ..schema import ErrorEvent, GenerationRequest, LogEvent, ProgressEvent, ResultEvent
 from ..settings import AppSettings, DeviceChoice
+from .ray_auth import connect
 from .ray_worker import DEPLOYMENT, NAMESPACE, STALE_S, Registry, Worker
 
 log = logging.getLogger("sdxl_ui")
@@ -115,7 +117,7 @@ class RayBackend:
         if ray.is_initialized():  # this process already joined or started Ray (e.g. a second app): use it as is
             pass
         elif self._address:
-            ray.init(address=self._address, namespace=NAMESPACE, **self._ray_init)
+            connect(self._address, namespace=NAMESPACE, **self._ray_init)  # a refused token: one clear line
             self._joined = True
         else:
             # default: one replica per GPU of this machine; one on a machine without a usable GPU
