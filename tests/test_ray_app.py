@@ -42,6 +42,16 @@ def test_app_with_two_workers_serves_two_sessions_on_two_replicas_and_stops_its_
         app.wait_for("Running on local URL")
         args = dict(negative_text="", quality_label="High quality", cfg=8.0, n_images=1,
                     size_label="Native (256×256)", w=256, h=256, sched="auto")
+        # Both replicas loaded first (one-step jobs until the status panel says so): a job sent while one replica
+        # still loads goes to the other, and so may the next one.
+        client, end = Client(app.url, verbose=False), time.time() + 300
+        while True:
+            warm = replica_rows(client.predict(prompt_text="warm-up", seed_value=0, n_steps=1, api_name="/generate",
+                                               **args)[-1])  # the page's last output: the status panel
+            if len(warm) == 2 and all(state in ("idle", "busy") for state, _ in warm.values()):
+                break
+            assert time.time() < end, f"two replicas not loaded within 300 s: {warm}"
+            time.sleep(1)
         outs, ended = {}, {}
 
         def session(i):
@@ -55,10 +65,11 @@ def test_app_with_two_workers_serves_two_sessions_on_two_replicas_and_stops_its_
         for t in threads:
             t.join(300)
         # Which replicas ran the two jobs: the status panel's table of replicas (from their reports, not the log)
-        # as the later session received it. One job each: two replicas.
+        # as the later session received it, against the one after the warm-up. One job each: two replicas.
         last = max(ended, key=ended.get)
-        jobs = replica_jobs(outs[last][-1])  # the page's last output: the status panel
-        assert sorted(jobs.values()) == [1, 1], (jobs, [outs[i][0] for i in (1, 2)])
+        after = replica_rows(outs[last][-1])
+        jobs = {replica: taken - warm[replica][1] for replica, (_, taken) in after.items()}
+        assert sorted(jobs.values()) == [1, 1], (warm, after, [outs[i][0] for i in (1, 2)])
         for worker in jobs:  # the app's own log says which replica ran what
             assert f"[{worker}] 🖥 Worker {worker} on " in app.output
         app.proc.send_signal(signal.SIGTERM)
@@ -71,11 +82,11 @@ def test_app_with_two_workers_serves_two_sessions_on_two_replicas_and_stops_its_
     assert ray_processes() <= before, "the app left its Ray instance running"
 
 
-def replica_jobs(status_panel: str) -> dict[str, int]:
-    """The status panel's table of Ray replicas: replica id → jobs it has taken."""
-    rows = re.findall(r"<tr><td>([^<]+)</td><td>[^<]*</td><td>\d+</td>(?:<td>[^<]*</td>){3}<td>(\d+)</td></tr>",
-                      status_panel)
-    return {html.unescape(replica): int(jobs) for replica, jobs in rows}
+def replica_rows(status_panel: str) -> dict[str, tuple[str, int]]:
+    """The status panel's table of Ray replicas: replica id → (state, jobs it has taken)."""
+    rows = re.findall(r"<tr><td>([^<]+)</td><td>[^<]*</td><td>\d+</td>(?:<td>[^<]*</td>){2}<td>([^<]*)</td>"
+                      r"<td>(\d+)</td></tr>", status_panel)
+    return {html.unescape(replica): (state, int(jobs)) for replica, state, jobs in rows}
 
 
 @pytest.fixture
