@@ -12,7 +12,7 @@ LATENT_RGB = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1
 LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
 
 
-def _scheduler_for(sampler: Scheduler, config):
+def scheduler_for(sampler: Scheduler, config):
     from diffusers import (
         DDIMScheduler,
         DPMSolverMultistepScheduler,
@@ -37,6 +37,9 @@ def _scheduler_for(sampler: Scheduler, config):
         # already start at pure noise, so plain DPM++ 2M is used (demo model, 8 Fast prompts: 21 → 29 of 32).
         options = {k: v for k, v in options.items() if k != "use_karras_sigmas"}
     return cls.from_config(config, **options)
+
+
+_scheduler_for = scheduler_for  # the old private name, for bench.py until its rewrite lands
 
 
 def latent_preview(latents):

@@ -368,11 +368,16 @@ class HardwareProbe:
 
 
 # ---------------------------------------------------------------- events
+# Every event carries the id of the generate call it belongs to (``job_id``, set by the service) and the Ray
+# replica that ran it (``replica``, set by the worker; "" in process), as InvokeAI's queue events do: a front end
+# or a test reads who ran what from these fields, never from the log text.
 
 @dataclass(frozen=True)
 class LogEvent:
     message: str
     level: str = "info"
+    job_id: str = ""
+    replica: str = ""
 
 
 @dataclass(frozen=True)
@@ -384,6 +389,8 @@ class ProgressEvent:
     s_per_step: float | None
     stage: str = ""
     preview: Any = None  # PIL.Image or None
+    job_id: str = ""
+    replica: str = ""
 
     @property
     def fraction(self) -> float:
@@ -419,6 +426,8 @@ class ResultEvent:
     dtype: str
     parameters: str  # the PNG `parameters` text
     save_error: str | None = None
+    job_id: str = ""
+    replica: str = ""
 
 
 @dataclass(frozen=True)
@@ -427,3 +436,5 @@ class ErrorEvent:
 
     message: str
     kind: str  # "validation" | "model" | "memory" | "cancelled" | "runtime" | "busy"
+    job_id: str = ""
+    replica: str = ""

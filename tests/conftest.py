@@ -64,6 +64,10 @@ def tiny():
     return {"base": base, "refiner": refiner}
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ray: starts Ray instances or clusters (slow; `-m 'not ray'` skips them)")
+
+
 # Counts filled in by test_reliability.py; printed as one summary line at the end of the run.
 RELIABILITY = {"bad_inputs": set(), "faults": set(), "jobs": 0, "lost": 0}
 

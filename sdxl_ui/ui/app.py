@@ -32,7 +32,7 @@ from ..schema import (
     Scheduler,
     ValidationError,
 )
-from ..backends import CancelToken
+from ..jobs import CancelToken
 from .access import Access
 from .render import log_html, progress_html, status_html
 
