@@ -546,7 +546,7 @@ def _child(spec: dict) -> dict:
 def cmd_bench(args) -> int:
     if args.from_json:
         return _replay(args)
-    from .cli import settings_from_args
+    from .commandline import settings_from_args
     from .device import probe_hardware
     from .settings import PRECISION_DTYPES, Precision
     from .policy import make_plan

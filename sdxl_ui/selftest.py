@@ -403,7 +403,7 @@ def format_table(outcomes: list[Outcome]) -> str:
 
 
 def cmd_selftest(args) -> int:
-    from .cli import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, _fail
+    from .commandline import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, fail
     from .device import probe_hardware
     from .policy import PlanError, plan_device
     from .settings import AppSettings
@@ -413,14 +413,14 @@ def cmd_selftest(args) -> int:
     for name in ("only", "skip"):
         chosen[name] = [k.strip() for k in (getattr(args, name, None) or "").split(",") if k.strip()]
         if unknown := [k for k in chosen[name] if k not in known]:
-            return _fail(f"{name}: {unknown[0]!r} is not a configuration (one of {', '.join(sorted(known))})",
+            return fail(f"{name}: {unknown[0]!r} is not a configuration (one of {', '.join(sorted(known))})",
                          EXIT_BAD_INPUT, args.json, "validation")
     only, skip = chosen["only"], chosen["skip"]
     probe = probe_hardware()
     try:
         device, _ = plan_device(probe, AppSettings(model="tiny", device=args.device))
     except PlanError as exc:
-        return _fail(str(exc), EXIT_BAD_INPUT, args.json, "device")
+        return fail(str(exc), EXIT_BAD_INPUT, args.json, "device")
     res = args.res or (256 if args.arch == "tiny" else 1024 if device != "cpu" else 512)
     label = device_label(probe, device)
     if not args.json:

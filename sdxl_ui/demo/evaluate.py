@@ -189,7 +189,7 @@ def compare(service, int8_service=None) -> dict:
 
 
 def cmd_eval_demo(args) -> int:
-    from ..cli import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, _fail, settings_from_args
+    from ..commandline import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, fail, settings_from_args
     from ..models import ModelLoadError
     from ..policy import PlanError
     from ..schema import ValidationError
@@ -204,7 +204,7 @@ def cmd_eval_demo(args) -> int:
         if args.steps is not None and not 1 <= args.steps <= 150:
             raise ValidationError("steps", args.steps, "must be 1 … 150")
     except ValidationError as exc:
-        return _fail(str(exc), EXIT_BAD_INPUT, args.json, "validation")
+        return fail(str(exc), EXIT_BAD_INPUT, args.json, "validation")
     with tempfile.TemporaryDirectory(prefix="eval-demo-") as tmp:
         if args.outputs is None:
             settings = settings.with_(outputs=Path(tmp))
@@ -237,7 +237,7 @@ def cmd_eval_demo(args) -> int:
                 make_grid(items, path=args.grid)
                 result["grid"] = str(args.grid)
         except (ModelLoadError, PlanError, RuntimeError) as exc:
-            return _fail(str(exc), EXIT_FAIL, args.json, "model")
+            return fail(str(exc), EXIT_FAIL, args.json, "model")
     if args.json:
         print(json.dumps(result, indent=1))
         return EXIT_OK
