@@ -17,33 +17,8 @@ import tempfile
 import time
 from datetime import date
 
-# SDXL 1.0 base, from the published configs (stabilityai/stable-diffusion-xl-base-1.0).
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-)
-# SDXL 1.0 refiner UNet (stabilityai/stable-diffusion-xl-refiner-1.0): text encoder 2 only, aesthetic score.
-SDXL_REFINER_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(384, 768, 1536, 1536), transformer_layers_per_block=4, attention_head_dim=(6, 12, 24, 24),
-    cross_attention_dim=1280, use_linear_projection=True, addition_embed_type="text_time",
-    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2560,
-)
-SDXL_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, scaling_factor=0.13025, force_upcast=True,
-)
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                 num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+from .assembly import CLIP_BIGG, CLIP_L, SDXL_REFINER_UNET, SDXL_UNET, SDXL_VAE, build_full  # noqa: F401
+
 EXPECTED_PARAMS = {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840,
                    "vae": 83_653_863}
 EXPECTED_REFINER_UNET_PARAMS = 2_259_526_660
@@ -52,42 +27,6 @@ PROMPT = "a photograph of a red fox in the snow, golden hour, highly detailed"
 
 
 # ---------------------------------------------------------------- child: one configuration
-
-def _build_full(torch, dtype, device, with_refiner=False):
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from .models import _clip_tokenizer
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build straight in the target dtype: no fp32 copy ever exists
-    try:
-        with torch.device(device):
-            torch.manual_seed(0)
-            unet = UNet2DConditionModel(**SDXL_UNET)
-            te1 = CLIPTextModel(CLIPTextConfig(**CLIP_L))
-            te2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))
-            vae = AutoencoderKL(**SDXL_VAE)
-            refiner_unet = UNet2DConditionModel(**SDXL_REFINER_UNET) if with_refiner else None
-    finally:
-        torch.set_default_dtype(previous)
-    tokenizer = _clip_tokenizer()  # byte-level stand-in: token ids < 514, valid for the 49408-entry embedding
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer,
-                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, add_watermarker=False)
-    refiner = None
-    if with_refiner:  # shares text encoder 2 and the VAE with the base, as the service loads it
-        refiner = StableDiffusionXLImg2ImgPipeline(
-            vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None, tokenizer_2=tokenizer,
-            unet=refiner_unet, scheduler=scheduler, requires_aesthetics_score=True,
-            force_zeros_for_empty_prompt=False, add_watermarker=False)
-        refiner_unet.eval()
-    for module in (unet, te1, te2, vae):
-        module.eval()
-    return pipe, refiner
-
 
 def _build_tiny(torch, dtype, device, with_refiner=False):
     from .models import build_tiny
@@ -202,7 +141,7 @@ def run_configuration(spec: dict) -> dict:
     # The refiner only for --hq, and for the plan only where it would use one (its RAM counts in peak RSS).
     with_refiner = bool(spec.get("hq")) and (plan is None or plan.refiner)
     t0 = time.perf_counter()
-    build = _build_full if arch == "full" else _build_tiny
+    build = build_full if arch == "full" else _build_tiny
     pipe, refiner = build(torch, dtype, device, with_refiner=with_refiner)
     build_s = time.perf_counter() - t0
     params = _params(pipe, refiner)

@@ -171,11 +171,11 @@ def _full_loader(build_device: str):
     def load(source, refiner_spec, dtype, vae_dtype, want_refiner, *_):
         import torch
 
-        from .bench import _build_full
+        from .assembly import build_full
         from .models import LoadedModels
 
         start = time.perf_counter()
-        base, refiner = _build_full(torch, getattr(torch, dtype), build_device, with_refiner=want_refiner)
+        base, refiner = build_full(torch, getattr(torch, dtype), build_device, with_refiner=want_refiner)
         if vae_dtype != dtype:
             torch.nn.Module.to(base.vae, dtype=getattr(torch, vae_dtype))
         for pipe in (base, refiner):
