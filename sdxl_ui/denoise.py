@@ -125,3 +125,4 @@ def _call(pipe, step_callback, **kwargs):
                                                  *getattr(step_callback, "tensor_inputs", [])]))
     with interval.attached(pipe):
         return pipe(callback_on_step_end=interval, **kwargs).images
+scheduler_for = _scheduler_for

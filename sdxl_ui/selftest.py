@@ -287,6 +287,31 @@ def _run(service, request, cancel=None):
     return results, errors, last_step
 
 
+def _stop_mid_run(service, models, request) -> list[str]:
+    """The user presses Stop while the UNet computes step STOP_AT_STEP (a hook in the worker thread, so the moment
+    is exact); the service must end the run at that step's callback. Returns the problems."""
+    from .service import CancelToken
+
+    token, unet_calls = CancelToken(), []
+
+    def press_stop(*_):
+        unet_calls.append(1)
+        if len(unet_calls) == STOP_AT_STEP:
+            token.cancel()
+
+    handle = models.base.unet.register_forward_hook(press_stop)
+    try:
+        stopped, errors, last = _run(service, request, cancel=token)
+    finally:
+        handle.remove()
+    if stopped or [e.kind for e in errors] != ["cancelled"]:
+        return [f"Stop: expected a cancelled run, got {len(stopped)} image(s), {[e.message for e in errors]}"]
+    if len(unet_calls) != STOP_AT_STEP or last != STOP_AT_STEP:
+        return [f"Stop during step {STOP_AT_STEP}: the UNet ran {len(unet_calls)} steps, "
+                f"progress reached step {last}"]
+    return []
+
+
 def run_configuration(config: Configuration, device: str, arch: str, res: int, probe: HardwareProbe,
                       outputs: Path) -> Outcome:
     import numpy as np
@@ -294,7 +319,6 @@ def run_configuration(config: Configuration, device: str, arch: str, res: int, p
 
     from .policy import VAE_TILE_PX
     from .schema import GenerationRequest
-    from .service import CancelToken
 
     out = Outcome(config.key, config.name, "fail")
     start = time.perf_counter()
@@ -314,26 +338,7 @@ def run_configuration(config: Configuration, device: str, arch: str, res: int, p
         out.before_gb = _memory_gb(torch, device)
         _reset_peak(torch, device)
         if config.stop:
-            # The user presses Stop while the UNet computes step STOP_AT_STEP (a hook in the worker thread, so the
-            # moment is exact); the service must end the run at that step's callback.
-            token, unet_calls = CancelToken(), []
-
-            def press_stop(*_):
-                unet_calls.append(1)
-                if len(unet_calls) == STOP_AT_STEP:
-                    token.cancel()
-
-            handle = models.base.unet.register_forward_hook(press_stop)
-            try:
-                stopped, errors, last = _run(service, request, cancel=token)
-            finally:
-                handle.remove()
-            if stopped or [e.kind for e in errors] != ["cancelled"]:
-                out.problems.append(f"Stop: expected a cancelled run, got {len(stopped)} image(s), "
-                                    f"{[e.message for e in errors]}")
-            elif len(unet_calls) != STOP_AT_STEP or last != STOP_AT_STEP:
-                out.problems.append(f"Stop during step {STOP_AT_STEP}: the UNet ran {len(unet_calls)} steps, "
-                                    f"progress reached step {last}")
+            out.problems += _stop_mid_run(service, models, request)
             out.after_gb = _memory_gb(torch, device)
             watch.calls = 0
         results, errors, _ = _run(service, request)
