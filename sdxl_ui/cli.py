@@ -16,45 +16,12 @@ import sys
 import threading
 from pathlib import Path
 
+# Re-exported: app.py and older callers import these from the cli.
+from .commandline import (EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, add_settings_args,  # noqa: F401
+                          add_technique_args, fail, plan_error_code, settings_from_args, setup_logging)
 from .schema import ErrorEvent, GenerationRequest, ProgressEvent, ResultEvent, ValidationError
 from .optimizations.registry import SWITCHES
-from .settings import AppSettings, AttentionChoice, DeviceChoice, OffloadChoice, Precision, Toggle
-
-EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
-
-
-def add_settings_args(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by the CLI and app.py. Every default is None so SDXL_UI_* environment values apply."""
-    g = parser.add_argument_group("model and device (also SDXL_UI_* environment variables)")
-    g.add_argument("--model", help="hub id, local diffusers folder, .safetensors file, or 'tiny' (offline demo); "
-                                   "default stabilityai/stable-diffusion-xl-base-1.0 or $SDXL_UI_MODEL")
-    g.add_argument("--refiner", help="refiner hub id/folder/file, 'none', or 'auto' (default)")
-    g.add_argument("--use-refiner", choices=[c.value for c in Toggle], help="auto: on for high quality on GPU")
-    g.add_argument("--device", choices=[c.value for c in DeviceChoice])
-    g.add_argument("--precision", choices=[c.value for c in Precision])
-    g.add_argument("--attention", choices=[c.value for c in AttentionChoice])
-    g.add_argument("--offload", choices=[c.value for c in OffloadChoice])
-    g.add_argument("--vae-tiling", choices=[c.value for c in Toggle])
-    g.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
-    g.add_argument("--outputs", help="folder for generated images (default ./outputs)")
-    g.add_argument("--local-files-only", action="store_true", default=None,
-                   help="never contact the hub (like HF_HUB_OFFLINE=1)")
-    g.add_argument("--single-file-config", help="local diffusers SDXL folder giving the config for a .safetensors")
-    g.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the UNet (minutes of warm-up, faster steps after; for long-running servers)")
-
-
-def add_technique_args(parser: argparse.ArgumentParser) -> None:
-    """Per-request switches of the techniques that do less work per image (auto = the quality preset's choice)."""
-    for switch in SWITCHES:  # one flag per unit that offers a switch (optimizations/registry.py)
-        parser.add_argument("--" + switch.name.replace("_", "-"), default="auto", choices=[c.value for c in Toggle],
-                            help=switch.help)
-
-
-def settings_from_args(args) -> AppSettings:
-    names = ["model", "refiner", "use_refiner", "device", "precision", "attention", "offload", "vae_tiling",
-             "threads", "outputs", "local_files_only", "single_file_config", "compile"]
-    return AppSettings.from_env(**{n: getattr(args, n, None) for n in names})
+from .settings import DeviceChoice
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -134,14 +101,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str, code: int, as_json: bool, kind: str) -> int:
-    if as_json:
-        print(json.dumps({"ok": False, "error": message, "kind": kind}, ensure_ascii=False))
-    else:
-        print(f"error: {message}", file=sys.stderr)
-    return code
-
-
 def _result_json(result: ResultEvent, note: str | None) -> dict:
     return {
         "ok": True, "path": result.path, "seed": result.seed, "model": result.model, "note": note,
@@ -152,12 +111,6 @@ def _result_json(result: ResultEvent, note: str | None) -> dict:
                     "total_s": result.timings.total_s},
         "parameters": result.parameters, "save_error": result.save_error,
     }
-
-
-def plan_error_code(exc) -> int:
-    """A PlanError names its field: a --device/--attention this machine cannot honour is bad input (2); too little
-    memory for the model is a runtime failure of this machine (1)."""
-    return EXIT_FAIL if str(exc).startswith("memory:") else EXIT_BAD_INPUT
 
 
 def cmd_generate(args) -> int:
@@ -182,18 +135,18 @@ def cmd_generate(args) -> int:
             service = GenerationService(settings)
         service.check_model()  # a missing or non-SDXL --model, before any work (and before the memory check)
     except ValidationError as exc:
-        return _fail(str(exc), EXIT_BAD_INPUT, args.json, "validation")
+        return fail(str(exc), EXIT_BAD_INPUT, args.json, "validation")
     except ModelLoadError as exc:
-        return _fail(str(exc), EXIT_BAD_INPUT, args.json, "model")
+        return fail(str(exc), EXIT_BAD_INPUT, args.json, "model")
     try:
         service.plan  # noqa: B018 - --device/--attention this machine cannot honour, or too little memory
     except PlanError as exc:
-        return _fail(str(exc), plan_error_code(exc), args.json, "settings")
+        return fail(str(exc), plan_error_code(exc), args.json, "settings")
     if hasattr(service, "start"):
         try:
             service.start()
         except Exception as exc:  # noqa: BLE001 - no cluster there, or no app deployed on it
-            return _fail(f"ray-address: no sdxl_ui workers reachable at {args.ray_address!r} "
+            return fail(f"ray-address: no sdxl_ui workers reachable at {args.ray_address!r} "
                          f"({type(exc).__name__}: {exc})", EXIT_FAIL, args.json, "runtime")
     results: list[ResultEvent] = []
     cancel = CancelToken()
@@ -210,11 +163,11 @@ def cmd_generate(args) -> int:
                 elif isinstance(event, ProgressEvent) and not args.json:
                     print(f"   {event.line()}", file=sys.stderr)
         except KeyboardInterrupt:  # a second SIGINT/SIGTERM: stop now
-            return _fail("interrupted twice: stopped without waiting for the run", EXIT_FAIL, args.json,
+            return fail("interrupted twice: stopped without waiting for the run", EXIT_FAIL, args.json,
                          "cancelled")
     if error is not None:
         code = EXIT_BAD_INPUT if error.kind == "validation" else EXIT_FAIL
-        return _fail(error.message, code, args.json, error.kind)
+        return fail(error.message, code, args.json, error.kind)
     note = service.source.note
     if args.json:
         data = _result_json(results[0], note)
@@ -245,13 +198,13 @@ def cmd_doctor(args) -> int:
 
             probe = probe_hardware()
     except ValidationError as exc:
-        return _fail(str(exc), EXIT_BAD_INPUT, args.json, "validation")
+        return fail(str(exc), EXIT_BAD_INPUT, args.json, "validation")
     from .models import ModelLoadError, resolve_source
 
     try:
         source = resolve_source(settings.model)
     except ModelLoadError as exc:
-        return _fail(str(exc), EXIT_BAD_INPUT, args.json, "model")
+        return fail(str(exc), EXIT_BAD_INPUT, args.json, "model")
     model_kind, size = source.model_kind, source.native_size
     try:
         plan = make_plan(probe, settings, model_kind, size, size, True)
@@ -302,10 +255,10 @@ def cmd_train_demo(args) -> int:
     from .demo.train import train
 
     if not args.minutes > 0:
-        return _fail(f"minutes: must be more than 0 (got {args.minutes!r})", EXIT_BAD_INPUT, args.json, "validation")
+        return fail(f"minutes: must be more than 0 (got {args.minutes!r})", EXIT_BAD_INPUT, args.json, "validation")
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
-        return _fail(f"out: {args.out!r} exists and is not a folder", EXIT_BAD_INPUT, args.json, "validation")
+        return fail(f"out: {args.out!r} exists and is not a folder", EXIT_BAD_INPUT, args.json, "validation")
     report = train(out, minutes=args.minutes, seed=args.seed, resume=args.resume, smoke=args.smoke,
                    threads=args.threads)
     if args.json:
@@ -338,19 +291,6 @@ def _stop_on_signals(cancel):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def setup_logging(level: int) -> None:
-    """Console logging for the CLI and app.py (never at import)."""
-    import os
-
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    # xformers warns at import that its CUDA kernels cannot load on a CPU build; our report states the xformers
-    # status itself (not applicable on CPU / kernels do not run), so its import-time warning is only noise.
-    logging.getLogger("xformers").setLevel(logging.ERROR)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own health checks, one line each
-    # transformers warns that image processors fall back to PIL without torchvision (we never install it).
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def main(argv: list[str] | None = None) -> int:

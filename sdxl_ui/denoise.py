@@ -111,4 +111,3 @@ def run_stages(models, use_refiner: bool, width: int, height: int, common: dict,
         if on_stage_end and not getattr(models.refiner, "interrupt", False):
             on_stage_end(2)
     return latents
-

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .assembly import assemble, build_modules, clip_tokenizer
 from .schema import DEMO_MODEL_NOTE, DEMO_NOTE
 from .settings import DEFAULT_MODEL, DEMO, DEMO_MODEL_DIR, TINY
 
@@ -128,108 +129,64 @@ def _ways_out(what: str) -> str:
 
 # ---------------------------------------------------------------- tiny demo model
 
-def _byte_level_alphabet() -> list[str]:
-    """GPT-2/CLIP's reversible byte -> printable character map (every byte gets a visible character)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for byte in range(256):
-        if byte in printable:
-            chars.append(chr(byte))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
-def _clip_tokenizer():
-    """A real CLIPTokenizer whose byte-level vocabulary is generated in code (no merges, no download)."""
-    from transformers import CLIPTokenizer
-
-    chars = _byte_level_alphabet()
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def _tiny_components(torch):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    tokenizer = _clip_tokenizer()
+def _tiny_configs(tokenizer) -> dict[str, dict]:
+    """The tiny architecture's component configs, in the order they are built (the order fixes the weights)."""
     vocab = len(tokenizer)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     common = dict(vocab_size=vocab, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, max_position_embeddings=77,
                   layer_norm_eps=1e-5, hidden_act="quick_gelu")
-    # SDXL: encoder 1 = CLIP ViT-L text (768), encoder 2 = OpenCLIP bigG text with projection (1280 -> 1280).
-    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                       num_hidden_layers=2, projection_dim=32, **common))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                                     num_hidden_layers=2, projection_dim=32, **common))
-    # Same block layout as SDXL base (no attention at full latent res; text_time conditioning), toy widths.
-    unet = UNet2DConditionModel(
-        sample_size=TINY_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64), attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 1, 2),
-        cross_attention_dim=32 + 64, use_linear_projection=True, norm_num_groups=8,
-        addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32,  # (orig size, crop, target size) x 8 + pooled text
+    return dict(
+        # SDXL: encoder 1 = CLIP ViT-L text (768), encoder 2 = OpenCLIP bigG text with projection (1280 -> 1280).
+        te1=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
+                 **common),
+        te2=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
+                 **common),
+        # Same block layout as SDXL base (no attention at full latent res; text_time conditioning), toy widths.
+        unet=dict(
+            sample_size=TINY_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64, 64), attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 1, 2),
+            cross_attention_dim=32 + 64, use_linear_projection=True, norm_num_groups=8,
+            addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,  # (orig size, crop, target size) x 8 + pooled text
+        ),
+        # Four levels like the real VAE, so the latent scale factor stays 8.
+        vae=dict(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+            block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=TINY_SIZE, scaling_factor=0.13025, force_upcast=True,
+        ),
+        # SDXL refiner layout: text encoder 2 only, aesthetic-score conditioning (5 time ids instead of 6).
+        refiner_unet=dict(
+            sample_size=TINY_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64, 64, 64), attention_head_dim=(2, 4, 4, 4), cross_attention_dim=64,
+            use_linear_projection=True, norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=5 * 8 + 32,
+        ),
     )
-    # Four levels like the real VAE, so the latent scale factor stays 8.
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=TINY_SIZE, scaling_factor=0.13025, force_upcast=True,
-    )
-    # SDXL refiner layout: text encoder 2 only, aesthetic-score conditioning (5 time ids instead of 6).
-    refiner_unet = UNet2DConditionModel(
-        sample_size=TINY_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64, 64), attention_head_dim=(2, 4, 4, 4), cross_attention_dim=64,
-        use_linear_projection=True, norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=5 * 8 + 32,
-    )
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
-    )
-    for module in (te1, te2, unet, vae, refiner_unet):
-        module.eval()
-    return dict(tokenizer=tokenizer, te1=te1, te2=te2, unet=unet, vae=vae, refiner_unet=refiner_unet,
-                scheduler=scheduler)
 
 
 def build_tiny(with_refiner: bool = True, dtype: str = "float32"):
     """(base, refiner) tiny pipelines, identical on every call (fixed seed; built in about a second)."""
     import torch
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from diffusers import EulerDiscreteScheduler
 
+    tokenizer = clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        c = _tiny_components(torch)
-    for key in ("te1", "te2", "unet", "vae", "refiner_unet"):
-        # Plain nn.Module.to: diffusers' ModelMixin.to warns about fp32-only modules, and these have none.
-        torch.nn.Module.to(c[key], dtype=_torch_dtype(dtype))
-    base = StableDiffusionXLPipeline(
-        vae=c["vae"], text_encoder=c["te1"], text_encoder_2=c["te2"], tokenizer=c["tokenizer"],
-        tokenizer_2=c["tokenizer"], unet=c["unet"], scheduler=c["scheduler"], force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
+        modules = build_modules(_tiny_configs(tokenizer))  # the refiner UNet too: the same weights either way
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
     )
-    refiner = None
-    if with_refiner:
-        refiner = StableDiffusionXLImg2ImgPipeline(
-            vae=c["vae"], text_encoder=None, text_encoder_2=c["te2"], tokenizer=None, tokenizer_2=c["tokenizer"],
-            unet=c["refiner_unet"], scheduler=c["scheduler"], requires_aesthetics_score=True,
-            force_zeros_for_empty_prompt=False, add_watermarker=False,
-        )
-    base.set_progress_bar_config(disable=True)
-    if refiner is not None:
-        refiner.set_progress_bar_config(disable=True)
-    return base, refiner
+    for module in modules.values():
+        module.eval()
+        # Plain nn.Module.to: diffusers' ModelMixin.to warns about fp32-only modules, and these have none.
+        torch.nn.Module.to(module, dtype=_torch_dtype(dtype))
+    return assemble(modules, tokenizer, scheduler, with_refiner=with_refiner)
 
 
 # ---------------------------------------------------------------- real loading

@@ -171,11 +171,11 @@ def _full_loader(build_device: str):
     def load(source, refiner_spec, dtype, vae_dtype, want_refiner, *_):
         import torch
 
-        from .bench import _build_full
+        from .assembly import build_full
         from .models import LoadedModels
 
         start = time.perf_counter()
-        base, refiner = _build_full(torch, getattr(torch, dtype), build_device, with_refiner=want_refiner)
+        base, refiner = build_full(torch, getattr(torch, dtype), build_device, with_refiner=want_refiner)
         if vae_dtype != dtype:
             torch.nn.Module.to(base.vae, dtype=getattr(torch, vae_dtype))
         for pipe in (base, refiner):
@@ -226,30 +226,24 @@ class _Watch:
             handle.remove()
 
 
-def _expected_rows(plan, config) -> dict[str, tuple[str, str | None]]:
-    """Row name -> (status, text the detail must contain), from the plan the service made for this configuration."""
-    short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-    rows = {"precision": ("active", f"{short[plan.dtype]} UNet/text encoders, {short[plan.vae_dtype]} VAE"),
-            "attention slicing": ("active" if plan.attention == "sliced" else "off", None),
-            "PyTorch SDPA attention": ("active" if plan.attention == "sdpa" else "off", None),
-            "VAE tiling": ("active" if plan.vae_tiling else "off", None),
-            "Refinement": ("active" if plan.refiner else "off", None),
-            "torch.compile": ("active" if plan.compile else "off", None)}
-    rows["feature cache"] = ("active", "cached UNet calls") if plan.feature_cache > 1 else ("off", None)
-    rows["guidance interval"] = (("active", "conditional-only steps") if tuple(plan.guidance_interval) != (0.0, 1.0)
-                                 else ("off", None))
-    rows["int8 linear layers"] = ("active", "linear layers int8") if plan.int8 else ("off", None)
-    if plan.attention == "xformers":
-        rows["xformers"] = ("active", "kernel test passed")
-    if plan.offload != "none":
-        rows["CPU offload"] = ("active", f"{plan.offload} offload hooks attached")
+def _expected_rows(plan, probe) -> dict[str, tuple[str, str | None]]:
+    """Row name -> (status, text the detail must contain), from the units themselves: the status each unit plans
+    for this plan (what ``doctor`` prints) and the evidence each must show after a run (``Unit.evidence``)."""
+    from .optimizations.registry import ROW_ORDER
+    from .optimize import expected_report
+
+    rows: dict[str, tuple[str, str | None]] = {
+        row.name: (row.status.value, None) for row in expected_report(plan, probe).rows}
+    for unit in ROW_ORDER:
+        for name, text in unit.evidence(plan).items():
+            rows[name] = (rows[name][0], text)
     return rows
 
 
-def _check_report(report, plan, config, where: str) -> list[str]:
+def _check_report(report, plan, probe, where: str) -> list[str]:
     problems = []
     rows = {row.name: row for row in report.rows}
-    for name, (status, text) in _expected_rows(plan, config).items():
+    for name, (status, text) in _expected_rows(plan, probe).items():
         row = rows.get(name)
         if row is None:
             problems.append(f"{where}: no '{name}' row")
@@ -287,6 +281,31 @@ def _run(service, request, cancel=None):
     return results, errors, last_step
 
 
+def _stop_mid_run(service, models, request) -> list[str]:
+    """The user presses Stop while the UNet computes step STOP_AT_STEP (a hook in the worker thread, so the moment
+    is exact); the service must end the run at that step's callback. Returns the problems."""
+    from .service import CancelToken
+
+    token, unet_calls = CancelToken(), []
+
+    def press_stop(*_):
+        unet_calls.append(1)
+        if len(unet_calls) == STOP_AT_STEP:
+            token.cancel()
+
+    handle = models.base.unet.register_forward_hook(press_stop)
+    try:
+        stopped, errors, last = _run(service, request, cancel=token)
+    finally:
+        handle.remove()
+    if stopped or [e.kind for e in errors] != ["cancelled"]:
+        return [f"Stop: expected a cancelled run, got {len(stopped)} image(s), {[e.message for e in errors]}"]
+    if len(unet_calls) != STOP_AT_STEP or last != STOP_AT_STEP:
+        return [f"Stop during step {STOP_AT_STEP}: the UNet ran {len(unet_calls)} steps, "
+                f"progress reached step {last}"]
+    return []
+
+
 def run_configuration(config: Configuration, device: str, arch: str, res: int, probe: HardwareProbe,
                       outputs: Path) -> Outcome:
     import numpy as np
@@ -294,7 +313,6 @@ def run_configuration(config: Configuration, device: str, arch: str, res: int, p
 
     from .policy import VAE_TILE_PX
     from .schema import GenerationRequest
-    from .service import CancelToken
 
     out = Outcome(config.key, config.name, "fail")
     start = time.perf_counter()
@@ -314,26 +332,7 @@ def run_configuration(config: Configuration, device: str, arch: str, res: int, p
         out.before_gb = _memory_gb(torch, device)
         _reset_peak(torch, device)
         if config.stop:
-            # The user presses Stop while the UNet computes step STOP_AT_STEP (a hook in the worker thread, so the
-            # moment is exact); the service must end the run at that step's callback.
-            token, unet_calls = CancelToken(), []
-
-            def press_stop(*_):
-                unet_calls.append(1)
-                if len(unet_calls) == STOP_AT_STEP:
-                    token.cancel()
-
-            handle = models.base.unet.register_forward_hook(press_stop)
-            try:
-                stopped, errors, last = _run(service, request, cancel=token)
-            finally:
-                handle.remove()
-            if stopped or [e.kind for e in errors] != ["cancelled"]:
-                out.problems.append(f"Stop: expected a cancelled run, got {len(stopped)} image(s), "
-                                    f"{[e.message for e in errors]}")
-            elif len(unet_calls) != STOP_AT_STEP or last != STOP_AT_STEP:
-                out.problems.append(f"Stop during step {STOP_AT_STEP}: the UNet ran {len(unet_calls)} steps, "
-                                    f"progress reached step {last}")
+            out.problems += _stop_mid_run(service, models, request)
             out.after_gb = _memory_gb(torch, device)
             watch.calls = 0
         results, errors, _ = _run(service, request)
@@ -353,8 +352,8 @@ def run_configuration(config: Configuration, device: str, arch: str, res: int, p
         if config.tiles and watch.calls < 2:
             out.problems.append(f"VAE tiling on, but a {side}² image decoded in {watch.calls} piece(s)")
         applied = service.applied_plan or service.plan
-        out.problems += _check_report(result.report, applied, config, "report")
-        out.problems += _check_report(service.current_report(), applied, config, "status panel")
+        out.problems += _check_report(result.report, applied, probe, "report")
+        out.problems += _check_report(service.current_report(), applied, probe, "status panel")
         slack = MEMORY_SLACK_GB[device] + (CPU_MEMORY_SLACK_FRACTION * out.before_gb if device == "cpu" else 0)
         if out.after_gb - out.before_gb > slack:
             out.problems.append(f"memory did not return: {out.before_gb:.3f} GB before, {out.after_gb:.3f} GB "
@@ -403,7 +402,7 @@ def format_table(outcomes: list[Outcome]) -> str:
 
 
 def cmd_selftest(args) -> int:
-    from .cli import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, _fail
+    from .commandline import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, fail
     from .device import probe_hardware
     from .policy import PlanError, plan_device
     from .settings import AppSettings
@@ -413,14 +412,14 @@ def cmd_selftest(args) -> int:
     for name in ("only", "skip"):
         chosen[name] = [k.strip() for k in (getattr(args, name, None) or "").split(",") if k.strip()]
         if unknown := [k for k in chosen[name] if k not in known]:
-            return _fail(f"{name}: {unknown[0]!r} is not a configuration (one of {', '.join(sorted(known))})",
+            return fail(f"{name}: {unknown[0]!r} is not a configuration (one of {', '.join(sorted(known))})",
                          EXIT_BAD_INPUT, args.json, "validation")
     only, skip = chosen["only"], chosen["skip"]
     probe = probe_hardware()
     try:
         device, _ = plan_device(probe, AppSettings(model="tiny", device=args.device))
     except PlanError as exc:
-        return _fail(str(exc), EXIT_BAD_INPUT, args.json, "device")
+        return fail(str(exc), EXIT_BAD_INPUT, args.json, "device")
     res = args.res or (256 if args.arch == "tiny" else 1024 if device != "cpu" else 512)
     label = device_label(probe, device)
     if not args.json:

@@ -5,6 +5,7 @@ import torch
 from test_cli import cli
 
 from sdxl_ui import bench
+from sdxl_ui.assembly import build_full
 
 
 def test_bench_runs_end_to_end_with_the_high_quality_path(tmp_path):
@@ -56,8 +57,8 @@ def test_bench_runs_end_to_end_with_the_high_quality_path(tmp_path):
 def test_full_architecture_matches_the_published_parameter_counts():
     """Built on the meta device (no memory, no compute): base, both text encoders, VAE and the refiner UNet.
     The counts are written out here (SDXL 1.0 base and refiner as published), not read from bench.py."""
-    pipe, refiner = bench._build_full(torch, torch.float16, "meta", with_refiner=True)
-    params = bench._params(pipe, refiner)
+    pipe, refiner = build_full(torch, torch.float16, "meta", with_refiner=True)
+    params = bench.param_counts(pipe, refiner)
     assert params == {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840,
                       "vae": 83_653_863, "refiner_unet": 2_259_526_660}
     assert refiner.text_encoder_2 is pipe.text_encoder_2 and refiner.vae is pipe.vae  # shared, as the service loads

@@ -4,25 +4,12 @@ CLIPTokenizer whose vocabulary is built in code from the scene words (no downloa
 """
 from __future__ import annotations
 
+from ..assembly import build_modules, byte_level_vocab, clip_tokenizer
 from .scenes import SIZE, WORDS
 
 MAX_TOKENS = 32  # captions are < 20 words; SDXL's 77 would only make cross-attention slower
 TEXT_WIDTH_1, TEXT_WIDTH_2, POOLED = 64, 64, 64
 TIME_EMBED = 16
-
-
-def _byte_level_alphabet() -> list[str]:
-    """GPT-2/CLIP's reversible byte -> printable character map (every byte gets a visible character)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for byte in range(256):
-        if byte in printable:
-            chars.append(chr(byte))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
 
 
 def build_vocab(words=WORDS) -> tuple[dict[str, int], list[str]]:
@@ -33,9 +20,7 @@ def build_vocab(words=WORDS) -> tuple[dict[str, int], list[str]]:
     applies merges by rank, so a merge added for one word can split another; repeating until nothing changes
     settles that.
     """
-    chars = _byte_level_alphabet()
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
+    vocab = byte_level_vocab()
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}
 
@@ -67,63 +52,50 @@ def build_vocab(words=WORDS) -> tuple[dict[str, int], list[str]]:
 
 def build_tokenizer(directory=None):
     """A real CLIPTokenizer (saved as vocab.json + merges.txt, loaded by the pipeline like SDXL's)."""
-    import json
-    import tempfile
-    from pathlib import Path
-
-    from transformers import CLIPTokenizer
-
     vocab, merges = build_vocab()
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_file, merges_file = Path(tmp) / "vocab.json", Path(tmp) / "merges.txt"
-        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
-        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=MAX_TOKENS,
-                                  pad_token="<|endoftext|>")
-        if directory is not None:
-            tokenizer.save_pretrained(directory)
-    return tokenizer
+    return clip_tokenizer(vocab, merges, max_length=MAX_TOKENS, directory=directory)
+
+
+def component_configs(tokenizer) -> dict[str, dict]:
+    """The demo model's component configs, in the order they are built (the order fixes the initial weights)."""
+    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  max_position_embeddings=MAX_TOKENS, layer_norm_eps=1e-5, hidden_act="gelu", num_attention_heads=4,
+                  num_hidden_layers=3)
+    return dict(
+        # SDXL: encoder 1 = CLIP ViT-L text, encoder 2 = OpenCLIP bigG text with projection (pooled -> time embedding).
+        te1=dict(hidden_size=TEXT_WIDTH_1, intermediate_size=2 * TEXT_WIDTH_1, projection_dim=TEXT_WIDTH_1, **common),
+        te2=dict(hidden_size=TEXT_WIDTH_2, intermediate_size=2 * TEXT_WIDTH_2, projection_dim=POOLED, **common),
+        # SDXL base's block layout (no attention at the full latent resolution), text_time conditioning.
+        unet=dict(
+            sample_size=SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64, 128), attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 1, 1),
+            cross_attention_dim=TEXT_WIDTH_1 + TEXT_WIDTH_2, use_linear_projection=True, norm_num_groups=16,
+            addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED,
+            projection_class_embeddings_input_dim=6 * TIME_EMBED + POOLED,  # (orig size, crop, target) ids + pooled
+        ),
+        vae=dict(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
+            block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=SIZE, scaling_factor=1.0, force_upcast=True,
+        ),
+        # SDXL refiner layout: text encoder 2 only, aesthetic-score conditioning (5 ids instead of 6).
+        refiner_unet=dict(
+            sample_size=SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64, 64), attention_head_dim=(2, 4, 4), cross_attention_dim=TEXT_WIDTH_2,
+            use_linear_projection=True, norm_num_groups=16, addition_embed_type="text_time",
+            addition_time_embed_dim=TIME_EMBED, projection_class_embeddings_input_dim=5 * TIME_EMBED + POOLED,
+        ),
+    )
 
 
 def build_components(torch, tokenizer):
-    """Untrained modules with the demo model's configuration."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    vocab = len(tokenizer)
-    common = dict(vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, max_position_embeddings=MAX_TOKENS, layer_norm_eps=1e-5,
-                  hidden_act="gelu", num_attention_heads=4, num_hidden_layers=3)
-    # SDXL: encoder 1 = CLIP ViT-L text, encoder 2 = OpenCLIP bigG text with projection (pooled -> time embedding).
-    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=TEXT_WIDTH_1, intermediate_size=2 * TEXT_WIDTH_1,
-                                       projection_dim=TEXT_WIDTH_1, **common))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=TEXT_WIDTH_2, intermediate_size=2 * TEXT_WIDTH_2,
-                                                     projection_dim=POOLED, **common))
-    # SDXL base's block layout (no attention at the full latent resolution), text_time conditioning.
-    unet = UNet2DConditionModel(
-        sample_size=SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 128), attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 1, 1),
-        cross_attention_dim=TEXT_WIDTH_1 + TEXT_WIDTH_2, use_linear_projection=True, norm_num_groups=16,
-        addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED,
-        projection_class_embeddings_input_dim=6 * TIME_EMBED + POOLED,  # (orig size, crop, target) ids + pooled
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
-        block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=SIZE, scaling_factor=1.0, force_upcast=True,
-    )
-    # SDXL refiner layout: text encoder 2 only, aesthetic-score conditioning (5 ids instead of 6).
-    refiner_unet = UNet2DConditionModel(
-        sample_size=SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64), attention_head_dim=(2, 4, 4), cross_attention_dim=TEXT_WIDTH_2,
-        use_linear_projection=True, norm_num_groups=16, addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_EMBED, projection_class_embeddings_input_dim=5 * TIME_EMBED + POOLED,
-    )
-    return dict(te1=te1, te2=te2, unet=unet, vae=vae, refiner_unet=refiner_unet)
+    """Untrained modules with the demo model's configuration (te1, te2, unet, vae, refiner_unet)."""
+    return build_modules(component_configs(tokenizer))
 
 
 def scheduler_config() -> dict:

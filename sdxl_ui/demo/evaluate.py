@@ -145,18 +145,22 @@ def psnr(a, b) -> float:
     return 99.0 if mse == 0 else round(10 * math.log10(255.0 ** 2 / mse), 2)
 
 
+def _switches(feature_cache: str, guidance_interval: str) -> dict:
+    return dict(techniques=dict(feature_cache=feature_cache, guidance_interval=guidance_interval))
+
+
 # Each technique on its own and each preset, against the exact run of the same preset (same prompts and seeds):
 # (label, quality, request fields, needs the int8 service).
 COMPARISONS = (
-    ("high: exact", "high", dict(techniques=dict(feature_cache="off", guidance_interval="off")), False),
+    ("high: exact", "high", _switches("off", "off"), False),
     ("high: preset", "high", {}, False),
-    ("high: feature cache only", "high", dict(techniques=dict(feature_cache="on", guidance_interval="off")), False),
-    ("high: guidance interval only", "high", dict(techniques=dict(feature_cache="off", guidance_interval="on")), False),
-    ("high: int8 only", "high", dict(techniques=dict(feature_cache="off", guidance_interval="off")), True),
-    ("fast: exact", "fast", dict(techniques=dict(feature_cache="off", guidance_interval="off")), False),
+    ("high: feature cache only", "high", _switches("on", "off"), False),
+    ("high: guidance interval only", "high", _switches("off", "on"), False),
+    ("high: int8 only", "high", _switches("off", "off"), True),
+    ("fast: exact", "fast", _switches("off", "off"), False),
     ("fast: preset", "fast", {}, False),
-    ("fast: feature cache only", "fast", dict(techniques=dict(feature_cache="on", guidance_interval="off")), False),
-    ("fast: guidance interval only", "fast", dict(techniques=dict(feature_cache="off", guidance_interval="on")), False),
+    ("fast: feature cache only", "fast", _switches("on", "off"), False),
+    ("fast: guidance interval only", "fast", _switches("off", "on"), False),
 )
 
 
@@ -189,7 +193,7 @@ def compare(service, int8_service=None) -> dict:
 
 
 def cmd_eval_demo(args) -> int:
-    from ..cli import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, _fail, settings_from_args
+    from ..commandline import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, fail, settings_from_args
     from ..models import ModelLoadError
     from ..policy import PlanError
     from ..schema import ValidationError
@@ -204,7 +208,7 @@ def cmd_eval_demo(args) -> int:
         if args.steps is not None and not 1 <= args.steps <= 150:
             raise ValidationError("steps", args.steps, "must be 1 … 150")
     except ValidationError as exc:
-        return _fail(str(exc), EXIT_BAD_INPUT, args.json, "validation")
+        return fail(str(exc), EXIT_BAD_INPUT, args.json, "validation")
     with tempfile.TemporaryDirectory(prefix="eval-demo-") as tmp:
         if args.outputs is None:
             settings = settings.with_(outputs=Path(tmp))
@@ -237,7 +241,7 @@ def cmd_eval_demo(args) -> int:
                 make_grid(items, path=args.grid)
                 result["grid"] = str(args.grid)
         except (ModelLoadError, PlanError, RuntimeError) as exc:
-            return _fail(str(exc), EXIT_FAIL, args.json, "model")
+            return fail(str(exc), EXIT_FAIL, args.json, "model")
     if args.json:
         print(json.dumps(result, indent=1))
         return EXIT_OK

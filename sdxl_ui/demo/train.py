@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..assembly import assemble
 from . import architecture as arch
 from . import scenes as S
 
@@ -370,25 +371,14 @@ def train_refiner(tokenizer, te2, refiner_unet, scenes, latents, alphas_cumprod,
 # ---------------------------------------------------------------- pipelines
 
 def make_pipelines(tokenizer, te1, te2, unet, vae, refiner_unet=None):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from diffusers import EulerDiscreteScheduler
 
     config = arch.scheduler_config()
     ddim_only = {k: config.pop(k) for k in ("clip_sample", "set_alpha_to_one")}
     scheduler = EulerDiscreteScheduler(**config)
     scheduler.register_to_config(**ddim_only)  # kept in the saved config for DDIM (the service's samplers)
-    base = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer,
-                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
-                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
-    refiner = None
-    if refiner_unet is not None:
-        refiner = StableDiffusionXLImg2ImgPipeline(
-            vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None, tokenizer_2=tokenizer,
-            unet=refiner_unet, scheduler=scheduler, requires_aesthetics_score=True,
-            force_zeros_for_empty_prompt=False, add_watermarker=False)
-    for pipe in (base, refiner):
-        if pipe is not None:
-            pipe.set_progress_bar_config(disable=True)
-    return base, refiner
+    modules = dict(te1=te1, te2=te2, unet=unet, vae=vae, refiner_unet=refiner_unet)
+    return assemble(modules, tokenizer, scheduler)
 
 
 def adherence(base, scenes, seed: int = 0, steps: int = 20, guidance: float = 7.0, batch: int = 16) -> dict:
@@ -422,6 +412,28 @@ def save(out: Path, tokenizer, te1, te2, unet, vae, refiner_unet, dtype: str = "
     return sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and ".train" not in p.parts)
 
 
+def _vae_stage(vae, ckpt: Path, rng, budget: float, resume: bool, smoke: bool):
+    """(report, rng) of the VAE stage: trained and checkpointed, or with ``resume`` read back from ``ckpt``."""
+    import torch
+
+    if resume and ckpt.is_file():
+        saved = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(saved["state"])
+        log.info("resumed the VAE from %s", ckpt)
+        return saved["report"], saved["rng"]
+    report = train_vae(vae, rng, SHARES["vae"] * budget, 3 if smoke else None, batch=4 if smoke else 32)
+    torch.save({"state": vae.state_dict(), "report": report, "rng": rng}, ckpt)
+    return report, rng
+
+
+def _alphas_cumprod():
+    """The training noise schedule's cumulative alphas (the demo model's scheduler config, as DDPM reads it)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**{k: v for k, v in arch.scheduler_config().items()
+                            if k not in ("timestep_spacing", "steps_offset", "set_alpha_to_one")}).alphas_cumprod
+
+
 def train(out: str | Path, minutes: float = 75.0, seed: int = 0, resume: bool = False, smoke: bool = False,
           threads: int = 0) -> dict:
     """Train all stages within about ``minutes`` on CPU and write the folder. ``smoke``: a few steps of each
@@ -442,26 +454,13 @@ def train(out: str | Path, minutes: float = 75.0, seed: int = 0, resume: bool = 
     c = arch.build_components(torch, tokenizer)
     report: dict = {"seed": seed, "minutes": minutes, "smoke": smoke, "threads": torch.get_num_threads()}
 
-    vae_ckpt = state_dir / "vae.pt"
-    if resume and vae_ckpt.is_file():
-        saved = torch.load(vae_ckpt, weights_only=False)
-        c["vae"].load_state_dict(saved["state"])
-        report["vae"] = saved["report"]
-        rng = saved["rng"]
-        log.info("resumed the VAE from %s", vae_ckpt)
-    else:
-        report["vae"] = train_vae(c["vae"], rng, SHARES["vae"] * budget, 3 if smoke else None,
-                                  batch=4 if smoke else 32)
-        torch.save({"state": c["vae"].state_dict(), "report": report["vae"], "rng": rng}, vae_ckpt)
+    report["vae"], rng = _vae_stage(c["vae"], state_dir / "vae.pt", rng, budget, resume, smoke)
     vae = c["vae"].eval().requires_grad_(False)
 
     scenes, latents, scale = encode_dataset(vae, rng, 64 if smoke else 12288)
     vae.register_to_config(scaling_factor=round(scale, 5))
     report["scaling_factor"] = round(scale, 5)
-    from diffusers import DDPMScheduler
-
-    alphas_cumprod = DDPMScheduler(**{k: v for k, v in arch.scheduler_config().items()
-                                      if k not in ("timestep_spacing", "steps_offset", "set_alpha_to_one")}).alphas_cumprod
+    alphas_cumprod = _alphas_cumprod()
 
     check_scenes = S.eval_scenes(16, seed=99)
 

@@ -1,0 +1,165 @@
+"""A preset's real schedule (the UNet calls of one image, recorded through the service's own path) and the
+per-image arithmetic built on it: derived figures, seconds per 1024² image, the end-to-end check's comparison."""
+from __future__ import annotations
+
+import dataclasses
+from datetime import date
+
+from .build import (EXPECTED_PARAMS, EXPECTED_REFINER_UNET_PARAMS, SDXL_UNET, SDXL_VAE, tiny_unet_config,
+                    unet_tflops, vae_decode_tflops)
+
+
+# A UNet call of a schedule: F (full) or C (cached), and the rows it runs per image (2 = with CFG, 1 = without).
+KIND_NAMES = {"F2": "full_guided", "F1": "full_cond", "C2": "cached_guided", "C1": "cached_cond"}
+
+
+class CallRecorder:
+    """Rows per image of every UNet call of a run (2 = with CFG, 1 = conditional only), read after any guidance
+    interval hook has halved the batch; the feature cache's own trace says which calls were full (F/R) or cached."""
+
+    def __init__(self, unet, images: int = 1):
+        self.rows: list[int] = []
+        self.images = images
+        self._handle = unet.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output):
+        sample = args[0] if args else kwargs["sample"]
+        self.rows.append(sample.shape[0] // self.images)
+
+    def close(self):
+        self._handle.remove()
+
+
+def schedule_calls(unet, rows: list[int]) -> list[str]:
+    """The recorded calls as kinds ("F2", "C1", … see KIND_NAMES): the feature cache's trace with the rows."""
+    from ..optimizations import feature_cache
+
+    cache = feature_cache.get(unet)
+    trace = cache.run.trace if cache is not None and cache.enabled and cache.interval > 1 else "F" * len(rows)
+    assert len(trace) == len(rows), (trace, rows)
+    return [f"{'C' if t == 'C' else 'F'}{r}" for t, r in zip(trace, rows)]
+
+
+def preset_schedule(probe, settings, quality: str, requested_steps: int | None = None) -> dict:
+    """The real schedule of a preset's image on this device: the tiny model run through the service's own path
+    (``apply`` + ``run_stages``) with the preset's plan (steps policy, sampler, feature cache, guidance interval),
+    each UNet call recorded. Returns steps, sampler and the calls ("F2", "C1", … see KIND_NAMES)."""
+    import torch
+
+    from ..denoise import run_stages, scheduler_for
+    from ..models import load_models, resolve_source
+    from ..optimize import apply
+    from ..policy import make_plan
+    from ..schema import PRESETS, Quality
+
+    q = Quality(quality)
+    preset = PRESETS[q]
+    plan = make_plan(probe, settings, "sdxl", 1024, 1024, q is Quality.HIGH)
+    steps = plan.steps_for(requested_steps or preset.steps)
+    tiny = make_plan(probe, settings.with_(model="tiny", device="cpu", precision="fp32", compile=False), "tiny",
+                     64, 64, q is Quality.HIGH)
+    tiny = dataclasses.replace(tiny, feature_cache=plan.feature_cache, guidance_interval=plan.guidance_interval,
+                               refiner=False)
+    models = load_models(resolve_source("tiny"), None, "float32", "float32", False)
+    apply(tiny, models)
+    models.base.scheduler = scheduler_for(preset.scheduler, models.scheduler_config)
+    recorder = CallRecorder(models.base.unet)
+    try:
+        with torch.inference_mode():
+            run_stages(models, False, 64, 64, dict(prompt="a fox", num_inference_steps=steps,
+                                                   guidance_scale=preset.guidance, output_type="latent",
+                                                   generator=torch.Generator().manual_seed(0)))
+    finally:
+        recorder.close()
+    calls = schedule_calls(models.base.unet, recorder.rows)
+    return {"steps": steps, "sampler": preset.scheduler.value, "feature_cache": plan.feature_cache,
+            "guidance_interval": list(plan.guidance_interval), "calls": calls,
+            "counts": {KIND_NAMES[c]: calls.count(c) for c in sorted(set(calls))}}
+
+
+def schedule_seconds(calls, kinds: dict, scale: float = 1.0) -> float:
+    """The UNet time of a schedule from the per-kind step times (× ``scale``, e.g. the 1024²/res² FLOP ratio)."""
+    return sum(kinds[KIND_NAMES[c]] for c in calls) * scale
+
+
+def summarize(results: dict, arch: str, res: int, steps: int, device: str, machine: str, torch_version: str,
+              hq_steps: int, day: str | None = None, schedules: dict | None = None,
+              dtype_peaks: dict | None = None) -> dict:
+    """Derived figures (FLOPs, % of peak, 1024² projections, ratios) from the children's raw timings."""
+    import torch
+
+    unet_config = SDXL_UNET if arch == "full" else tiny_unet_config()
+    unet_tf, unet_tf_1024 = unet_tflops(torch, unet_config, res), unet_tflops(torch, unet_config, 1024)
+    vae_scale = (vae_decode_tflops(torch, SDXL_VAE, 1024) / vae_decode_tflops(torch, SDXL_VAE, res)
+                 if arch == "full" else (1024 / res) ** 2)
+    for r in results.values():
+        r["unet_tflop_per_step"] = round(unet_tf, 3)
+        r["gflops"] = round(unet_tf * 1e3 / r["s_per_step"], 1)
+        r["pct_of_peak"] = round(100 * r["gflops"] / r["matmul_peak_gflops"], 1)
+        # A 1024² High-quality image: stock diffusers runs its default 50 steps; the plan runs its steps
+        # policy (35 on CPU). FLOP-scaled step and decode times, plus text encoding.
+        r["hq_steps"] = 50 if r["kind"] == "baseline" else hq_steps
+        r["projected_1024_hq_s"] = round(r["hq_steps"] * r["s_per_step"] * unet_tf_1024 / unet_tf
+                                         + r["text_encode_s"] + r["vae_decode_s"] * vae_scale, 1)
+        if arch == "full":
+            expected = dict(EXPECTED_PARAMS, **({"refiner_unet": EXPECTED_REFINER_UNET_PARAMS}
+                                                if "refiner_unet" in r["params"] else {}))
+            r["params_ok"] = r["params"] == expected
+    summary = {
+        "date": day or date.today().isoformat(), "arch": arch, "res": res, "timed_steps": steps, "device": device,
+        "machine": machine, "torch": torch_version, "expected_params": EXPECTED_PARAMS if arch == "full" else None,
+        **results,
+    }
+    if "plan" in results:
+        summary["peak_gflops"] = results["plan"]["matmul_peak_gflops"]
+    if "baseline" in results and "plan" in results:
+        base, plan = results["baseline"], results["plan"]
+        summary["ratio"] = round(base["s_per_step"] / plan["s_per_step"], 2)
+        summary["image_ratio"] = round(base["projected_1024_hq_s"] / plan["projected_1024_hq_s"], 2)
+        if "hq" in base and "hq" in plan:
+            summary["hq_ratio"] = round(base["hq"]["total_s"] / plan["hq"]["total_s"], 2)
+    if dtype_peaks:
+        summary["dtype_peaks"] = dtype_peaks
+    if "baseline" in results and "plan" in results and "kinds" in results["plan"] and schedules:
+        summary["presets"] = per_image(results, schedules, unet_tf_1024 / unet_tf, vae_scale)
+        if "check" in results["plan"]:
+            summary["check"] = check_figures(results["plan"])
+    if "baseline" in results and "int8" in results:
+        i8, base = results["int8"], results["baseline"]
+        step = i8.get("kinds", {}).get("full_guided", i8["s_per_step"])
+        summary["int8_step"] = {"s_per_step": step, "ratio_vs_stock_fp32": round(base["s_per_step"] / step, 2),
+                                "ratio_vs_plan": round(results["plan"]["kinds"]["full_guided"] / step, 2)
+                                if "kinds" in results.get("plan", {}) else None, **i8.get("int8", {})}
+    return summary
+
+
+STOCK_STEPS = 50  # stock diffusers' default: Euler, 50 steps, CFG on every step, fp32 on a CPU
+
+
+def per_image(results: dict, schedules: dict, unet_scale: float, vae_scale: float) -> dict:
+    """Seconds per 1024² image: stock diffusers (its fp32 guided step × 50) and each preset from its real schedule
+    (per-kind step times × the calls of each kind), both with the UNet times scaled by the 1024²/res² FLOP ratio,
+    plus text encoding and the FLOP-scaled VAE decode of that configuration."""
+    base, plan = results["baseline"], results["plan"]
+    stock = (STOCK_STEPS * base["s_per_step"] * unet_scale + base["text_encode_s"] + base["vae_decode_s"] * vae_scale)
+    out = {"stock": {"image_s": round(stock, 1), "steps": STOCK_STEPS, "dtype": base["dtype"],
+                     "what": "stock diffusers: fp32, Euler, 50 steps, CFG on every step"}}
+    for name, sched in schedules.items():
+        unet_s = schedule_seconds(sched["calls"], plan["kinds"], unet_scale)
+        image = unet_s + plan["text_encode_s"] + plan["vae_decode_s"] * vae_scale
+        # The ratio of the figures as printed (rounded), so that the JSON agrees with itself.
+        out[name] = {"image_s": round(image, 1), "ratio": round(round(stock, 1) / round(image, 1), 2),
+                     "unet_s": round(unet_s, 1),
+                     "steps": sched["steps"], "sampler": sched["sampler"], "counts": sched["counts"],
+                     "dtype": plan["dtype"], "schedule": sched}
+    return out
+
+
+def check_figures(plan: dict) -> dict:
+    """The end-to-end image against the same computation (at the bench size, not scaled): within 10 %?"""
+    c = plan["check"]
+    computed = schedule_seconds(c["calls"], plan["kinds"]) + plan["text_encode_s"]
+    error = (c["measured_denoise_s"] - computed) / computed
+    return {"steps": c["steps"], "res": c["res"], "measured_s": c["measured_denoise_s"],
+            "computed_s": round(computed, 2), "error_pct": round(100 * error, 1), "within_10_pct": abs(error) <= 0.10,
+            "counts": {KIND_NAMES[k]: c["calls"].count(k) for k in sorted(set(c["calls"]))}}

@@ -1,0 +1,78 @@
+"""What the command-line tools share: exit codes, how a failure is reported (`fail`), the model and device flags
+(also read by app.py) and the settings they make, and the console logging.
+
+Exit codes: 0 success; 2 bad input, one line naming the field and the value; 1 a runtime failure (see `cli`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .optimizations.registry import SWITCHES
+from .settings import AppSettings, AttentionChoice, DeviceChoice, OffloadChoice, Precision, Toggle
+
+EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def add_settings_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by the CLI and app.py. Every default is None so SDXL_UI_* environment values apply."""
+    g = parser.add_argument_group("model and device (also SDXL_UI_* environment variables)")
+    g.add_argument("--model", help="hub id, local diffusers folder, .safetensors file, or 'tiny' (offline demo); "
+                                   "default stabilityai/stable-diffusion-xl-base-1.0 or $SDXL_UI_MODEL")
+    g.add_argument("--refiner", help="refiner hub id/folder/file, 'none', or 'auto' (default)")
+    g.add_argument("--use-refiner", choices=[c.value for c in Toggle], help="auto: on for high quality on GPU")
+    g.add_argument("--device", choices=[c.value for c in DeviceChoice])
+    g.add_argument("--precision", choices=[c.value for c in Precision])
+    g.add_argument("--attention", choices=[c.value for c in AttentionChoice])
+    g.add_argument("--offload", choices=[c.value for c in OffloadChoice])
+    g.add_argument("--vae-tiling", choices=[c.value for c in Toggle])
+    g.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    g.add_argument("--outputs", help="folder for generated images (default ./outputs)")
+    g.add_argument("--local-files-only", action="store_true", default=None,
+                   help="never contact the hub (like HF_HUB_OFFLINE=1)")
+    g.add_argument("--single-file-config", help="local diffusers SDXL folder giving the config for a .safetensors")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the UNet (minutes of warm-up, faster steps after; for long-running servers)")
+
+
+def add_technique_args(parser: argparse.ArgumentParser) -> None:
+    """Per-request switches of the techniques that do less work per image (auto = the quality preset's choice)."""
+    for switch in SWITCHES:  # one flag per unit that offers a switch (optimizations/registry.py)
+        parser.add_argument("--" + switch.name.replace("_", "-"), default="auto", choices=[c.value for c in Toggle],
+                            help=switch.help)
+
+
+def settings_from_args(args) -> AppSettings:
+    names = ["model", "refiner", "use_refiner", "device", "precision", "attention", "offload", "vae_tiling",
+             "threads", "outputs", "local_files_only", "single_file_config", "compile"]
+    return AppSettings.from_env(**{n: getattr(args, n, None) for n in names})
+
+
+def fail(message: str, code: int, as_json: bool, kind: str) -> int:
+    """Report a failure (one JSON object on stdout with --json, else one line on stderr); returns ``code``."""
+    if as_json:
+        print(json.dumps({"ok": False, "error": message, "kind": kind}, ensure_ascii=False))
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def plan_error_code(exc) -> int:
+    """A PlanError names its field: a --device/--attention this machine cannot honour is bad input (2); too little
+    memory for the model is a runtime failure of this machine (1)."""
+    return EXIT_FAIL if str(exc).startswith("memory:") else EXIT_BAD_INPUT
+
+
+def setup_logging(level: int) -> None:
+    """Console logging for the CLI and app.py (never at import)."""
+    import os
+
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    # xformers warns at import that its CUDA kernels cannot load on a CPU build; our report states the xformers
+    # status itself (not applicable on CPU / kernels do not run), so its import-time warning is only noise.
+    logging.getLogger("xformers").setLevel(logging.ERROR)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own health checks, one line each
+    # transformers warns that image processors fall back to PIL without torchvision (we never install it).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
