@@ -1,27 +1,18 @@
-"""Shared fixtures: the tiny random-weight model (built offline in about a second) and recorded hardware probes."""
+"""Shared fixtures (the tiny random-weight model, built offline in about a second) and the suite's hooks: the
+reliability summary line. Helpers that tests import live in tests/helpers."""
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
-from pathlib import Path
 
 import pytest
 
-PROBES = Path(__file__).parent / "probes"
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import RELIABILITY
 
 # Tests never touch the network: hub lookups fail fast instead of waiting on timeouts.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 logging.getLogger("xformers").setLevel(logging.ERROR)
-
-
-def load_probe(name: str):
-    from sdxl_ui.schema import HardwareProbe
-
-    return HardwareProbe.from_dict(json.loads((PROBES / f"{name}.json").read_text()))
 
 
 @pytest.fixture(scope="session")
@@ -37,24 +28,6 @@ def tiny_service(tmp_path_factory):
     return service
 
 
-def run(service, request, **kwargs):
-    """Collect a generation's events into (results, errors, logs, progress)."""
-    from sdxl_ui.schema import ErrorEvent, LogEvent, ProgressEvent, ResultEvent
-
-    out = {"results": [], "errors": [], "logs": [], "progress": [], "t": []}  # t: (time, event type) of each
-    for event in service.generate(request, **kwargs):
-        out["t"].append((time.time(), type(event).__name__))
-        if isinstance(event, ResultEvent):
-            out["results"].append(event)
-        elif isinstance(event, ErrorEvent):
-            out["errors"].append(event)
-        elif isinstance(event, LogEvent):
-            out["logs"].append(event.message)
-        elif isinstance(event, ProgressEvent):
-            out["progress"].append(event)
-    return out
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny base and refiner pipelines, built once per test module, for tests that work on the pipelines."""
@@ -62,10 +35,6 @@ def tiny():
 
     base, refiner = build_tiny()
     return {"base": base, "refiner": refiner}
-
-
-# Counts filled in by test_reliability.py; printed as one summary line at the end of the run.
-RELIABILITY = {"bad_inputs": set(), "faults": set(), "jobs": 0, "lost": 0}
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -11,7 +11,7 @@ import tempfile
 import threading
 
 import pytest
-from test_app import App
+from tests.helpers import App
 
 pytest.importorskip("ray", reason="Ray Serve is optional: pip install -r requirements-serve.txt")
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import RELIABILITY, run
+from tests.helpers import RELIABILITY, run
 
 ray = pytest.importorskip("ray", reason="Ray Serve is optional: pip install -r requirements-serve.txt")
 

@@ -56,7 +56,7 @@ def test_request_is_frozen():
 
 
 def test_probe_json_round_trip():
-    from conftest import load_probe
+    from tests.helpers import load_probe
 
     probe = load_probe("rtx5090_torch_without_sm120")
     again = HardwareProbe.from_dict(probe.to_dict())
@@ -69,7 +69,7 @@ def test_a_plan_cannot_pair_two_attention_choices():
     itself. Attention is one choice; attention_slicing only restates it."""
     import dataclasses
 
-    from conftest import load_probe
+    from tests.helpers import load_probe
 
     from sdxl_ui.policy import make_plan
     from sdxl_ui.settings import AppSettings

@@ -3,70 +3,17 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from tests.helpers import ROOT, App
 
 from sdxl_ui.metadata import parse_parameters, read_parameters
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class App:
-    """app.py in a subprocess, on the CPU unless ``--device`` is given (these tests check the CPU steps policy, on a
-    GPU host too). ``prelude``: Python run in the child before app.main (e.g. to slow down a save)."""
-
-    def __init__(self, *args, env=None, prelude: str | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.lines: list[str] = []
-        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-        device = [] if "--device" in args else ["--device", "cpu"]
-        program = ["app.py"] if prelude is None else \
-            ["-c", prelude + "\nimport sys, app\nsys.exit(app.main(sys.argv[1:]))"]
-        self.proc = subprocess.Popen([sys.executable, *program, "--port", str(self.port), *device, *args],
-                                     cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_for(self, text: str, timeout: float = 300) -> None:  # generous: CI hosts can be busy
-        end = time.time() + timeout
-        while time.time() < end:
-            if text in self.output:
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError(f"app exited early:\n{self.output}")
-            time.sleep(0.2)
-        raise AssertionError(f"{text!r} not printed within {timeout} s:\n{self.output}")
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @pytest.fixture(scope="module")

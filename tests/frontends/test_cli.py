@@ -1,22 +1,14 @@
 """The CLI as a user runs it: a subprocess, exit codes, one JSON object on stdout."""
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import PROBES, RELIABILITY, ROOT
+from tests.helpers import PROBES, RELIABILITY, ROOT, cli
 from PIL import Image
 
 from sdxl_ui.metadata import parse_parameters, read_parameters
-
-
-def cli(*args, check_json=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "sdxl_ui", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=300)
-    return proc
 
 
 def test_generate_json_acceptance_run_is_reproducible(tmp_path):

@@ -13,8 +13,7 @@ from http.cookiejar import CookieJar
 
 import gradio as gr
 import pytest
-from conftest import RELIABILITY, load_probe
-from test_app import App, free_port
+from tests.helpers import RELIABILITY, App, free_port, load_probe
 
 from sdxl_ui.service import GenerationService
 from sdxl_ui.settings import AppSettings

@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-from conftest import ROOT
+from tests.helpers import ROOT
 
 from sdxl_ui.device import probe_hardware
 

@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import load_probe, run
+from tests.helpers import load_probe, run
 
 from sdxl_ui.models import ModelLoadError, build_tiny, load_models, resolve_source
 from sdxl_ui.schema import GenerationRequest

@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import load_probe, run
+from tests.helpers import load_probe, run
 
 from sdxl_ui.schema import GenerationRequest
 from sdxl_ui.service import CancelToken, GenerationService

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import load_probe
+from tests.helpers import load_probe
 
 from sdxl_ui.policy import PlanError, make_plan
 from sdxl_ui.schema import PRESETS, GenerationRequest, Quality, Toggle
@@ -218,7 +218,7 @@ def test_int8_row_counts_the_live_int8_layers():
 
 
 def test_a_fast_request_reports_this_runs_counts_and_warns_before_the_run(tiny_service):
-    from conftest import run
+    from tests.helpers import run
 
     out = run(tiny_service, GenerationRequest(prompt="a red circle", quality="fast", seed=3, images=2, width=64,
                                               height=64))

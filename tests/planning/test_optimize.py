@@ -1,6 +1,6 @@
 """The report is read back from the live pipeline: change the pipeline, the report follows."""
 import pytest
-from conftest import load_probe
+from tests.helpers import load_probe
 
 from sdxl_ui.models import load_models, resolve_source
 from sdxl_ui.optimize import apply, expected_report, report

@@ -2,7 +2,7 @@
 from dataclasses import replace
 
 import pytest
-from conftest import load_probe
+from tests.helpers import load_probe
 
 from sdxl_ui.policy import PlanError, adjust_plan, estimate_memory, make_plan
 from sdxl_ui.settings import AppSettings

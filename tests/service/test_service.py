@@ -1,7 +1,7 @@
 import threading
 
 import numpy as np
-from conftest import load_probe, run
+from tests.helpers import load_probe, run
 
 from sdxl_ui.metadata import parse_parameters, read_parameters
 from sdxl_ui.schema import GenerationRequest

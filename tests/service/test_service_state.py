@@ -3,7 +3,7 @@ last applied with; reconfigure() waits for a running generation; the VAE decode 
 import threading
 
 import torch
-from conftest import run
+from tests.helpers import run
 
 from sdxl_ui.models import build_tiny
 from sdxl_ui.schema import GenerationRequest, ProgressEvent, ResultEvent

@@ -2,7 +2,7 @@
 import json
 
 import torch
-from test_cli import cli
+from tests.helpers import cli
 
 from sdxl_ui import bench
 

@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from conftest import load_probe
+from tests.helpers import load_probe
 
 from sdxl_ui.cli import main
 from sdxl_ui.selftest import CONFIGURATIONS, applicable
