@@ -1,9 +1,10 @@
-"""Shared fixtures (the tiny random-weight model, built offline in about a second) and the suite's hooks: the
-reliability summary line. Helpers that tests import live in tests/helpers."""
+"""Shared fixtures (the tiny random-weight model, built offline in about a second) and the suite's hooks: the markers
+(slow, ray, browser) and the reliability summary line. Helpers that tests import live in tests/helpers."""
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +45,75 @@ def pytest_terminal_summary(terminalreporter):
             f"reliability: {len(r['bad_inputs'])} bad inputs, {len(r['faults'])} faults, "
             f"{r['jobs']} jobs under load, {r['lost']} lost")
         terminalreporter.write_line(f"reliability faults survived: {', '.join(sorted(r['faults']))}")
+
+
+# ---------------------------------------------------------------- markers
+
+TESTS = Path(__file__).resolve().parent
+
+# What each marker means (`python -m pytest tests -m "not slow and not ray and not browser"` is the fast part).
+MARKERS = {
+    "slow": "takes more than a few seconds: starts app.py or a generating CLI subprocess, loads the demo model, "
+            "trains it, runs selftest or the benchmark",
+    "ray": "starts a local Ray instance (pip install -r requirements-serve.txt)",
+    "browser": "drives Debian's Chromium through Playwright (apt-get install -y chromium)",
+}
+
+# Which tests carry them. Marked here rather than in the test files, so that a test file holds its tests only.
+# An entry is a file ("folder/test_x.py": all its tests), a test ("folder/test_x.py::test_name": every
+# parametrization of it) or a fixture ("fixture:name": every test that uses it, directly or through another).
+MARKED = {
+    "slow": [
+        "fixture:app",  # app.py in a subprocess (test_app, test_security, test_load, test_security_defaults)
+        "frontends/test_app.py::test_share_without_auth_prints_generated_credentials_and_keeps_serving_offline",
+        "frontends/test_security.py::test_the_app_throttles_logins_when_it_has_them",
+        "frontends/test_load.py::test_bounded_queue_rejects_overflow_clearly",
+        "frontends/test_security_defaults.py::test_max_jobs_per_user",
+        "frontends/test_faults.py::test_sigterm_during_a_cli_save_finishes_that_png_and_stops",
+        "frontends/test_faults.py::test_sigterm_during_a_save_in_the_app_finishes_the_png_takes_no_new_job_and_exits",
+        "frontends/test_cli.py::test_generate_json_acceptance_run_is_reproducible",
+        "frontends/test_cli.py::test_a_device_this_machine_lacks_is_bad_input_in_cli_and_app",
+        "frontends/test_bad_input.py::test_relative_output_path_is_relative_to_the_current_folder_in_api_and_cli",
+        "planning/test_less_work.py::test_presets_keep_the_demo_models_adherence_within_3_points_of_exact",
+        "tools/test_demo_model.py",
+        "tools/test_demo_train.py",
+        "tools/test_selftest.py::test_selftest_on_cpu_passes_every_cpu_configuration",
+        "tools/test_bench.py::test_bench_runs_end_to_end_with_the_high_quality_path",
+    ],
+    "ray": [
+        "fixture:pool",  # the module's Ray instance with two replicas (test_ray_serve)
+        "backends/test_ray_app.py",
+    ],
+    "browser": [
+        "fixture:browser",  # Chromium (test_app)
+    ],
+}
+
+
+def pytest_configure(config):
+    for name, meaning in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
+def _stale(entry: str) -> bool:
+    """An entry that names nothing (a test renamed or moved): it would leave a slow test in the fast part."""
+    if entry.startswith("fixture:"):
+        needle = f"def {entry.removeprefix('fixture:')}("
+        return not any(needle in path.read_text() for path in TESTS.rglob("*.py"))
+    file, _, name = entry.partition("::")
+    path = TESTS / file
+    return not path.is_file() or bool(name) and f"def {name}(" not in path.read_text()
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by them
+def pytest_collection_modifyitems(config, items):
+    stale = [entry for entries in MARKED.values() for entry in entries if _stale(entry)]
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py MARKED names what does not exist: {', '.join(stale)}")
+    for item in items:
+        file = item.path.relative_to(TESTS).as_posix()
+        test = f"{file}::{getattr(item, 'originalname', item.name)}"
+        for marker, entries in MARKED.items():
+            if any(entry in (file, test) or entry.startswith("fixture:") and entry[8:] in item.fixturenames
+                   for entry in entries):
+                item.add_marker(marker)
