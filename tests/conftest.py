@@ -53,8 +53,9 @@ TESTS = Path(__file__).resolve().parent
 
 # What each marker means (`python -m pytest tests -m "not slow and not ray and not browser"` is the fast part).
 MARKERS = {
-    "slow": "takes more than a few seconds: starts app.py or a generating CLI subprocess, loads the demo model, "
-            "trains it, runs selftest or the benchmark",
+    "slow": "takes more than about 5 s on the 2-core dev machine: starts app.py or a generating CLI subprocess, "
+            "loads or trains the demo model, runs selftest or the benchmark, or runs the tiny pipelines for many "
+            "steps and images",
     "ray": "starts a local Ray instance (pip install -r requirements-serve.txt)",
     "browser": "drives Debian's Chromium through Playwright (apt-get install -y chromium)",
 }
@@ -79,6 +80,24 @@ MARKED = {
         "tools/test_demo_train.py",
         "tools/test_selftest.py::test_selftest_on_cpu_passes_every_cpu_configuration",
         "tools/test_bench.py::test_bench_runs_end_to_end_with_the_high_quality_path",
+        # The tiny pipelines, many steps or images (5-60 s each on the loaded dev machine, 2026-11-28):
+        "frontends/test_api.py::test_seed_api_returns_true_writes_the_file_and_logs_seed_style_lines",
+        "service/test_service_state.py::test_status_panel_reports_the_live_state_against_the_plan_that_made_it",
+        "planning/test_optimize.py::test_vae_tiling_tiles_a_1024_image",
+        "hardware/test_int8.py::test_quantized_bf16_unet_runs_in_bf16",
+        "hardware/test_feature_cache.py::test_cached_step_is_the_full_forward_with_the_kept_deep_feature",
+        "hardware/test_feature_cache.py::test_half_batch_keeps_the_conditional_rows_or_recomputes",
+        "hardware/test_feature_cache.py::test_interval_1_is_bit_exact",
+        "hardware/test_feature_cache.py::test_interval_3_runs_the_scheduled_full_steps_and_reports_them",
+        "hardware/test_feature_cache.py::test_karras_schedule_with_repeated_timesteps_counts_calls_not_timesteps",
+        "hardware/test_feature_cache.py::test_each_image_of_a_call_is_the_image_of_its_own_call",
+        "hardware/test_feature_cache.py::test_disable_restores_the_original_forward_exactly",
+        "hardware/test_guidance_interval.py::test_the_whole_schedule_is_plain_cfg_bit_exact",
+        "hardware/test_guidance_interval.py::test_unguided_steps_run_only_the_conditional_rows_for_1_to_4_images",
+        "hardware/test_guidance_interval.py::test_one_image_matches_diffusers_cutoff_callback_which_breaks_with_two",
+        "hardware/test_guidance_interval.py::test_with_the_feature_cache_each_image_is_the_image_of_its_own_call",
+        "hardware/test_guidance_interval.py::test_chains_another_callback_and_reuses_across_calls",
+        "hardware/test_guidance_interval.py::test_a_head_needs_attach_and_no_cfg_saves_nothing",
     ],
     "ray": [
         "fixture:pool",  # the module's Ray instance with two replicas (test_ray_serve)
