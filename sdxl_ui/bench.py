@@ -376,7 +376,7 @@ def preset_schedule(probe, settings, quality: str, requested_steps: int | None =
     from .optimize import apply
     from .policy import make_plan
     from .schema import PRESETS, Quality
-    from .service import _scheduler_for, run_stages
+    from .denoise import run_stages, scheduler_for as _scheduler_for
 
     q = Quality(quality)
     preset = PRESETS[q]
@@ -414,7 +414,7 @@ def _end_to_end_check(torch, spec, models, probe) -> dict:
     schedule — the computation the per-image figures rest on."""
     from .policy import make_plan
     from .schema import PRESETS, Quality
-    from .service import _scheduler_for, decode_latents, run_stages
+    from .denoise import decode_latents, run_stages, scheduler_for as _scheduler_for
 
     res, steps, device = spec["res"], spec["check_steps"], spec["device"]
     fast = make_plan(probe, _settings(spec), "sdxl", res, res, False)

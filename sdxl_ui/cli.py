@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from .schema import ErrorEvent, GenerationRequest, ProgressEvent, ResultEvent, ValidationError
+from .optimizations.registry import SWITCHES
 from .settings import AppSettings, AttentionChoice, DeviceChoice, OffloadChoice, Precision, Toggle
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
@@ -45,10 +46,9 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
 
 def add_technique_args(parser: argparse.ArgumentParser) -> None:
     """Per-request switches of the techniques that do less work per image (auto = the quality preset's choice)."""
-    parser.add_argument("--feature-cache", default="auto", choices=[c.value for c in Toggle],
-                        help="reuse deep UNet features between steps (auto: on for Fast)")
-    parser.add_argument("--guidance-interval", default="auto", choices=[c.value for c in Toggle],
-                        help="run the negative prompt's branch only in part of the schedule (auto: the preset's)")
+    for switch in SWITCHES:  # one flag per unit that offers a switch (optimizations/registry.py)
+        parser.add_argument("--" + switch.name.replace("_", "-"), default="auto", choices=[c.value for c in Toggle],
+                            help=switch.help)
 
 
 def settings_from_args(args) -> AppSettings:
@@ -170,8 +170,8 @@ def cmd_generate(args) -> int:
         request = GenerationRequest.from_raw(
             prompt=args.prompt, negative_prompt=args.negative, quality=args.quality, steps=args.steps,
             guidance=args.guidance, seed=args.seed, width=args.width, height=args.height,
-            scheduler=args.scheduler, images=args.images, feature_cache=args.feature_cache,
-            guidance_interval=args.guidance_interval)
+            scheduler=args.scheduler, images=args.images,
+            techniques={s.name: getattr(args, s.name) for s in SWITCHES})
         # A relative --out is relative to the current folder, as in any shell tool (and the Python API).
         out = check_output_path(args.out) if args.out is not None else None
         if getattr(args, "ray_address", None):  # the same seam, served by the team's Ray workers

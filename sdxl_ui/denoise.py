@@ -12,7 +12,7 @@ LATENT_RGB = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1
 LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
 
 
-def _scheduler_for(sampler: Scheduler, config):
+def scheduler_for(sampler: Scheduler, config):
     from diffusers import (
         DDIMScheduler,
         DPMSolverMultistepScheduler,
@@ -37,6 +37,9 @@ def _scheduler_for(sampler: Scheduler, config):
         # already start at pure noise, so plain DPM++ 2M is used (demo model, 8 Fast prompts: 21 → 29 of 32).
         options = {k: v for k, v in options.items() if k != "use_karras_sigmas"}
     return cls.from_config(config, **options)
+
+
+_scheduler_for = scheduler_for  # the old private name, for bench.py until its rewrite lands
 
 
 def latent_preview(latents):
@@ -87,6 +90,7 @@ def run_stages(models, use_refiner: bool, width: int, height: int, common: dict,
     ``common``: the pipeline arguments both stages share (prompt, steps, guidance, generator, output_type);
     ``on_step(stage)`` returns the diffusers step callback for stage 1 or 2; ``on_stage_end(stage)`` is called
     after each stage (the bench uses it to time the stages)."""
+    from .optimizations import hooks
     from .optimize import claim_offload
 
     def callback(stage):
@@ -94,34 +98,17 @@ def run_stages(models, use_refiner: bool, width: int, height: int, common: dict,
 
     # Under model offload each stage first claims the shared text encoder 2 and VAE for its own hook chain.
     claim_offload(models, models.base)
-    latents = _call(models.base, callback(1), width=width, height=height,
-                    denoising_end=REFINER_SPLIT if use_refiner else None, **common)
+    latents = hooks.call(models.base, callback(1), width=width, height=height,
+                         denoising_end=REFINER_SPLIT if use_refiner else None, **common)
     if getattr(models.base, "interrupt", False):  # Stop during stage 1 (the callback set _interrupt): no stage 2
         return latents
     if on_stage_end:
         on_stage_end(1)
     if use_refiner:
         claim_offload(models, models.refiner)
-        latents = _call(models.refiner, callback(2), image=latents, denoising_start=REFINER_SPLIT, **common)
+        latents = hooks.call(models.refiner, callback(2), image=latents, denoising_start=REFINER_SPLIT, **common)
         claim_offload(models, models.base)  # the decode that follows runs the base's VAE in the base's chain
         if on_stage_end and not getattr(models.refiner, "interrupt", False):
             on_stage_end(2)
     return latents
 
-
-def _call(pipe, step_callback, **kwargs):
-    """One pipeline call as a new denoising run of what is installed on the pipeline itself (``apply`` put it
-    there; the report reads the same objects): the feature cache starts afresh, and a guidance interval wraps
-    the step callback."""
-    from .optimizations import feature_cache
-    from .optimizations.table import GUIDANCE_ATTR
-
-    feature_cache.reset(pipe.unet)
-    interval = getattr(pipe, GUIDANCE_ATTR, None)
-    if interval is None:
-        return pipe(callback_on_step_end=step_callback, **kwargs).images
-    interval.then = step_callback
-    interval.tensor_inputs = list(dict.fromkeys([*type(interval).tensor_inputs,
-                                                 *getattr(step_callback, "tensor_inputs", [])]))
-    with interval.attached(pipe):
-        return pipe(callback_on_step_end=interval, **kwargs).images

@@ -73,23 +73,15 @@ class QualityPreset:
     guidance: float
     scheduler: Scheduler
     why: str
-    feature_cache: int = 1  # UNet calls per full step (1 = every call runs the whole UNet)
-    guidance_interval: tuple[float, float] = (0.0, 1.0)  # the fraction of the steps that runs CFG
 
 
 # High quality follows the seed (50 steps, guidance 8.0, refiner on GPU). Fast uses DPM++ 2M with
 # Karras sigmas: a second-order multistep solver whose error falls quickly with step count, so 20 steps
 # look close to 50 Euler steps (diffusers' scheduler docs; the usual "few steps" choice in A1111/ComfyUI).
-# Less work per image (issue 11), each judged by `eval-demo --compare` (README, "Less work per image"): both presets
-# run the negative prompt's branch for the first 60 % of the steps only (adaptive guidance: the low-noise tail
-# barely changes with guidance); Fast also reuses the deep UNet features for 2 of every 3 steps.
+# The techniques that do less work per image carry their own preset values (``optimizations/less_work.py``).
 PRESETS: dict[Quality, QualityPreset] = {
-    Quality.HIGH: QualityPreset(50, 8.0, Scheduler.EULER, "seed's high-quality preset",
-                                guidance_interval=(0.0, 0.6)),
-    Quality.FAST: QualityPreset(
-        20, 6.0, Scheduler.DPMPP_2M_KARRAS, "DPM++ 2M Karras converges in few steps",
-        feature_cache=3, guidance_interval=(0.0, 0.6),
-    ),
+    Quality.HIGH: QualityPreset(50, 8.0, Scheduler.EULER, "seed's high-quality preset"),
+    Quality.FAST: QualityPreset(20, 6.0, Scheduler.DPMPP_2M_KARRAS, "DPM++ 2M Karras converges in few steps"),
 }
 
 
@@ -175,8 +167,9 @@ class GenerationRequest:
     seed: int | None = None  # None = random; the used seed is always reported
     scheduler: Scheduler = Scheduler.AUTO
     images: int = 1
-    feature_cache: Toggle = Toggle.AUTO  # auto = the quality preset's choice (Advanced can force on/off)
-    guidance_interval: Toggle = Toggle.AUTO
+    # Per-request technique switches by name (e.g. {"feature_cache": "off"}; auto = the quality preset's choice):
+    # the names are the units' switches (``optimizations/registry.SWITCHES``), checked when the request is planned.
+    techniques: Mapping[str, Toggle] = field(default_factory=dict)
 
     def __post_init__(self):
         _text("prompt", self.prompt)
@@ -185,9 +178,10 @@ class GenerationRequest:
         _text("negative_prompt", self.negative_prompt)
         object.__setattr__(self, "quality", parse_choice(Quality, "quality", self.quality))
         object.__setattr__(self, "scheduler", parse_choice(Scheduler, "scheduler", self.scheduler))
-        object.__setattr__(self, "feature_cache", parse_choice(Toggle, "feature_cache", self.feature_cache))
-        object.__setattr__(self, "guidance_interval", parse_choice(Toggle, "guidance_interval",
-                                                                   self.guidance_interval))
+        if not isinstance(self.techniques, Mapping):
+            raise ValidationError("techniques", self.techniques, "must be a mapping of switch names to auto/on/off")
+        object.__setattr__(self, "techniques", {str(k): parse_choice(Toggle, str(k), v if v is not None else "auto")
+                                                for k, v in self.techniques.items()})
         if self.steps is not None:
             object.__setattr__(self, "steps", _in_range("steps", _int("steps", self.steps), 1, MAX_STEPS))
         if self.guidance is not None:
@@ -373,64 +367,17 @@ class HardwareProbe:
         )
 
 
-# ---------------------------------------------------------------- plan
-
-ATTENTION_KINDS = ("sdpa", "xformers", "sliced")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Every decision the policy made, each with its reason (keys of ``reasons`` = field names)."""
-
-    device: str  # "cuda" | "mps" | "cpu"
-    dtype: str  # "float32" | "float16" | "bfloat16"
-    vae_dtype: str
-    attention: str  # "sdpa" | "xformers" | "sliced": one choice, never two at once
-    attention_slicing: bool  # always attention == "sliced" (kept as a field for the JSON and the report)
-    offload: str  # "none" | "model" | "sequential"
-    vae_tiling: bool
-    vae_slicing: bool
-    steps_factor: float
-    refiner: bool
-    threads: int | None  # None = leave torch's default (GPU devices)
-    memory_needed_gb: float
-    memory_available_gb: float | None
-    reasons: Mapping[str, str]
-    compile: bool = False
-    int8: bool = False  # the UNet's linear layers quantized to int8 (opt-in, CPU; changes the output)
-    feature_cache: int = 1  # UNet calls per full step (1 = off: every call runs the whole UNet)
-    guidance_interval: tuple[float, float] = (0.0, 1.0)  # fractions of the steps that run CFG ((0, 1) = all)
-    warnings: tuple[str, ...] = ()  # shown before a run (e.g. a forced dtype this CPU only emulates)
-
-    def __post_init__(self):
-        # A plan that pairs two attention implementations (e.g. xformers and slicing) cannot be applied as stated:
-        # apply() would honour one and the report would contradict itself. Refuse to build it.
-        if self.attention not in ATTENTION_KINDS:
-            raise ValueError(f"plan: attention {self.attention!r} is not one of {', '.join(ATTENTION_KINDS)}")
-        if self.attention_slicing != (self.attention == "sliced"):
-            raise ValueError(f"plan: attention {self.attention!r} with attention_slicing={self.attention_slicing} "
-                             "is contradictory (slicing is the 'sliced' attention choice)")
-
-    @property
-    def reason(self) -> str:
-        return self.reasons["device"]
-
-    def steps_for(self, requested: int) -> int:
-        return max(1, round(requested * self.steps_factor))
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["reasons"] = dict(self.reasons)
-        data["reason"] = self.reason
-        return data
-
-
 # ---------------------------------------------------------------- events
+# Every event carries the id of the generate call it belongs to (``job_id``, set by the service) and the Ray
+# replica that ran it (``replica``, set by the worker; "" in process), as InvokeAI's queue events do: a front end
+# or a test reads who ran what from these fields, never from the log text.
 
 @dataclass(frozen=True)
 class LogEvent:
     message: str
     level: str = "info"
+    job_id: str = ""
+    replica: str = ""
 
 
 @dataclass(frozen=True)
@@ -442,6 +389,8 @@ class ProgressEvent:
     s_per_step: float | None
     stage: str = ""
     preview: Any = None  # PIL.Image or None
+    job_id: str = ""
+    replica: str = ""
 
     @property
     def fraction(self) -> float:
@@ -477,6 +426,8 @@ class ResultEvent:
     dtype: str
     parameters: str  # the PNG `parameters` text
     save_error: str | None = None
+    job_id: str = ""
+    replica: str = ""
 
 
 @dataclass(frozen=True)
@@ -485,3 +436,5 @@ class ErrorEvent:
 
     message: str
     kind: str  # "validation" | "model" | "memory" | "cancelled" | "runtime" | "busy"
+    job_id: str = ""
+    replica: str = ""

@@ -11,17 +11,18 @@ import queue
 import random
 import threading
 import time
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .backends import CancelToken  # noqa: F401 - the seam's token; still importable from here
-from .denoise import (REFINER_SPLIT, _scheduler_for, decode_latents, latent_preview,  # noqa: F401 - re-exported
-                      run_stages)
+from .denoise import REFINER_SPLIT, decode_latents, latent_preview, run_stages, scheduler_for  # noqa: F401
+from .jobs import SHUTTING_DOWN, Admission, CancelToken, new_job_id  # CancelToken: still importable from here
 from .failures import is_gpu_failure, is_out_of_memory, memory_advice  # noqa: F401
 from .metadata import ImageParameters
 from .saving import check_output_path, write_png_atomic  # noqa: F401 - re-exported (CLI, API)
 from .models import LoadedModels, ModelLoadError, ModelSource, check_source, load_models, resolve_source
+from .optimizations.registry import Plan, parse_switches
 from .policy import PlanError, adjust_plan, make_plan
 from .schema import (
     MAX_SEED,
@@ -31,7 +32,6 @@ from .schema import (
     HardwareProbe,
     LogEvent,
     OptimizationReport,
-    Plan,
     ProgressEvent,
     Quality,
     ResultEvent,
@@ -72,9 +72,7 @@ class GenerationService:
         self.load_error: str | None = None
         self.loading = False
         self._fell_back = False
-        self._closing = False  # shutdown(): no new jobs
-        self._active: dict[CancelToken, threading.Thread] = {}  # jobs started and not yet finished
-        self._active_lock = threading.Lock()
+        self._admission = Admission()  # jobs started and not yet finished; none new after shutdown()
 
     # ------------------------------------------------------------ state
     @property
@@ -232,33 +230,30 @@ class GenerationService:
 
     # ------------------------------------------------------------ generation
     def generate(self, request: GenerationRequest, cancel: CancelToken | None = None,
-                 output_path: str | Path | None = None) -> Iterator[object]:
-        """Yield LogEvent / ProgressEvent / ResultEvent (one per image) / ErrorEvent, then stop."""
+                 output_path: str | Path | None = None, job_id: str | None = None) -> Iterator[object]:
+        """Yield LogEvent / ProgressEvent / ResultEvent (one per image) / ErrorEvent, then stop. Every event
+        carries the job's id: ``job_id`` (a Ray replica passes its caller's), else a new one per call."""
         cancel = cancel or CancelToken()
+        job_id = job_id or new_job_id()
         events: queue.Queue = queue.Queue()
         done = object()
 
         def emit(event) -> None:
             if isinstance(event, LogEvent):
                 log.log(logging.WARNING if event.level == "warning" else logging.INFO, event.message)
-            events.put(event)
+            events.put(replace(event, job_id=job_id))
 
         def worker():
             try:
                 self._run(request, cancel, output_path, emit)
             finally:
-                with self._active_lock:
-                    self._active.pop(cancel, None)
+                self._admission.done(cancel)
                 events.put(done)
 
         thread = threading.Thread(target=worker, name="sdxl-generate", daemon=True)
-        with self._active_lock:  # started under the lock: shutdown() only ever joins started threads
-            closing = self._closing
-            if not closing:
-                self._active[cancel] = thread
-                thread.start()
-        if closing:
-            yield ErrorEvent("the app is shutting down and takes no new jobs", "busy")
+        # started under the admission's lock: shutdown() only ever joins started threads
+        if not self._admission.admit(cancel, thread, start=thread.start):
+            yield ErrorEvent(SHUTTING_DOWN, "busy", job_id=job_id)
             return
         try:
             while True:
@@ -278,14 +273,7 @@ class GenerationService:
     def shutdown(self, timeout: float = 120.0) -> bool:
         """Stop taking jobs; stop the running ones at their next step (an image being decoded or saved is
         finished and saved first) and wait up to ``timeout`` s for them. True when nothing is left running."""
-        deadline = time.monotonic() + timeout
-        with self._active_lock:
-            self._closing = True
-            running = dict(self._active)
-        for token, thread in running.items():
-            token.cancel()
-            thread.join(max(0.0, deadline - time.monotonic()))  # its current step and any save, then its exit
-        return not any(thread.is_alive() for thread in running.values())
+        return self._admission.close(timeout)
 
     def _run(self, request, cancel, output_path, emit, resume: dict | None = None) -> None:
         """One job under the device lock. ``resume``: the progress of a run that the GPU could not finish; the
@@ -296,6 +284,7 @@ class GenerationService:
                           f"{'…' if len(request.prompt) > 200 else ''}"))
         try:
             target = check_output_path(output_path) if output_path is not None else None
+            parse_switches(request.techniques)  # names the unknown switch before the job waits for the device
         except ValidationError as exc:  # before waiting for the device: a typo should not cost a queue slot
             emit(ErrorEvent(str(exc), "validation"))
             return
@@ -342,16 +331,27 @@ class GenerationService:
             self._device_lock.release()
 
     def _generate_images(self, request, models, load_s, start, target, cancel, emit, progress) -> None:
-        import torch
+        run = self._prepare_run(request, models, emit)
+        if progress["seed0"] is None:
+            progress["seed0"] = request.seed if request.seed is not None else random.randint(0, MAX_SEED)
+        first = progress["images"]
+        progress["total"] = run.steps * (request.images - first)
+        on_step = _step_callbacks(progress, time.perf_counter(), cancel, emit)
+        for index in range(first, request.images):
+            self._generate_image(request, models, run, index, (load_s, start), target, cancel, emit, progress,
+                                 on_step)
+            progress["images"] = index + 1
 
+    def _prepare_run(self, request, models, emit) -> "_RunPlan":
+        """This request's plan, applied to the pipelines and said in the log; the sampler set from the model's own
+        scheduler config."""
         from .optimize import apply, report
 
         size = models.source.native_size
         width, height = request.width or size, request.height or size
         high = request.quality is Quality.HIGH
         plan = adjust_plan(self.plan, make_plan(self.probe, self.settings, models.source.model_kind,
-                                                width, height, high, request.feature_cache,
-                                                request.guidance_interval))
+                                                width, height, high, request.techniques))
         use_refiner = plan.refiner and models.refiner is not None
         apply(plan, models)
         self._applied = (models, plan, use_refiner)  # the status panel reports against this, not the load plan
@@ -372,75 +372,62 @@ class GenerationService:
 
         sampler = request.sampler
         # Always from the model's original config: a previous sampler's options (e.g. Karras sigmas) must not leak.
-        models.base.scheduler = _scheduler_for(sampler, models.scheduler_config)
+        models.base.scheduler = scheduler_for(sampler, models.scheduler_config)
         if models.refiner is not None:
-            models.refiner.scheduler = _scheduler_for(sampler, models.scheduler_config)
-        if progress["seed0"] is None:
-            progress["seed0"] = request.seed if request.seed is not None else random.randint(0, MAX_SEED)
-        seed0, first = progress["seed0"], progress["images"]
-        progress["total"] = steps * (request.images - first)
-        t_run = time.perf_counter()
+            models.refiner.scheduler = scheduler_for(sampler, models.scheduler_config)
+        return _RunPlan(plan, width, height, steps, guidance, use_refiner)
 
-        def on_step(stage_label: str):
-            def callback(pipe, i, t, kwargs):
-                progress["done"] += 1
-                elapsed = time.perf_counter() - t_run
-                rate = elapsed / progress["done"]
-                remaining = progress["total"] - progress["done"]
-                preview = None
-                if progress["done"] % PREVIEW_EVERY == 0 or remaining == 0:
-                    preview = latent_preview(kwargs["latents"])
-                emit(ProgressEvent(progress["done"], progress["total"], elapsed, rate * remaining, rate,
-                                   stage_label, preview))
-                if cancel.cancelled:
-                    # End the loop the way diffusers expects: the pipeline skips its remaining steps and still runs
-                    # maybe_free_model_hooks() (weights back to the CPU under offload). Raising here skipped that.
-                    pipe._interrupt = True
-                return kwargs
-            return callback
+    def _generate_image(self, request, models, run: "_RunPlan", index, times, target, cancel, emit, progress,
+                        on_step) -> None:
+        """One image of the request: denoise (base, then the refiner), decode, save, and its ResultEvent.
+        ``times``: (seconds spent loading in this job, the job's start)."""
+        import torch
+
+        from .optimize import report
+
+        load_s, start = times
+        plan, use_refiner, steps = run.plan, run.use_refiner, run.steps
+        seed = (progress["seed0"] + index) % (MAX_SEED + 1)
+        t_image, done_before = time.perf_counter(), progress["done"]
+        generator = torch.Generator("cpu").manual_seed(seed)
+        common = dict(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
+                      num_inference_steps=steps, guidance_scale=run.guidance, generator=generator,
+                      output_type="latent")
+        stages = 2 if use_refiner else 1
+        emit(LogEvent(f"⏱️ Stage 1/{stages}: Base generation "
+                      f"(image {index + 1}/{request.images}, seed {seed})…"))
 
         def stage_done(stage):
             if stage == 1 and use_refiner:
                 emit(LogEvent(f"⏱️ Stage 2/2: Refiner from {REFINER_SPLIT}…"))
 
-        for index in range(first, request.images):
-            seed = (seed0 + index) % (MAX_SEED + 1)
-            t_image, done_before = time.perf_counter(), progress["done"]
-            generator = torch.Generator("cpu").manual_seed(seed)
-            common = dict(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
-                          num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                          output_type="latent")
-            stages = 2 if use_refiner else 1
-            emit(LogEvent(f"⏱️ Stage 1/{stages}: Base generation "
-                          f"(image {index + 1}/{request.images}, seed {seed})…"))
-            with torch.inference_mode():
-                latents = run_stages(
-                    models, use_refiner, width, height, common, on_stage_end=stage_done,
-                    on_step=lambda stage: on_step(f"Stage {stage}/{stages}" if use_refiner else ""))
-                if cancel.cancelled:
-                    raise Cancelled()
-                t_decode = time.perf_counter()
-                image = decode_latents(models.base, latents)
-            emit(LogEvent(f"VAE decode {time.perf_counter() - t_decode:.1f} s"))
-            steps_run = progress["done"] - done_before
-            rep = report(models, plan, self.probe, use_refiner=use_refiner)  # with this run's cache/guidance counts
-            params = ImageParameters(
-                prompt=request.prompt, negative_prompt=request.negative_prompt, steps=steps,
-                sampler=SAMPLER_LABELS[sampler], cfg_scale=guidance, seed=seed, width=width, height=height,
-                model=models.source.label, device=plan.device, dtype=plan.dtype, refiner=use_refiner,
-                note=models.note,
-            )
-            generate_s = time.perf_counter() - t_image
-            path, save_error = self._save(image, params, target, index, emit)
-            timings = Timings(load_s=round(load_s if index == 0 else 0.0, 3), generate_s=round(generate_s, 3),
-                              total_s=round(time.perf_counter() - start, 3))
-            emit(ResultEvent(
-                image=image, path=str(path) if path else None, seed=seed, index=index,
-                steps_requested=request.requested_steps, steps_run=steps_run, refiner=use_refiner,
-                timings=timings, report=rep, model=models.source.label, device=plan.device, dtype=plan.dtype,
-                parameters=params.to_text(), save_error=save_error,
-            ))
-            progress["images"] = index + 1
+        with torch.inference_mode():
+            latents = run_stages(
+                models, use_refiner, run.width, run.height, common, on_stage_end=stage_done,
+                on_step=lambda stage: on_step(f"Stage {stage}/{stages}" if use_refiner else ""))
+            if cancel.cancelled:
+                raise Cancelled()
+            t_decode = time.perf_counter()
+            image = decode_latents(models.base, latents)
+        emit(LogEvent(f"VAE decode {time.perf_counter() - t_decode:.1f} s"))
+        steps_run = progress["done"] - done_before
+        rep = report(models, plan, self.probe, use_refiner=use_refiner)  # with this run's cache/guidance counts
+        params = ImageParameters(
+            prompt=request.prompt, negative_prompt=request.negative_prompt, steps=steps,
+            sampler=SAMPLER_LABELS[request.sampler], cfg_scale=run.guidance, seed=seed, width=run.width,
+            height=run.height, model=models.source.label, device=plan.device, dtype=plan.dtype, refiner=use_refiner,
+            note=models.note,
+        )
+        generate_s = time.perf_counter() - t_image
+        path, save_error = self._save(image, params, target, index, emit)
+        timings = Timings(load_s=round(load_s if index == 0 else 0.0, 3), generate_s=round(generate_s, 3),
+                          total_s=round(time.perf_counter() - start, 3))
+        emit(ResultEvent(
+            image=image, path=str(path) if path else None, seed=seed, index=index,
+            steps_requested=request.requested_steps, steps_run=steps_run, refiner=use_refiner,
+            timings=timings, report=rep, model=models.source.label, device=plan.device, dtype=plan.dtype,
+            parameters=params.to_text(), save_error=save_error,
+        ))
 
     def _warn_truncation(self, pipe, request, emit) -> None:
         tokenizer = pipe.tokenizer or pipe.tokenizer_2
@@ -480,6 +467,42 @@ class GenerationService:
                 return path
             except FileExistsError:
                 continue
+
+
+@dataclass(frozen=True)
+class _RunPlan:
+    """What one request runs with, after its plan: the same for each of its images."""
+
+    plan: Plan
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    use_refiner: bool
+
+
+def _step_callbacks(progress: dict, t_run: float, cancel: CancelToken, emit):
+    """``on_step(stage_label)``: the pipeline's step-end callback for one stage. Counts the steps of the whole
+    request in ``progress``, emits a ProgressEvent (ETA; a latent preview every few steps), and ends the pipeline's
+    loop when the job is cancelled."""
+    def on_step(stage_label: str):
+        def callback(pipe, i, t, kwargs):
+            progress["done"] += 1
+            elapsed = time.perf_counter() - t_run
+            rate = elapsed / progress["done"]
+            remaining = progress["total"] - progress["done"]
+            preview = None
+            if progress["done"] % PREVIEW_EVERY == 0 or remaining == 0:
+                preview = latent_preview(kwargs["latents"])
+            emit(ProgressEvent(progress["done"], progress["total"], elapsed, rate * remaining, rate,
+                               stage_label, preview))
+            if cancel.cancelled:
+                # End the loop the way diffusers expects: the pipeline skips its remaining steps and still runs
+                # maybe_free_model_hooks() (weights back to the CPU under offload). Raising here skipped that.
+                pipe._interrupt = True
+            return kwargs
+        return callback
+    return on_step
 
 
 def _release_offload(models) -> None:

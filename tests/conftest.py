@@ -71,7 +71,7 @@ MARKERS = {
     "slow": "takes more than about 5 s on the 2-core dev machine: starts app.py or a generating CLI subprocess, "
             "loads or trains the demo model, runs selftest or the benchmark, or runs the tiny pipelines for many "
             "steps and images",
-    "ray": "starts a local Ray instance (pip install -r requirements-serve.txt)",
+    "ray": "starts Ray instances or clusters (pip install -r requirements-serve.txt)",
     "browser": "drives Debian's Chromium through Playwright (apt-get install -y chromium)",
 }
 
@@ -81,6 +81,7 @@ MARKERS = {
 MARKED = {
     "slow": [
         "fixture:app",  # app.py in a subprocess (test_app, test_security, test_load, test_security_defaults)
+        "fixture:demo_app",  # app.py with the demo model (test_screenshot)
         "frontends/test_app.py::test_share_without_auth_prints_generated_credentials_and_keeps_serving_offline",
         "frontends/test_security.py::test_the_app_throttles_logins_when_it_has_them",
         "frontends/test_load.py::test_bounded_queue_rejects_overflow_clearly",
@@ -91,6 +92,9 @@ MARKED = {
         "frontends/test_cli.py::test_a_device_this_machine_lacks_is_bad_input_in_cli_and_app",
         "frontends/test_bad_input.py::test_relative_output_path_is_relative_to_the_current_folder_in_api_and_cli",
         "planning/test_less_work.py::test_presets_keep_the_demo_models_adherence_within_3_points_of_exact",
+        "planning/test_units_contract.py::test_live_rows_equal_the_expected_rows_for_every_variant",
+        "planning/test_units_contract.py::test_turning_each_technique_off_restores_the_pipeline_bit_for_bit",
+        "planning/test_units_contract.py::test_applying_twice_is_applying_once",
         "tools/test_demo_model.py",
         "tools/test_demo_train.py",
         "tools/test_selftest.py::test_selftest_on_cpu_passes_every_cpu_configuration",
@@ -115,11 +119,11 @@ MARKED = {
         "hardware/test_guidance_interval.py::test_a_head_needs_attach_and_no_cfg_saves_nothing",
     ],
     "ray": [
-        "fixture:pool",  # the module's Ray instance with two replicas (test_ray_serve)
-        "backends/test_ray_app.py",
+        "backends/test_ray_serve.py",  # a Ray instance with two replicas (the file marks itself too)
+        "backends/test_ray_app.py",  # the app's own Ray instance, a `ray start --head` cluster (the file too)
     ],
     "browser": [
-        "fixture:browser",  # Chromium (test_app)
+        "fixture:browser",  # Chromium (test_app, test_screenshot)
     ],
 }
 

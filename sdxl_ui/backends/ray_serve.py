@@ -2,20 +2,19 @@
 
 Layout (issue 14):
 
-* ``Worker`` is the deployment's body. Each replica owns one device (``num_gpus=1``, or a CPU share) and runs an
-  ordinary ``GenerationService`` on it: load, plan, read-back report, generate, cancel. Its ``generate`` is an
-  async generator: the page's events (log lines, per-step progress with ETA and previews, results) are yielded as
-  they come, as the same typed dataclasses, pickled by Ray. ``max_ongoing_requests=1``: one job per replica.
-* ``Registry`` is a small actor the replicas report to every ``HEARTBEAT_S`` (node, pid, device, model, state and
-  the optimization report read back from their own pipeline), so the status panel can list each replica: a
-  deployment handle routes to *some* replica and cannot ask a chosen one.
-* ``RayBackend`` is what the page, the CLI and the API hold. It starts a local Ray instance (``--workers N``) or
-  connects to a cluster (``--ray-address``), deploys the workers, sends each job through
+* ``Worker`` and ``Registry`` (``sdxl_ui.backends.ray_worker``) are the deployment: one replica per device, each
+  running an ordinary ``GenerationService``, and the actor they report their state to.
+* ``RayBackend`` (here) is what the page, the CLI and the API hold. It starts a local Ray instance
+  (``--workers N``) or connects to a cluster (``--ray-address``), deploys the workers, sends each job through
   ``handle.options(stream=True)`` and turns Stop into ``DeploymentResponseGenerator.cancel()``, which raises
   ``CancelledError`` inside the replica's generator; the replica then sets the job's CancelToken and the run ends
   within one step. ``shutdown()`` stops what it started and nothing else.
 
-Ray is imported only here, only when this backend is used (``requirements-serve.txt``).
+Job admission is ``sdxl_ui.jobs``'s. Every event carries the job's id (``job_id``, made here and passed to the
+replica) and the replica that ran it (``replica``): that is how this side knows the worker, never the log text.
+
+Ray is imported only here, only when this backend is used (``requirements-serve.txt``); joining a cluster that
+uses token authentication is ``sdxl_ui.backends.ray_auth``.
 """
 from __future__ import annotations
 
@@ -23,190 +22,19 @@ import asyncio
 import logging
 import math
 import os
-import socket
 import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
+from ..jobs import SHUTTING_DOWN, Admission, CancelToken, new_job_id
 from ..schema import ErrorEvent, GenerationRequest, LogEvent, ProgressEvent, ResultEvent
 from ..settings import AppSettings, DeviceChoice
-from . import CancelToken
+from .ray_auth import connect
+from .ray_worker import DEPLOYMENT, NAMESPACE, STALE_S, Registry, Worker
 
 log = logging.getLogger("sdxl_ui")
 
-NAMESPACE = "sdxl_ui"
-DEPLOYMENT = "SDXLWorker"
-HEARTBEAT_S = 1.0  # how often a replica reports its state to the registry
-STALE_S = 6.0  # a replica silent this long is gone (killed, or its node lost); Ray starts a replacement
-FAILED_SHOWN_S = 600.0  # a replica that could not load its model stays in the status panel this long
-
-
-# ---------------------------------------------------------------- replica side
-
-class Registry:
-    """Per-replica reports, keyed by replica id; times are the registry's own clock (nodes' clocks differ)."""
-
-    def __init__(self):
-        self._reports: dict[str, dict] = {}
-        self._seen: dict[str, float] = {}
-
-    def update(self, replica: str, report: dict) -> None:
-        self._reports[replica] = report
-        self._seen[replica] = time.monotonic()
-
-    def snapshot(self) -> list[dict]:
-        now = time.monotonic()
-        out = []
-        for replica, report in list(self._reports.items()):
-            age = now - self._seen[replica]
-            if report.get("state") == "error":
-                if age > FAILED_SHOWN_S:
-                    del self._reports[replica], self._seen[replica]
-                    continue
-            elif report.get("state") == "stopped" or age > STALE_S * 10:
-                del self._reports[replica], self._seen[replica]
-                continue
-            out.append({**report, "age_s": round(age, 1)})
-        return out
-
-
-class Worker:
-    """One replica: one device, one ``GenerationService``, one job at a time.
-
-    The model loads in the constructor, so a replica takes jobs only once it is loaded; one that cannot load
-    reports why to the registry and raises, so Ray never routes a job to it (and retries it a few times)."""
-
-    def __init__(self, settings: AppSettings, registry_name: str):
-        import ray
-        from ray import serve
-
-        from ..service import GenerationService
-
-        self._registry = ray.get_actor(registry_name, namespace=NAMESPACE)
-        context = serve.get_replica_context()
-        self._replica = context.replica_id.unique_id
-        self._node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
-        self._pid = os.getpid()
-        self._service = GenerationService(settings)
-        self._state = "loading"
-        self._jobs = 0
-        self._stop = threading.Event()
-        self._report_now()
-        threading.Thread(target=self._heartbeat, name="sdxl-heartbeat", daemon=True).start()
-        try:
-            self._service.check_model()
-            self._service.ensure_loaded()
-        except Exception as exc:  # noqa: BLE001 - reported to the status panel, then the replica fails to start
-            self._state = "error"
-            self._error = f"replica on {self._node}: {str(exc).strip() or type(exc).__name__}"
-            self._stop.set()
-            try:  # delivered before the replica fails: a report sent fire-and-forget dies with the process
-                ray.get(self._registry.update.remote(self._replica, self._report()), timeout=10)
-            except Exception:  # noqa: BLE001
-                log.warning("could not report the load failure to the registry", exc_info=True)
-            log.error("replica %s on %s could not load its model: %s", self._replica, self._node, exc)
-            raise
-        self._state = "idle"
-        self._report_now()
-        log.info("replica %s on %s ready (pid %d)", self._replica, self._node, self._pid)
-
-    # -- status
-    def _report(self) -> dict:
-        try:
-            status = self._service.status()
-        except Exception as exc:  # noqa: BLE001 - a status read must never kill the heartbeat
-            status = {"state": "error", "message": f"status failed: {exc}"}
-        state = self._state
-        return {**status, "replica": self._replica, "node": self._node, "pid": self._pid,
-                "state": state, "jobs": self._jobs,
-                "message": getattr(self, "_error", None) if state == "error" else status.get("message")}
-
-    def _report_now(self) -> None:
-        """The full report (the optimization rows read back from the pipeline): at start, after the load, after
-        each job. Between those the heartbeat resends it with the current state only (cheap: no pipeline read)."""
-        self._last = self._report()
-        self._send(self._last)
-
-    def _send(self, report: dict) -> None:
-        try:
-            self._registry.update.remote(self._replica, report)
-        except Exception:  # noqa: BLE001 - the registry went away (app shutting down)
-            log.debug("registry update failed", exc_info=True)
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            self._send({**self._last, "state": self._state, "jobs": self._jobs})
-
-    # -- jobs
-    async def generate(self, request: GenerationRequest, output_path: str | None = None):
-        """The job's events, as the in-process service yields them, after one line naming this replica."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        done = object()
-        token = CancelToken()
-
-        def pump():
-            try:
-                for event in self._service.generate(request, cancel=token, output_path=output_path):
-                    loop.call_soon_threadsafe(events.put_nowait, event)
-            except BaseException as exc:  # noqa: BLE001 - becomes the job's error event
-                log.exception("replica %s: job failed", self._replica)
-                loop.call_soon_threadsafe(events.put_nowait, ErrorEvent(
-                    f"Generation failed on worker {self._replica}: {type(exc).__name__}: {str(exc)[:300]}",
-                    "runtime"))
-            finally:
-                loop.call_soon_threadsafe(events.put_nowait, done)
-
-        self._state = "busy"
-        self._jobs += 1
-        self._send({**self._last, "state": self._state, "jobs": self._jobs})
-        thread = threading.Thread(target=pump, name="sdxl-replica-job", daemon=True)
-        thread.start()
-        try:
-            yield LogEvent(f"🖥 Worker {self._replica} on {self._node}, pid {self._pid}, "
-                           f"{self._device_label()}")
-            while True:
-                event = await events.get()
-                if event is done:
-                    break
-                yield event
-        finally:
-            # Normal end, or the caller cancelled the streaming response (Stop, closed tab): Serve raises
-            # CancelledError at the await above. The run then stops within one step.
-            token.cancel()
-            # The state is idle once this job's thread has let go of the device (a cancelled run finishes its
-            # current step first), read by the next heartbeat.
-            threading.Thread(target=self._idle_after, args=(thread,), daemon=True).start()
-
-    def _idle_after(self, thread: threading.Thread) -> None:
-        thread.join()
-        if self._state == "busy":
-            self._state = "idle"
-        self._report_now()
-
-    def _device_label(self) -> str:
-        try:
-            plan = self._service.plan
-            return f"{plan.device.upper()} {plan.dtype}"
-        except Exception:  # noqa: BLE001
-            return "device ?"
-
-    def pid(self) -> int:
-        return self._pid
-
-    def __del__(self):
-        # Serve calls this on graceful shutdown: let a running job finish its step and any image being saved.
-        stop = getattr(self, "_stop", None)
-        if stop is None or getattr(self, "_state", None) == "error":  # a failed load stays reported
-            return
-        stop.set()
-        self._service.shutdown(30.0)
-        self._state = "stopped"
-        self._report_now()
-
-
-# ---------------------------------------------------------------- front-end side
 
 def _absolute_settings(settings: AppSettings, threads: int) -> AppSettings:
     """Replicas run in other processes (other folders, other machines): paths are made absolute here, and each CPU
@@ -276,9 +104,7 @@ class RayBackend:
         self._started_ray = False
         self._started_serve = False
         self._joined = False
-        self._closing = False
-        self._active: dict[CancelToken, threading.Event] = {}
-        self._lock = threading.Lock()
+        self._admission = Admission()  # the running jobs; none new after shutdown()
         self.concurrency = workers or 1
 
     # ------------------------------------------------------------ start / stop
@@ -291,7 +117,7 @@ class RayBackend:
         if ray.is_initialized():  # this process already joined or started Ray (e.g. a second app): use it as is
             pass
         elif self._address:
-            ray.init(address=self._address, namespace=NAMESPACE, **self._ray_init)
+            connect(self._address, namespace=NAMESPACE, **self._ray_init)  # a refused token: one clear line
             self._joined = True
         else:
             # default: one replica per GPU of this machine; one on a machine without a usable GPU
@@ -369,15 +195,7 @@ class RayBackend:
         import ray
         from ray import serve
 
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            self._closing = True
-            running = dict(self._active)
-        for token in running:
-            token.cancel()
-        for finished in running.values():
-            finished.wait(max(0.0, deadline - time.monotonic()))
-        clean = all(finished.is_set() for finished in running.values())
+        clean = self._admission.close(timeout)
         if not ray.is_initialized():
             return clean
         if self._attach:
@@ -511,24 +329,20 @@ class RayBackend:
 
     # ------------------------------------------------------------ jobs
     def generate(self, request: GenerationRequest, cancel: CancelToken | None = None,
-                 output_path: str | Path | None = None) -> Iterator[object]:
+                 output_path: str | Path | None = None, job_id: str | None = None) -> Iterator[object]:
         cancel = cancel or CancelToken()
+        job_id = job_id or new_job_id()
         finished = threading.Event()
-        with self._lock:
-            closing = self._closing
-            if not closing:
-                self._active[cancel] = finished
-        if closing:
-            yield ErrorEvent("the app is shutting down and takes no new jobs", "busy")
+        if not self._admission.admit(cancel, finished):
+            yield ErrorEvent(SHUTTING_DOWN, "busy", job_id=job_id)
             return
         try:
-            yield from self._generate(request, cancel, output_path)
+            yield from self._generate(request, cancel, output_path, job_id)
         finally:
             finished.set()
-            with self._lock:
-                self._active.pop(cancel, None)
+            self._admission.done(cancel)
 
-    def _wait_for_a_replica(self, cancel: CancelToken) -> Iterator[object]:
+    def _wait_for_a_replica(self, cancel: CancelToken, job_id: str) -> Iterator[object]:
         """Until a replica has loaded its model: say so every few seconds; an error if none can."""
         said = 0.0
         start = time.monotonic()
@@ -541,72 +355,80 @@ class RayBackend:
             if app_state in ("DEPLOY_FAILED", "UNHEALTHY") and not any(
                     r.get("state") == "loading" for r in replicas):
                 reason = failed[-1].get("message") if failed else app_message
-                yield ErrorEvent(f"No worker could load the model: {reason}", "model")
+                yield ErrorEvent(f"No worker could load the model: {reason}", "model", job_id=job_id)
                 return
             if cancel.cancelled:
-                yield ErrorEvent("cancelled while waiting for a worker", "cancelled")
+                yield ErrorEvent("cancelled while waiting for a worker", "cancelled", job_id=job_id)
                 return
             waited = time.monotonic() - start
             if waited - said >= 3.0 or said == 0.0:
                 said = waited or 0.001
-                yield LogEvent(f"Waiting for a worker to load the model ({waited:.0f} s)…")
+                yield LogEvent(f"Waiting for a worker to load the model ({waited:.0f} s)…", job_id=job_id)
             cancel.wait(1.0)
 
-    def _generate(self, request, cancel, output_path) -> Iterator[object]:
-        for event in self._wait_for_a_replica(cancel):
+    def _generate(self, request, cancel, output_path, job_id: str) -> Iterator[object]:
+        for event in self._wait_for_a_replica(cancel, job_id):
             yield event
             if isinstance(event, ErrorEvent):
                 return
         out = str(Path(output_path).expanduser().absolute()) if output_path is not None else None
         for attempt in (1, 2):
-            received = 0
-            last_progress: ProgressEvent | None = None
-            results = 0
-            worker = "?"
-            response = self._handle.generate.remote(request, out)
+            seen = {"received": 0, "results": 0, "progress": None, "worker": ""}
+            response = self._handle.generate.remote(request, out, job_id)
             watcher_done = threading.Event()
             threading.Thread(target=_cancel_on, args=(cancel, response, watcher_done), daemon=True).start()
             try:
                 for event in response:
-                    received += 1
-                    if isinstance(event, LogEvent):
-                        if received == 1:
-                            worker = event.message.split(" on ")[0].removeprefix("🖥 Worker ")
-                        log.log(logging.WARNING if event.level == "warning" else logging.INFO, "[%s] %s",
-                                worker, event.message)
-                    elif isinstance(event, ProgressEvent):
-                        last_progress = event
-                    elif isinstance(event, ResultEvent):
-                        results += 1
+                    _note(event, seen)
                     yield event
                 return
             except GeneratorExit:  # the consumer went away (closed tab): stop the job within one step
                 response.cancel()
                 raise
             except Exception as exc:  # noqa: BLE001 - sorted below: cancelled, or the worker failed
-                if cancel.cancelled or _is_cancellation(exc):
-                    done = f"{last_progress.step}/{last_progress.total}" if last_progress else "0/?"
-                    msg = f"cancelled at step {done}"
-                    log.info("[%s] ⏹ %s", worker, msg)
-                    yield LogEvent(f"⏹ {msg}")
-                    yield ErrorEvent(msg, "cancelled")
-                    return
-                if received == 0 and attempt == 1:
+                if not (cancel.cancelled or _is_cancellation(exc)) and seen["received"] == 0 and attempt == 1:
                     # Nothing ran (the replica died before it took the job): another replica can take it.
                     log.warning("Ray Serve: job not started (%s: %s); sending it again", type(exc).__name__, exc)
                     yield LogEvent("⚠ The worker chosen for this job was lost before it started; trying another…",
-                                   "warning")
+                                   "warning", job_id=job_id)
                     continue
-                where = (f"at step {last_progress.step}/{last_progress.total}" if last_progress
-                         else "before its first step")
-                kept = f"; the {results} image(s) already sent were saved" if results else ""
-                msg = (f"The worker running this job ({worker}) stopped {where} ({type(exc).__name__}). "
-                       f"Nothing more was saved{kept}. Ray restarts the worker; try again.")
-                log.error("Ray Serve: %s — %s", msg, str(exc).splitlines()[0][:300] if str(exc) else "")
-                yield ErrorEvent(msg, "runtime")
+                yield from _job_failed(exc, cancel, seen, job_id)
                 return
             finally:
                 watcher_done.set()
+
+
+def _note(event, seen: dict) -> None:
+    """What the client side keeps of a job's events: which replica runs it (the events' own ``replica`` field),
+    how far it got; the replica's log lines go to this process's log too, prefixed with its id."""
+    seen["received"] += 1
+    seen["worker"] = getattr(event, "replica", "") or seen["worker"]
+    if isinstance(event, LogEvent):
+        log.log(logging.WARNING if event.level == "warning" else logging.INFO, "[%s] %s",
+                seen["worker"] or "?", event.message)
+    elif isinstance(event, ProgressEvent):
+        seen["progress"] = event
+    elif isinstance(event, ResultEvent):
+        seen["results"] += 1
+
+
+def _job_failed(exc: Exception, cancel: CancelToken, seen: dict, job_id: str) -> Iterator[object]:
+    """The events that end a job whose stream broke: cancelled (Stop, a closed tab), or its worker stopped."""
+    worker, last_progress, results = seen["worker"] or "?", seen["progress"], seen["results"]
+    if cancel.cancelled or _is_cancellation(exc):
+        done = f"{last_progress.step}/{last_progress.total}" if last_progress else "0/?"
+        msg = f"cancelled at step {done}"
+        log.info("[%s] ⏹ %s", worker, msg)
+        yield LogEvent(f"⏹ {msg}", job_id=job_id, replica=seen["worker"])
+        yield ErrorEvent(msg, "cancelled", job_id=job_id, replica=seen["worker"])
+        return
+    where = (f"at step {last_progress.step}/{last_progress.total}" if last_progress
+             else "before its first step")
+    kept = f"; the {results} image(s) already sent were saved" if results else ""
+    msg = (f"The worker running this job ({worker}) stopped {where} ({type(exc).__name__}). "
+           f"Nothing more was saved{kept}. Ray restarts the worker; try again.")
+    log.error("Ray Serve: %s — %s", msg, str(exc).splitlines()[0][:300] if str(exc) else "")
+    yield ErrorEvent(msg, "runtime", job_id=job_id, replica=seen["worker"])
 
 
 def _cancel_on(cancel: CancelToken, response, done: threading.Event) -> None:
@@ -638,4 +460,4 @@ def _serve_running() -> bool:
         return False
 
 
-__all__ = ["RayBackend", "Worker", "Registry", "default_workers"]
+__all__ = ["RayBackend", "Worker", "Registry", "default_workers"]  # Worker, Registry: from ray_worker

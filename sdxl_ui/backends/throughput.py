@@ -33,15 +33,16 @@ def _run_jobs(backend, jobs: int, clients: int, steps: int, quality: Quality, ou
                 i = queue.pop(0)
             request = GenerationRequest(prompt="a large red circle on a blue background", steps=steps, seed=i,
                                         quality=quality)
+            worker = ""
             for event in backend.generate(request):
                 if isinstance(event, ResultEvent):
                     done.append(i)
                 elif isinstance(event, ErrorEvent):
                     failed.append((i, event.message))
-                elif getattr(event, "message", "").startswith("🖥 Worker "):
-                    name = event.message.split(" on ")[0].removeprefix("🖥 Worker ")
+                if event.replica and event.replica != worker:  # the Ray replica that runs this job
+                    worker = event.replica
                     with lock:
-                        workers[name] = workers.get(name, 0) + 1
+                        workers[worker] = workers.get(worker, 0) + 1
 
     start = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]

@@ -148,15 +148,15 @@ def psnr(a, b) -> float:
 # Each technique on its own and each preset, against the exact run of the same preset (same prompts and seeds):
 # (label, quality, request fields, needs the int8 service).
 COMPARISONS = (
-    ("high: exact", "high", dict(feature_cache="off", guidance_interval="off"), False),
+    ("high: exact", "high", dict(techniques=dict(feature_cache="off", guidance_interval="off")), False),
     ("high: preset", "high", {}, False),
-    ("high: feature cache only", "high", dict(feature_cache="on", guidance_interval="off"), False),
-    ("high: guidance interval only", "high", dict(feature_cache="off", guidance_interval="on"), False),
-    ("high: int8 only", "high", dict(feature_cache="off", guidance_interval="off"), True),
-    ("fast: exact", "fast", dict(feature_cache="off", guidance_interval="off"), False),
+    ("high: feature cache only", "high", dict(techniques=dict(feature_cache="on", guidance_interval="off")), False),
+    ("high: guidance interval only", "high", dict(techniques=dict(feature_cache="off", guidance_interval="on")), False),
+    ("high: int8 only", "high", dict(techniques=dict(feature_cache="off", guidance_interval="off")), True),
+    ("fast: exact", "fast", dict(techniques=dict(feature_cache="off", guidance_interval="off")), False),
     ("fast: preset", "fast", {}, False),
-    ("fast: feature cache only", "fast", dict(feature_cache="on", guidance_interval="off"), False),
-    ("fast: guidance interval only", "fast", dict(feature_cache="off", guidance_interval="on"), False),
+    ("fast: feature cache only", "fast", dict(techniques=dict(feature_cache="on", guidance_interval="off")), False),
+    ("fast: guidance interval only", "fast", dict(techniques=dict(feature_cache="off", guidance_interval="on")), False),
 )
 
 

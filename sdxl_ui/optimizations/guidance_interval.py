@@ -139,6 +139,18 @@ class GuidanceInterval(PipelineCallback):
         self._restore_scale()
         self._pipe = None
 
+    # ------------------------------------------------------------------ run hook (``optimizations/hooks.py``)
+
+    def begin(self, pipe) -> None:
+        pass  # ``attach`` starts the run
+
+    def wrap(self, pipe, step_callback):
+        """Become the step-end callback for one pipeline call, passing each step on to ``step_callback``."""
+        self.then = step_callback
+        self.tensor_inputs = list(dict.fromkeys([*type(self).tensor_inputs,
+                                                 *getattr(step_callback, "tensor_inputs", [])]))
+        return self, self.attached(pipe)
+
     @contextlib.contextmanager
     def attached(self, pipe):
         self.attach(pipe)

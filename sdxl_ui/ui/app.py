@@ -32,7 +32,7 @@ from ..schema import (
     Scheduler,
     ValidationError,
 )
-from ..backends import CancelToken
+from ..jobs import CancelToken
 from .access import Access
 from .render import log_html, progress_html, status_html
 
@@ -309,7 +309,7 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
                 req = GenerationRequest.from_raw(
                     prompt=prompt_text, negative_prompt=negative_text, quality=quality_value, steps=n_steps,
                     guidance=cfg, seed=seed_value, images=n_images, width=wd, height=ht, scheduler=sched,
-                    **{k: v for k, v in (techniques or {}).items() if v is not None})
+                    techniques={k: v for k, v in (techniques or {}).items() if v is not None})
             except ValidationError as exc:
                 log.info("refused a request from %s: %s", config.access.describe(request), exc)  # one line
                 lines.append(f"❌ {exc}")

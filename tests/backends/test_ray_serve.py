@@ -19,11 +19,12 @@ import pytest
 from tests.helpers import RELIABILITY, run
 
 ray = pytest.importorskip("ray", reason="Ray Serve is optional: pip install -r requirements-serve.txt")
+pytestmark = pytest.mark.ray
 
 from sdxl_ui.backends import Backend, CancelToken  # noqa: E402
 from sdxl_ui.backends.ray_serve import RayBackend  # noqa: E402
 from sdxl_ui.metadata import parse_parameters, read_parameters  # noqa: E402
-from sdxl_ui.schema import ErrorEvent, GenerationRequest, LogEvent, ProgressEvent, ResultEvent  # noqa: E402
+from sdxl_ui.schema import ErrorEvent, GenerationRequest, ProgressEvent, ResultEvent  # noqa: E402
 from sdxl_ui.settings import AppSettings  # noqa: E402
 
 READY_TIMEOUT = 240  # two replicas load the tiny model on a busy 2-core CI host
@@ -61,8 +62,8 @@ def pool(tmp_path_factory):
 
 def collect(backend, request, cancel=None, **kwargs) -> dict:
     out = run(backend, request, cancel=cancel, **kwargs)
-    out["worker"] = next((m.split(" on ")[0].removeprefix("🖥 Worker ") for m in out["logs"]
-                          if m.startswith("🖥 Worker")), None)
+    # Which replica ran the job: the events' own field (never the log text).
+    out["worker"] = next((e.replica for e in out["progress"] + out["results"] + out["errors"] if e.replica), None)
     return out
 
 
@@ -80,7 +81,12 @@ def test_events_arrive_as_they_do_locally(pool):
     assert (result.seed, result.steps_requested, result.steps_run, result.device) == (5, 10, 7, "cpu")
     assert [p.step for p in out["progress"]] == list(range(1, 8))  # every step, with ETA and previews
     assert all(p.eta_s is not None for p in out["progress"]) and any(p.preview is not None for p in out["progress"])
-    assert out["logs"][0].startswith("🖥 Worker ") and "pid " in out["logs"][0]  # which replica ran it
+    assert out["logs"][0].startswith("🖥 Worker ") and "pid " in out["logs"][0]  # which replica ran it, for people
+    # ... and for code: every event carries the job's id and the replica that ran it.
+    events = out["progress"] + out["results"]
+    assert out["worker"] in {r["replica"] for r in pool.replicas()}
+    assert {e.replica for e in events} == {out["worker"]} and f"Worker {out['worker']} on " in out["logs"][0]
+    assert len({e.job_id for e in events}) == 1 and events[0].job_id
     assert "Mode: HIGH QUALITY (base steps=7, guidance=8)" in "\n".join(out["logs"])
     assert result.image.size == (256, 256) and Path(result.path).is_file()
     assert parse_parameters(read_parameters(result.path))["Seed"] == "5"
@@ -143,16 +149,26 @@ def test_cli_sends_a_job_to_the_running_workers(pool, tmp_path, capsys):
     assert ray.is_initialized()  # attached to this process's Ray: left as it was
 
 
-def test_8_clients_2_jobs_each_through_the_page_none_lost_none_mixed(pool):
+def test_8_clients_2_jobs_each_through_the_page_none_lost_none_mixed(pool, monkeypatch):
     from gradio_client import Client
 
     from sdxl_ui.ui import UIConfig, build_ui
 
+    ran_on = {}  # seed → the replica that ran it, from the events the page received
+    generate = pool.generate
+
+    def recording(request, *args, **kwargs):
+        for event in generate(request, *args, **kwargs):
+            if isinstance(event, ResultEvent):
+                ran_on[event.seed] = event.replica
+            yield event
+
+    monkeypatch.setattr(pool, "generate", recording)
     demo = build_ui(pool, UIConfig(queue_size=32))
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
     args = dict(negative_text="", quality_label="High quality", cfg=8.0, n_images=1,
                 size_label="Native (256×256)", w=256, h=256, sched="auto")
-    outcomes, errors, workers = {}, [], set()
+    outcomes, errors = {}, []
     try:
         def client_run(i):
             try:
@@ -180,7 +196,7 @@ def test_8_clients_2_jobs_each_through_the_page_none_lost_none_mixed(pool):
         for seed, result in mine:
             log, _, _, image, used_seed, gallery = result[:6]
             assert used_seed == seed and f"client {i} job" in log and "🖥 Worker " in log, (i, seed, log[-2000:])
-            workers.add(log.split("🖥 Worker ")[1].split(" ")[0])
+            assert f"🖥 Worker {ran_on[seed]} on " in log  # the page's log names the replica that ran it
             assert parse_parameters(read_parameters(image))["Seed"] == str(seed)
             paths.add(image)
             done += 1
@@ -191,6 +207,7 @@ def test_8_clients_2_jobs_each_through_the_page_none_lost_none_mixed(pool):
     RELIABILITY["jobs"] += done
     RELIABILITY["lost"] += 16 - done
     assert done == 16 and len(paths) == 16
+    workers = set(ran_on.values())
     assert len(workers) == 2, f"the page used only {workers}"
 
 
@@ -228,8 +245,8 @@ def test_a_replica_killed_mid_job_gives_a_clear_error_and_is_replaced(pool):
     state = {}
 
     def kill_when_running(event):
-        if isinstance(event, LogEvent) and event.message.startswith("🖥 Worker "):
-            state["pid"] = int(event.message.split("pid ")[1].split(",")[0])
+        if event.replica and "pid" not in state:  # the replica running the job, and its pid from the status
+            state["pid"] = next(r["pid"] for r in pool.replicas() if r["replica"] == event.replica)
         if isinstance(event, ProgressEvent) and event.step == 3 and "killed" not in state:
             os.kill(state["pid"], signal.SIGKILL)  # the replica's own process, by its own pid
             state["killed"] = time.time()

@@ -1,11 +1,18 @@
-"""Fixtures shared by the front-end tests of bad input, faults, load and security defaults."""
+"""Fixtures shared by the front-end tests: the tiny service and the app (bad input, faults, load, security
+defaults) and the Chromium browser (test_app.py, test_screenshot.py)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from tests.helpers import App
 
 from sdxl_ui.service import GenerationService
 from sdxl_ui.settings import AppSettings
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update"]
 
 
 @pytest.fixture(scope="module")
@@ -26,3 +33,15 @@ def app(tmp_path_factory):
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `apt-get install -y chromium` (.ci/run does this)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()

@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 from tests.helpers import load_probe
 
+from sdxl_ui.optimizations.less_work import FeatureCache, GuidanceIntervalUnit
 from sdxl_ui.policy import PlanError, make_plan
 from sdxl_ui.schema import PRESETS, GenerationRequest, Quality, Toggle
 from sdxl_ui.settings import AppSettings
@@ -86,8 +87,8 @@ def test_int8_warns_where_the_cpu_has_no_fast_int8():
 def test_presets_choose_the_techniques_and_the_request_can_switch_each():
     probe = probe_with(EPYC)
     fast, high = plan(probe, high=False), plan(probe, high=True)
-    assert (fast.feature_cache, fast.guidance_interval) == (PRESETS[Quality.FAST].feature_cache,
-                                                            PRESETS[Quality.FAST].guidance_interval)
+    assert (fast.feature_cache, fast.guidance_interval) == (FeatureCache.presets[Quality.FAST],
+                                                            GuidanceIntervalUnit.presets[Quality.FAST])
     assert fast.feature_cache > 1 and fast.guidance_interval != (0.0, 1.0)
     assert high.feature_cache == 1 and "exact" in high.reasons["feature_cache"]
     off = plan(probe, high=False, feature_cache=Toggle.OFF, guidance_interval=Toggle.OFF)
@@ -111,9 +112,14 @@ def test_every_technique_has_a_planned_row_in_doctor():
 def test_request_fields_are_validated_by_name():
     from sdxl_ui.schema import ValidationError
 
-    with pytest.raises(ValidationError, match="feature_cache"):
-        GenerationRequest(prompt="x", feature_cache="sometimes")
-    assert GenerationRequest.from_raw(prompt="x", guidance_interval="OFF").guidance_interval is Toggle.OFF
+    with pytest.raises(ValidationError, match="feature_cache") as bad_value:
+        GenerationRequest(prompt="x", techniques={"feature_cache": "sometimes"})
+    assert bad_value.value.field == "feature_cache" and bad_value.value.value == "sometimes"
+    request = GenerationRequest.from_raw(prompt="x", techniques={"guidance_interval": "OFF"})
+    assert request.techniques["guidance_interval"] is Toggle.OFF
+    with pytest.raises(ValidationError) as unknown:  # a name no unit offers is refused when the request is planned
+        make_plan(probe_with(EPYC), AppSettings(model="tiny"), "tiny", 64, 64, techniques={"warp_drive": "on"})
+    assert unknown.value.field == "techniques.warp_drive"
 
 
 # ---------------------------------------------------------------- read back from the live pipeline
@@ -177,7 +183,7 @@ def test_a_cache_enabled_behind_an_exact_plan_is_reported_and_used(live):
 
 
 def test_guidance_interval_row_and_run_follow_the_pipeline(live):
-    from sdxl_ui.optimizations.table import GUIDANCE_ATTR
+    from sdxl_ui.optimizations import hooks
     from sdxl_ui.optimize import report
 
     models, p, probe = live
@@ -185,7 +191,7 @@ def test_guidance_interval_row_and_run_follow_the_pipeline(live):
     row = report(models, p, probe).get("guidance interval")
     # 6 steps, guided for the first 60 %: steps 0-3 guided (2 × 2 rows), 4-5 conditional only: 20 rows run, 4 saved
     assert row.status.value == "active" and "4 guided, 2 conditional-only steps, 4 of 24 UNet rows saved" in row.detail
-    setattr(models.base, GUIDANCE_ATTR, None)  # behind the plan's back: plain CFG
+    hooks.install(models.base, "guidance_interval", None)  # behind the plan's back: plain CFG
     row = report(models, p, probe).get("guidance interval")
     assert row.status.value == "off" and "not as planned" in row.detail
 
@@ -247,7 +253,8 @@ def test_presets_keep_the_demo_models_adherence_within_3_points_of_exact(demo_se
     from sdxl_ui.demo import evaluate as E
 
     scenes = E.prompt_set()[:prompts]
-    exact = E.run_prompts(demo_service, scenes, quality=quality, feature_cache="off", guidance_interval="off")
+    exact = E.run_prompts(demo_service, scenes, quality=quality,
+                           techniques=dict(feature_cache="off", guidance_interval="off"))
     preset = E.run_prompts(demo_service, scenes, quality=quality)
     total = 5 * prompts
     a, b = sum(exact.right.values()), sum(preset.right.values())

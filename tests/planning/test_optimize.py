@@ -141,7 +141,7 @@ def test_a_row_whose_live_state_departs_from_the_plan_says_so():
 
 
 def test_an_active_xformers_row_says_its_kernel_ran():
-    from sdxl_ui.optimize import _xformers_row
+    from sdxl_ui.optimize import xformers_row as _xformers_row
 
     row = _xformers_row(load_probe("rtx4090_24gb"), "cuda", active=True)
     assert row.status.value == "active" and "kernel test passed" in row.detail

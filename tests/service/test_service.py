@@ -98,6 +98,18 @@ def test_consumer_going_away_cancels_the_run(tiny_service):
     assert len(calls) <= 6, f"the abandoned run kept going: {len(calls)} UNet calls"
 
 
+def test_every_event_of_a_job_carries_its_id(tiny_service):
+    """Issue 20: the job id travels in the events (the replica too, from a Ray worker; "" in process)."""
+    ids = []
+    for _ in range(2):
+        events = list(tiny_service.generate(GenerationRequest(prompt="a fox", steps=2, seed=1)))
+        assert len(events) > 3 and all(e.replica == "" for e in events)
+        ids.append({e.job_id for e in events})
+    assert all(len(one) == 1 and "" not in one for one in ids) and ids[0] != ids[1]
+    given = list(tiny_service.generate(GenerationRequest(prompt="a fox", steps=2, seed=1), job_id="mine"))
+    assert {e.job_id for e in given} == {"mine"}
+
+
 def test_refiner_two_stage_path_when_forced_on(tmp_path):
     service = GenerationService(AppSettings(model="tiny", use_refiner="on", outputs=tmp_path, device="cpu"))
     out = run(service, GenerationRequest(prompt="a red fox", steps=10, seed=5))

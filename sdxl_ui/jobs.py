@@ -1,0 +1,140 @@
+"""The job contract every backend shares: the cancel token, the ``Backend`` protocol, and job admission.
+
+Layer 0 (docs/architecture.md): plain Python, no torch, gradio or ray. The in-process service
+(``sdxl_ui.service``) and the Ray backend (``sdxl_ui.backends.ray_serve``) both take their jobs through one
+``Admission``: no new job once shutdown has begun, and shutdown cancels and waits for the ones running.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator, Protocol, runtime_checkable
+
+from .schema import GenerationRequest
+
+SHUTTING_DOWN = "the app is shutting down and takes no new jobs"  # the ErrorEvent (kind "busy") a late job gets
+
+
+class CancelToken:
+    """Set by Stop (or a closed tab, or a signal); a running job stops within one step."""
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._event.wait(timeout)
+
+
+def new_job_id() -> str:
+    """A short id for one generate call, carried by each of its events (``job_id``)."""
+    return uuid.uuid4().hex[:12]
+
+
+class Admission:
+    """Which jobs are running, and whether new ones are let in: written once, for every backend.
+
+    ``admit(token, job, start)`` registers a job under its cancel token unless shutdown has begun (then False);
+    ``job`` is what ends with it: a ``threading.Thread`` (ended when it has exited) or a ``threading.Event`` (ended
+    when set). ``start`` runs under the same lock, so ``close`` only ever waits on a job that really started.
+    ``done(token)`` forgets a finished job. ``close(timeout)`` lets nothing new in, cancels every running job,
+    waits for them up to ``timeout`` s in all, and says whether they all ended."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._closing = False
+        self._active: dict[CancelToken, threading.Thread | threading.Event] = {}
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def admit(self, token: CancelToken, job: threading.Thread | threading.Event,
+              start: Callable[[], object] | None = None) -> bool:
+        with self._lock:
+            if self._closing:
+                return False
+            self._active[token] = job
+            if start is not None:
+                start()
+            return True
+
+    def done(self, token: CancelToken) -> None:
+        with self._lock:
+            self._active.pop(token, None)
+
+    def running(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def close(self, timeout: float) -> bool:
+        """No new jobs; cancel the running ones (each stops at its next step; an image being decoded or saved
+        is finished first) and wait for them. True when nothing is left running."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._closing = True
+            running = dict(self._active)
+        for token in running:
+            token.cancel()
+        for job in running.values():
+            _wait(job, max(0.0, deadline - time.monotonic()))
+        return all(_ended(job) for job in running.values())
+
+
+def _wait(job, timeout: float) -> None:
+    if isinstance(job, threading.Thread):
+        job.join(timeout)
+    else:
+        job.wait(timeout)
+
+
+def _ended(job) -> bool:
+    return not job.is_alive() if isinstance(job, threading.Thread) else job.is_set()
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Submit a request and receive its events; cancel it; read the status.
+
+    Events (``sdxl_ui.schema``): ``LogEvent``, ``ProgressEvent`` (step, total, ETA, preview), one ``ResultEvent`` per
+    image, or one ``ErrorEvent`` that ends the stream. All are frozen dataclasses that pickle (the Ray backend
+    sends them between processes and machines); each carries the ``job_id`` of its generate call and, from a Ray
+    worker, the ``replica`` that ran it.
+    """
+
+    settings: object  # AppSettings: the model and device flags the jobs run with
+    concurrency: int  # how many jobs run at once (the page's queue lets this many through)
+
+    def generate(self, request: GenerationRequest, cancel: CancelToken | None = None,
+                 output_path: str | Path | None = None, job_id: str | None = None) -> Iterator[object]:
+        """Yield the job's events, then stop. ``cancel.cancel()`` stops it within one step; so does closing the
+        iterator (a closed browser tab). ``job_id``: the id the events carry (a new one when not given)."""
+
+    def status(self) -> dict:
+        """The status panel's data: model, note, device, dtype, state, message, rows (the optimization report),
+        and for several workers ``replicas``: one such dict per replica, with node and pid."""
+
+    def shutdown(self, timeout: float = 120.0) -> bool:
+        """No new jobs; running ones stop at their next step. True when nothing is left running."""
+
+    # What the page's form asks before a job (cheap, no model load).
+    def native_size(self) -> int: ...
+
+    def steps_note(self, requested: int) -> str: ...
+
+    def check_model(self): ...
+
+    def reconfigure(self, settings) -> None: ...
+
+    def preload_in_background(self): ...
+
+
+__all__ = ["Admission", "Backend", "CancelToken", "SHUTTING_DOWN", "new_job_id"]
