@@ -1,0 +1,9 @@
+"""What several test files share (fixtures stay in conftest.py). Import it as ``from tests.helpers import ...``:
+one module, so the RELIABILITY counts the tests fill are the ones conftest.py prints."""
+from __future__ import annotations
+
+from tests.helpers.app import ARGS, App, free_port
+from tests.helpers.cli import cli
+from tests.helpers.common import PROBES, RELIABILITY, ROOT, load_probe, run
+
+__all__ = ["ARGS", "App", "PROBES", "RELIABILITY", "ROOT", "cli", "free_port", "load_probe", "run"]

@@ -1,0 +1,64 @@
+"""The benchmark command's plumbing, on the tiny architecture (its timings are checked by running it, not here)."""
+import json
+
+import torch
+from tests.helpers import cli
+
+from sdxl_ui import bench
+from sdxl_ui.assembly import build_full
+
+
+def test_bench_runs_end_to_end_with_the_high_quality_path(tmp_path):
+    proc = cli("bench", "--arch", "tiny", "--res", "128", "--steps", "1", "--hq", "--use-refiner", "on", "--target",
+               "cpu", "--json")  # on the CPU (its 50 → 35 steps policy is asserted below), on a GPU host too
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    for name in ("baseline", "plan"):
+        row = data[name]
+        assert row["s_per_step"] > 0 and row["gflops"] > 0 and row["peak_rss_gb"] > 0
+        assert row["matmul_peak_gflops"] > 0 and row["projected_1024_hq_s"] > 0
+        assert row["hq"]["image_ok"] and row["hq"]["refiner"] and row["hq"]["total_s"] > row["hq"]["base_s"] > 0
+    assert data["baseline"]["dtype"] == "float32" and data["ratio"] > 0 and data["peak_gflops"] > 0
+    # Stock runs the seed's two stages (its refiner pipeline decodes); the plan runs the service's own path
+    # with this device's steps policy (CPU: 50 → 35) and, forced on here, its refiner.
+    assert data["baseline"]["hq"]["steps"] == 50 and "refiner_and_decode_s" in data["baseline"]["hq"]
+    assert data["plan"]["hq"]["steps"] == 35 and data["plan"]["hq"]["refiner_s"] > 0
+    assert data["plan"]["params"]["refiner_unet"] > 0
+    assert data["hq_ratio"] == round(data["baseline"]["hq"]["total_s"] / data["plan"]["hq"]["total_s"], 2)
+    assert {r["name"] for r in data["plan"]["report"]} >= {"precision", "PyTorch SDPA attention"}
+    assert "progress" not in proc.stdout and "warm-up" in proc.stderr  # progress on stderr, JSON alone on stdout
+    assert "HQ timed: refiner step" in proc.stderr
+    # Per image: stock diffusers (50 fp32 guided steps) and each preset from its real schedule on this CPU, written
+    # out by hand here: High quality 35 Euler steps, CFG for the first 60 % (21 guided, 14 conditional only); Fast
+    # 14 DPM++ steps, a full UNet call every 3rd call, CFG for the first 9 steps.
+    presets = data["presets"]
+    assert presets["stock"]["steps"] == 50 and presets["stock"]["image_s"] > 0
+    assert presets["high"]["schedule"]["calls"] == ["F2"] * 21 + ["F1"] * 14
+    assert presets["fast"]["schedule"]["calls"] == ("F2 C2 C2 F2 C2 C2 F2 C2 C2 F1 C1 C1 F1 C1").split()
+    kinds = data["plan"]["kinds"]
+    assert set(kinds) == {"full_guided", "full_cond", "cached_guided", "cached_cond"}
+    fast = presets["fast"]
+    assert fast["counts"] == {"full_guided": 3, "cached_guided": 6, "full_cond": 2, "cached_cond": 3}
+    assert fast["ratio"] == round(presets["stock"]["image_s"] / fast["image_s"], 2)
+    check = data["check"]  # the one real Fast image, against the same computation
+    assert check["steps"] == 8 and check["measured_s"] > 0 and check["computed_s"] > 0
+    assert sum(check["counts"].values()) == 8 and check["counts"]["cached_guided"] > 0
+    assert set(data["dtype_peaks"]["gflops"]) >= {"fp32"}
+    if "int8" in data["dtype_peaks"]["gflops"]:
+        assert data["int8_step"]["s_per_step"] > 0 and 0 < data["int8_step"]["noise_pred_rel_rms_diff"] < 0.1
+    saved = tmp_path / "bench.json"
+    saved.write_text(proc.stdout)
+    table = cli("bench", "--from-json", str(saved))
+    assert table.returncode == 0 and "per guided step, plan vs stock diffusers" in table.stdout
+    assert "High-quality image, stock ÷ plan" in table.stdout and "refiner + decode" in table.stdout
+    assert "Per 1024² image" in table.stdout and "Check: one real Fast image" in table.stdout
+
+
+def test_full_architecture_matches_the_published_parameter_counts():
+    """Built on the meta device (no memory, no compute): base, both text encoders, VAE and the refiner UNet.
+    The counts are written out here (SDXL 1.0 base and refiner as published), not read from bench.py."""
+    pipe, refiner = build_full(torch, torch.float16, "meta", with_refiner=True)
+    params = bench.param_counts(pipe, refiner)
+    assert params == {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840,
+                      "vae": 83_653_863, "refiner_unet": 2_259_526_660}
+    assert refiner.text_encoder_2 is pipe.text_encoder_2 and refiner.vae is pipe.vae  # shared, as the service loads
