@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
-import math
 import os
 import re
 import secrets
@@ -61,16 +60,6 @@ def _whole(low: int, high: int | None = None):
     return parse
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number more than 0 (got {text!r})")
-    return value
-
-
 def _host(text: str) -> str:
     if not text.strip() or any(c.isspace() for c in text):
         raise argparse.ArgumentTypeError(f"must be an address or host name (got {text!r})")
@@ -113,12 +102,13 @@ def parse_args(argv=None):
     parser.add_argument("--queue-size", type=_whole(1, 10_000), default=16, help="waiting jobs before 'queue full'")
     parser.add_argument("--max-jobs-per-user", type=_whole(0), default=0, help="jobs per user per hour; 0 = unlimited")
     serving = parser.add_argument_group("serving a team (Ray Serve, requirements-serve.txt; README: Serving a team)")
-    serving.add_argument("--workers", type=_whole(0, 1024), default=None, metavar="N",
+    # --workers and --worker-cpus values are checked by the Ray backend (ray_serve.py), which names them.
+    serving.add_argument("--workers", type=int, default=None, metavar="N",
                          help="start a local Ray instance with N worker replicas, one job each at a time "
                               "(0 = one per GPU, or one on a machine without a GPU)")
     serving.add_argument("--ray-address", default=None, metavar="ADDRESS",
                          help="use an existing Ray cluster (`ray start --head` …), e.g. 10.0.0.5:6379 or auto")
-    serving.add_argument("--worker-cpus", type=_positive, default=1.0, metavar="CPUS",
+    serving.add_argument("--worker-cpus", type=float, default=1.0, metavar="CPUS",
                          help="CPU share of each worker replica that runs on the CPU (default 1)")
     return parser.parse_args(argv)
 
