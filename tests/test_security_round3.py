@@ -79,8 +79,9 @@ def refused_lines(app, before: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def login_app(tmp_path_factory):
-    running = App("--model", "tiny", "--outputs", str(tmp_path_factory.mktemp("r3-login")),
-                  "--auth", "alice:secret", "--auth", "bob:other")
+    outputs = tmp_path_factory.mktemp("r3-login")
+    running = App("--model", "tiny", "--outputs", str(outputs), "--auth", "alice:secret", "--auth", "bob:other")
+    running.outputs = outputs
     try:
         running.wait_for("Model loaded")
         yield running
@@ -100,6 +101,7 @@ def test_with_a_login_a_stranger_cannot_stop_a_users_job(login_app):
     assert request(f"{url}gradio_api/heartbeat/{session}", timeout=5, read=5)[0] == 401
     assert request(f"{url}gradio_api/cancel", cancel)[0] == 401
     assert request(f"{url}gradio_api/queue/data?session_hash={session}", timeout=5, read=5)[0] == 401
+    assert request(f"{url}gradio_api/file={login_app.outputs}")[0] == 401
     # Another login (bob) may not act on alice's session either, nor cancel her event from his own session.
     bob = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
     assert request(f"{url}login", {"username": "bob", "password": "other"}, form=True, opener=bob)[0] == 200

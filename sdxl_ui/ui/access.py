@@ -134,6 +134,9 @@ class LoginThrottle:
                     known.add(client)
                 return 0, False
             self.account_failures.setdefault(user, []).append(now)
+            if len(self.account_failures) > 10_000:  # names tried once, long ago: forgotten
+                self.account_failures = {u: times for u, times in self.account_failures.items()
+                                         if times and now - times[-1] < self.window_s}
             recent = [t for t in self.failures.get(client, []) if now - t < self.window_s] + [now]
             self.failures[client] = recent
             locked = len(recent) >= self.lock_after
