@@ -102,6 +102,9 @@ def test_with_a_login_a_stranger_cannot_stop_a_users_job(login_app):
     assert request(f"{url}gradio_api/cancel", cancel)[0] == 401
     assert request(f"{url}gradio_api/queue/data?session_hash={session}", timeout=5, read=5)[0] == 401
     assert request(f"{url}gradio_api/file={login_app.outputs}")[0] == 401
+    assert request(f"{url}gradio_api/heartbeat/x%0Aforged%20log%20line", timeout=5, read=5)[0] == 401
+    time.sleep(0.3)
+    assert not any(line.startswith("forged") for line in login_app.lines), "a request wrote its own log line"
     # Another login (bob) may not act on alice's session either, nor cancel her event from his own session.
     bob = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
     assert request(f"{url}login", {"username": "bob", "password": "other"}, form=True, opener=bob)[0] == 200

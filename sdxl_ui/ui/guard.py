@@ -38,9 +38,16 @@ MAX_SESSIONS = 100_000  # session owners remembered (the oldest are forgotten fi
 
 
 class Refusal(Exception):
+    """An answer instead of gradio's: an HTTP status and a one-line message (at most 200 printable characters)."""
+
     def __init__(self, code: int, message: str):
-        super().__init__(message)
+        super().__init__(_printable(message, 200))
         self.code = code
+
+
+def _printable(text: str, limit: int) -> str:
+    """One log line's worth of ``text``: control characters (a %0A in a path, say) shown as '?'."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
 def _headers(scope) -> dict:
@@ -135,7 +142,8 @@ class SessionGuardMiddleware:
                 raise Refusal(401, "Not authenticated")
             receive = await self._check(scope, receive, route, key)
         except Refusal as refusal:
-            log.warning("refused %s %s from %s: %s", scope.get("method"), path[:120], user or host, refusal)
+            log.warning("refused %s %s from %s: %s", scope.get("method"), _printable(path, 120), user or host,
+                        refusal)
             await _send_json(send, refusal.code, {"detail": str(refusal)})
             return
         await self.app(scope, receive, send)
