@@ -10,8 +10,10 @@ failure to start.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -24,22 +26,83 @@ MAX_UPLOAD = "1mb"
 STOP_TIMEOUT_S = 120.0  # how long a stop waits for the running job's current step and save
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line, ``error: --FLAG: problem (got VALUE)``, and exits 2."""
+
+    def error(self, message):
+        found = re.match(r"argument ([^:]+): (.*)", message, re.S)
+        if not found:  # e.g. an unknown flag
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
+        flag, problem = found.group(1).split("/")[-1], found.group(2)
+        for pattern, wording in ((r"invalid int value: (.*)", "must be a whole number (got {})"),
+                                 (r"invalid float value: (.*)", "must be a number (got {})"),
+                                 (r"invalid choice: (.*) \(choose from (.*)\)", "must be one of {1} (got {0})"),
+                                 (r"expected one argument", "needs a value (got nothing)")):
+            matched = re.fullmatch(pattern, problem, re.S)
+            if matched:
+                problem = wording.format(*matched.groups())
+                break
+        print(f"error: {flag}: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _whole(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise argparse.ArgumentTypeError(f"must be a whole number {bounds} (got {text!r})")
+        return value
+    return parse
+
+
+def _host(text: str) -> str:
+    if not text.strip() or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"must be an address or host name (got {text!r})")
+    return text
+
+
+def check_forwarded(value: str, name: str = "--forwarded-allow-ips") -> str:
+    """A comma-separated list of proxy addresses or networks (or '*', any peer) whose X-Forwarded-For is believed."""
+    items = [item.strip() for item in value.split(",")]
+    for item in items:
+        if item == "*" and len(items) == 1:
+            continue
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise BadFlag(f"{name}: must be proxy addresses or networks separated by commas, or * "
+                          f"(got {value!r})") from None
+    return ",".join(items)
+
+
 def parse_args(argv=None):
     from sdxl_ui.cli import add_settings_args
 
-    parser = argparse.ArgumentParser(description="sdxl_ui: Stable Diffusion XL in the browser")
+    parser = _Parser(description="sdxl_ui: Stable Diffusion XL in the browser")
     add_settings_args(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=None, help="port (default 7860, or the next free one)")
+    parser.add_argument("--host", type=_host, default="127.0.0.1",
+                        help="bind address (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=_whole(1, 65535), default=None,
+                        help="port (default 7860, or the next free one)")
+    parser.add_argument("--forwarded-allow-ips", default=None, metavar="ADDRESSES",
+                        help="the reverse proxies (addresses or networks, comma-separated) whose X-Forwarded-For "
+                             "names the client; default none: the client is the connecting address (README: "
+                             "Sharing safely). Env SDXL_UI_FORWARDED_ALLOW_IPS")
     parser.add_argument("--share", action="store_true", help="also make a temporary public link (needs auth)")
     parser.add_argument("--auth", action="append", default=None, metavar="USER:PASS",
                         help="a login for the page; repeat for several users (or env SDXL_UI_AUTH, one login)")
     parser.add_argument("--operator", default=None,
                         help="the login that may switch the model for everyone (default: the first --auth user; "
                              "without a login: whoever connects from this machine). Env SDXL_UI_OPERATOR")
-    parser.add_argument("--queue-size", type=int, default=16, help="waiting jobs before 'queue full'")
-    parser.add_argument("--max-jobs-per-user", type=int, default=0, help="0 = unlimited")
+    parser.add_argument("--queue-size", type=_whole(1, 10_000), default=16, help="waiting jobs before 'queue full'")
+    parser.add_argument("--max-jobs-per-user", type=_whole(0), default=0, help="jobs per user per hour; 0 = unlimited")
     serving = parser.add_argument_group("serving a team (Ray Serve, requirements-serve.txt; README: Serving a team)")
+    # --workers and --worker-cpus values are checked by the Ray backend (ray_serve.py), which names them.
     serving.add_argument("--workers", type=int, default=None, metavar="N",
                          help="start a local Ray instance with N worker replicas, one job each at a time "
                               "(0 = one per GPU, or one on a machine without a GPU)")
@@ -56,14 +119,15 @@ class BadFlag(ValueError):
 
 def resolve_auth(args) -> tuple[list[tuple[str, str]] | None, bool]:
     """(credentials, generated). Sharing never runs without auth: credentials are generated when absent."""
+    name = "--auth" if args.auth else "SDXL_UI_AUTH"
     raw = args.auth or ([os.environ["SDXL_UI_AUTH"]] if os.environ.get("SDXL_UI_AUTH") else [])
     creds = []
     for value in raw:
         user, sep, password = value.partition(":")
-        if not sep or not user or not password:
-            raise BadFlag("auth: expected USER:PASS (got a value without ':' or with an empty part)")
+        if not sep or not user or not password:  # the value holds a password: not repeated
+            raise BadFlag(f"{name}: expected USER:PASS (got a value without ':' or with an empty part)")
         if user in dict(creds):
-            raise BadFlag(f"auth: user {user!r} is given twice")
+            raise BadFlag(f"{name}: user {user!r} is given twice (got {user!r})")
         creds.append((user, password))
     if creds:
         return creds, False
@@ -74,39 +138,58 @@ def resolve_auth(args) -> tuple[list[tuple[str, str]] | None, bool]:
 
 def resolve_operator(args, creds) -> str | None:
     """The operator's login name; None without a login (then the operator is whoever connects from this machine)."""
+    name = "--operator" if args.operator else "SDXL_UI_OPERATOR"
     operator = args.operator or os.environ.get("SDXL_UI_OPERATOR") or None
     if creds is None:
         if operator:
-            raise BadFlag(f"operator: {operator!r} names a login, but the page has none (add --auth USER:PASS)")
+            raise BadFlag(f"{name}: names a login, but the page has none (add --auth USER:PASS) (got {operator!r})")
         return None
     users = [user for user, _ in creds]
     if operator is None:
         return users[0]
     if operator not in users:
-        raise BadFlag(f"operator: {operator!r} is not one of the --auth users ({', '.join(map(repr, users))})")
+        raise BadFlag(f"{name}: is not one of the --auth users ({', '.join(map(repr, users))}) (got {operator!r})")
     return operator
 
 
-def main(argv=None) -> int:
-    from sdxl_ui.cli import EXIT_BAD_INPUT, plan_error_code, settings_from_args, setup_logging
+def resolve_forwarded(args) -> str:
+    """The proxies whose X-Forwarded-For is believed ('' = none: the client is the connecting address)."""
+    if args.forwarded_allow_ips is not None:
+        return check_forwarded(args.forwarded_allow_ips)
+    value = os.environ.get("SDXL_UI_FORWARDED_ALLOW_IPS", "")
+    return check_forwarded(value, "SDXL_UI_FORWARDED_ALLOW_IPS") if value else ""
+
+
+def _settings(args):
+    """AppSettings from flags and SDXL_UI_* variables; a bad value names the flag, or the variable it came from."""
+    from sdxl_ui.cli import settings_from_args
     from sdxl_ui.schema import ValidationError
 
-    setup_logging(logging.INFO)
-    args = parse_args(argv)
     try:
-        settings = settings_from_args(args)
-        auth, generated = resolve_auth(args)
-        operator = resolve_operator(args, auth)
-    except (ValidationError, BadFlag) as exc:
-        log.error("error: %s", exc)
-        return EXIT_BAD_INPUT
+        return settings_from_args(args)
+    except ValidationError as exc:
+        field = exc.field.lower().removeprefix("sdxl_ui_")
+        env = f"SDXL_UI_{field.upper()}"
+        name = f"--{field.replace('_', '-')}" if getattr(args, field, None) is not None or env not in os.environ \
+            else env
+        raise BadFlag(f"{name}: {exc.problem} (got {exc.value!r})"[:300]) from None
 
+
+def _configure(args):
+    """(settings, auth, generated, operator, forwarded); raises BadFlag before anything starts."""
+    settings = _settings(args)
+    auth, generated = resolve_auth(args)
+    operator = resolve_operator(args, auth)
+    return settings, auth, generated, operator, resolve_forwarded(args)
+
+
+def _make_service(settings, args):
+    """The generation service, checked: (service, None) or (None, exit code) after one error line."""
+    from sdxl_ui.cli import EXIT_BAD_INPUT, plan_error_code
     from sdxl_ui.models import ModelLoadError
     from sdxl_ui.policy import PlanError
+    from sdxl_ui.schema import ValidationError
     from sdxl_ui.service import GenerationService
-    from sdxl_ui.ui import UIConfig, build_ui
-    from sdxl_ui.ui.access import Access, LoginThrottle, LoginThrottleMiddleware
-    from sdxl_ui.ui.render import CSS
 
     if args.workers is not None or args.ray_address:
         from sdxl_ui.backends.ray_serve import RayBackend
@@ -116,7 +199,7 @@ def main(argv=None) -> int:
                                  cpus_per_worker=args.worker_cpus)
         except ValidationError as exc:
             log.error("error: %s", exc)
-            return EXIT_BAD_INPUT
+            return None, EXIT_BAD_INPUT
     else:
         service = GenerationService(settings)
     try:
@@ -126,19 +209,98 @@ def main(argv=None) -> int:
         service.plan  # noqa: B018 - a --device/--attention this machine cannot honour
     except ModelLoadError as exc:
         log.error("error: %s", exc)
-        return EXIT_BAD_INPUT
+        return None, EXIT_BAD_INPUT
     except PlanError as exc:
         if plan_error_code(exc) == EXIT_BAD_INPUT:
             log.error("error: %s", exc)
-            return EXIT_BAD_INPUT
+            return None, EXIT_BAD_INPUT
         # Too little memory: the page says so in its status panel (and offers the demo model).
-
     if hasattr(service, "start"):  # the Ray backend: start or join Ray, deploy the workers (they load meanwhile)
         try:
             service.start()
         except Exception as exc:  # noqa: BLE001 - e.g. no cluster at --ray-address
             log.error("error: Ray Serve could not start: %s: %s", type(exc).__name__, exc)
-            return 1
+            return None, 1
+    return service, None
+
+
+def _launch(demo, args, auth, forwarded: str) -> bool:
+    """Serve the page. False (after one error line) when the port cannot be had."""
+    from starlette.middleware import Middleware
+
+    from sdxl_ui.ui.access import LoginThrottle, LoginThrottleMiddleware
+    from sdxl_ui.ui.guard import SessionGuardMiddleware
+    from sdxl_ui.ui.render import CSS
+
+    # uvicorn believes X-Forwarded-For from FORWARDED_ALLOW_IPS (default: this machine). Only the proxies named
+    # by --forwarded-allow-ips may name the client; otherwise the client is the connecting address.
+    os.environ["FORWARDED_ALLOW_IPS"] = forwarded
+    middleware = [Middleware(SessionGuardMiddleware, login=auth is not None)]
+    if auth:
+        middleware.append(Middleware(LoginThrottleMiddleware, throttle=LoginThrottle()))
+    # The generated images are never served from the outputs folder (allowed_paths stays empty): the page serves
+    # each session its own copies under unguessable names (ui/app.py).
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                    css=CSS, prevent_thread_lock=True, show_error=False, footer_links=["gradio"],
+                    max_file_size=MAX_UPLOAD, app_kwargs={"middleware": middleware})
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        log.error("error: --port: cannot listen on %s:%s: %s (got %s)", args.host, args.port or "7860",
+                  str(exc).split(". ")[0], args.port)
+        return False
+    return True
+
+
+def _announce_share(demo, config, auth) -> None:
+    if demo.share_url:
+        config.share_message = f"Share link: {demo.share_url} (login required)"
+        log.warning("* Share link: %s — user: %s", demo.share_url, auth[0][0])
+    else:
+        config.share_message = ("Share link could not be created (no internet connection to the share "
+                                "service?). Serving locally only at " + demo.local_url)
+        log.warning("* %s", config.share_message)
+
+
+def _serve_until_stopped(service, demo) -> int:
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        if stop.is_set():
+            raise KeyboardInterrupt  # a second signal: stop now
+        log.warning("%s received: no new jobs; the running job stops at its next step (an image being saved "
+                    "is finished first)", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    try:
+        while not stop.wait(0.5):
+            pass
+        finished = service.shutdown(STOP_TIMEOUT_S)
+    except KeyboardInterrupt:
+        finished = False
+    demo.close()
+    log.warning("Stopped%s.", "" if finished else " (the running job had not finished)")
+    return 0
+
+
+def main(argv=None) -> int:
+    from sdxl_ui.cli import EXIT_BAD_INPUT, setup_logging
+
+    setup_logging(logging.INFO)
+    args = parse_args(argv)
+    try:
+        settings, auth, generated, operator, forwarded = _configure(args)
+    except BadFlag as exc:
+        log.error("error: %s", exc)
+        return EXIT_BAD_INPUT
+
+    from sdxl_ui.ui import UIConfig, build_ui
+    from sdxl_ui.ui.access import Access
+
+    service, code = _make_service(settings, args)
+    if service is None:
+        return code
     config = UIConfig(queue_size=args.queue_size, max_jobs_per_user=args.max_jobs_per_user,
                       access=Access(login=auth is not None, operator=operator))
     if args.share:
@@ -152,45 +314,14 @@ def main(argv=None) -> int:
         log.warning("* Share login — user: %s  password: %s", auth[0][0], auth[0][1])
     if auth:
         log.info("* Operator (may switch the model for everyone): %s", operator)
-
-    stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        if stop.is_set():
-            raise KeyboardInterrupt  # a second signal: stop now
-        log.warning("%s received: no new jobs; the running job stops at its next step (an image being saved "
-                    "is finished first)", signal.Signals(signum).name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    # The generated images are never served from the outputs folder (allowed_paths stays empty): the page serves
-    # each session its own copies under unguessable names (ui/app.py).
-    app_kwargs = {}
-    if auth:
-        from starlette.middleware import Middleware
-
-        app_kwargs["middleware"] = [Middleware(LoginThrottleMiddleware, throttle=LoginThrottle())]
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                css=CSS, prevent_thread_lock=True, show_error=False, footer_links=["gradio"],
-                max_file_size=MAX_UPLOAD, app_kwargs=app_kwargs)
+    if forwarded:
+        log.info("* Client addresses: X-Forwarded-For from %s is believed", forwarded)
+    if not _launch(demo, args, auth, forwarded):
+        service.shutdown(0)
+        return 1
     if args.share:
-        if demo.share_url:
-            config.share_message = f"Share link: {demo.share_url} (login required)"
-            log.warning("* Share link: %s — user: %s", demo.share_url, auth[0][0])
-        else:
-            config.share_message = ("Share link could not be created (no internet connection to the share "
-                                    "service?). Serving locally only at " + demo.local_url)
-            log.warning("* %s", config.share_message)
-    try:
-        while not stop.wait(0.5):
-            pass
-        finished = service.shutdown(STOP_TIMEOUT_S)
-    except KeyboardInterrupt:
-        finished = False
-    demo.close()
-    log.warning("Stopped%s.", "" if finished else " (the running job had not finished)")
-    return 0
+        _announce_share(demo, config, auth)
+    return _serve_until_stopped(service, demo)
 
 
 if __name__ == "__main__":

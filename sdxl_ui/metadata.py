@@ -15,6 +15,13 @@ from pathlib import Path
 from typing import IO
 
 KEY_VALUE = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+# Control characters never go into the chunk (the request already refuses or removes them in prompts; this also
+# covers any other text, e.g. a model name): C0 and C1 (carriage return included) and DEL; tab and line feed stay.
+CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _clean(value) -> str:
+    return CONTROLS.sub("", str(value))
 
 
 def _quote(value: str) -> str:
@@ -47,9 +54,9 @@ class ImageParameters:
         ]
         if self.note:
             fields.append(("Note", self.note))
-        tail = ", ".join(f"{k}: {_quote(v)}" for k, v in fields)
+        tail = ", ".join(f"{k}: {_quote(_clean(v).replace(chr(10), ' '))}" for k, v in fields)
         # A prompt line that itself starts with "Negative prompt:" would confuse readers; keep it as is (rare).
-        return f"{self.prompt}\nNegative prompt: {self.negative_prompt}\n{tail}"
+        return f"{_clean(self.prompt)}\nNegative prompt: {_clean(self.negative_prompt)}\n{tail}"
 
 
 def parse_parameters(text: str) -> dict:

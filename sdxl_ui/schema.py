@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
@@ -147,6 +148,15 @@ def _text(field_name: str, value: Any) -> str:
     return value
 
 
+# C0 and C1 control characters (carriage return included) and DEL; tab and line feed are whitespace and stay.
+CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def strip_controls(text: str) -> str:
+    """Text without control characters (tab and line feed stay)."""
+    return CONTROLS.sub("", text)
+
+
 def _in_range(field_name: str, value, low, high):
     if not low <= value <= high:
         raise ValidationError(field_name, value, f"must be between {low} and {high}")
@@ -172,10 +182,16 @@ class GenerationRequest:
     techniques: Mapping[str, Toggle] = field(default_factory=dict)
 
     def __post_init__(self):
+        prompt_as_given = self.prompt
         _text("prompt", self.prompt)
+        # Control characters (NUL, escape sequences, …) are removed: they mean nothing to the text encoders and
+        # must not reach the PNG metadata. Tabs and line feeds stay (whitespace, as typed).
+        object.__setattr__(self, "prompt", strip_controls(self.prompt))
         if not self.prompt.strip():
-            raise ValidationError("prompt", self.prompt, "must not be empty")
+            removed = " once control characters are removed" if prompt_as_given.strip() else ""
+            raise ValidationError("prompt", prompt_as_given, f"must not be empty{removed}")
         _text("negative_prompt", self.negative_prompt)
+        object.__setattr__(self, "negative_prompt", strip_controls(self.negative_prompt))
         object.__setattr__(self, "quality", parse_choice(Quality, "quality", self.quality))
         object.__setattr__(self, "scheduler", parse_choice(Scheduler, "scheduler", self.scheduler))
         if not isinstance(self.techniques, Mapping):

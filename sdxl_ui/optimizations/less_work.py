@@ -36,7 +36,7 @@ class FeatureCache(Unit):
     fields = {"feature_cache": 1}  # UNet calls per full step (1 = off: every call runs the whole UNet)
     decide_at, apply_at, row_at = 130, 70, 120
     per_request = ("feature_cache",)
-    switch = Switch("feature_cache", "Feature cache (auto: on for Fast; reuses deep UNet features between steps)",
+    switch = Switch("feature_cache", "Feature cache (auto: on for Fast; reuses deep UNet features on 2 of 3 steps)",
                     "reuse deep UNet features between steps (auto: on for Fast)")
     # Fast reuses the deep UNet features for 2 of every 3 steps; High quality stays exact (README, "Less work").
     presets = {Quality.HIGH: 1, Quality.FAST: 3}
@@ -102,8 +102,8 @@ class GuidanceIntervalUnit(Unit):
     fields = {"guidance_interval": EXACT_GUIDANCE}  # fractions of the steps that run CFG ((0, 1) = all)
     decide_at, apply_at, row_at = 140, 80, 130
     per_request = ("guidance_interval",)
-    switch = Switch("guidance_interval", "Guidance interval (auto: the negative prompt's branch runs for the first "
-                    "60 % of the steps)",
+    switch = Switch("guidance_interval", "Guidance interval (auto: the negative prompt's branch for the first 60 % "
+                    "of the steps)",
                     "run the negative prompt's branch only in part of the schedule (auto: the preset's)")
     # Both presets run the negative prompt's branch for the first 60 % of the steps only (adaptive guidance: the
     # low-noise tail barely changes with guidance; judged by `eval-demo --compare`).

@@ -9,6 +9,8 @@ every user gets, who is asking (access.py).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import secrets
 import shutil
@@ -16,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -30,9 +33,11 @@ from ..schema import (
     Quality,
     ResultEvent,
     Scheduler,
+    Toggle,
     ValidationError,
 )
 from ..jobs import CancelToken
+from ..optimizations.registry import SWITCHES
 from .access import Access
 from .render import log_html, progress_html, status_html
 
@@ -164,13 +169,8 @@ def _public_text(text: str, settings) -> str:
     return text
 
 
-def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
-    config = config or UIConfig()
-    runs = _Runs()
-    limit = _RateLimit(config.max_jobs_per_user)
-    native = service.native_size()
-    sizes = _size_choices(native)
-
+def _status_renderer(service, config: UIConfig):
+    """The status panel's HTML now (the server's own paths replaced by short names)."""
     def status_update():
         status = service.status()
         for key in ("model", "message"):
@@ -182,206 +182,274 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
         status["share"] = config.share_message
         return status_html(status)
 
-    with gr.Blocks(title="sdxl_ui") as demo:
-        gr.Markdown("## sdxl_ui — Stable Diffusion XL on the hardware you have")
-        status_panel = gr.HTML(status_update(), elem_id="status-panel")
-        demo_button = gr.Button("Continue with the demo model (offline: simple shapes and colours — a stand-in for SDXL weights)", visible=False,
-                                elem_id="use-demo")
-        status_timer = gr.Timer(2.0, active=True)
+    return status_update
+
+
+def _advanced(service, native: int) -> dict:
+    """The Advanced accordion's components."""
+    sizes = _size_choices(native)
+    with gr.Accordion("Advanced", open=False):
+        preset = PRESETS[Quality.HIGH]
+        steps = gr.Slider(1, MAX_STEPS, value=preset.steps, step=1, label="Steps", elem_id="steps")
+        steps_note = gr.Markdown(service.steps_note(preset.steps), elem_id="steps-note")
+        guidance = gr.Slider(0, 30, value=preset.guidance, step=0.5, label="Guidance (CFG)")
         with gr.Row():
-            with gr.Column(scale=3):
-                prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red fox in the snow, golden hour",
-                                    elem_id="prompt")
-                negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
-                quality = gr.Radio(list(QUALITY_LABELS), value="High quality", label="Quality", elem_id="quality")
-                with gr.Accordion("Advanced", open=False):
-                    preset = PRESETS[Quality.HIGH]
-                    steps = gr.Slider(1, MAX_STEPS, value=preset.steps, step=1, label="Steps", elem_id="steps")
-                    steps_note = gr.Markdown(service.steps_note(preset.steps), elem_id="steps-note")
-                    guidance = gr.Slider(0, 30, value=preset.guidance, step=0.5, label="Guidance (CFG)")
-                    with gr.Row():
-                        seed = gr.Number(label="Seed (blank = random)", value=None, precision=0, elem_id="seed")
-                        images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images per run", elem_id="images")
-                    size = gr.Dropdown(sizes, value=sizes[0], label="Size")
-                    with gr.Row(visible=False) as custom_row:
-                        width = gr.Number(label="Width", value=native, precision=0)
-                        height = gr.Number(label="Height", value=native, precision=0)
-                    scheduler = gr.Dropdown([s.value for s in Scheduler], value=Scheduler.AUTO.value,
-                                            label="Scheduler (auto: Euler for High quality, DPM++ 2M Karras for Fast)")
-                    with gr.Row():
-                        cache_choice = gr.Dropdown(["auto", "on", "off"], value="auto", elem_id="feature-cache",
-                                                   label="Feature cache (auto: on for Fast; reuses deep UNet "
-                                                         "features on 2 of 3 steps)")
-                        interval_choice = gr.Dropdown(["auto", "on", "off"], value="auto", elem_id="guidance-interval",
-                                                      label="Guidance interval (auto: the negative prompt's branch "
-                                                            "for the first 60 % of the steps)")
-                with gr.Row():
-                    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-                progress = gr.HTML(progress_html(0, "idle"), elem_id="progress")
-                log_pane = gr.HTML(log_html([]), label="Log", show_label=True, container=True, autoscroll=True,
-                                   elem_id="log")
-            with gr.Column(scale=2):
-                preview = gr.Image(label="Preview", type="pil", interactive=False, elem_id="preview", height=256)
-                output = gr.Image(label="Image", type="filepath", format="png", interactive=False,
-                                  elem_id="output")
-                with gr.Row():
-                    used_seed = gr.Number(label="Used seed", interactive=False, precision=0, elem_id="used-seed")
-                    reuse = gr.Button("Reuse seed")
-                gallery = gr.Gallery(label="This session's images", columns=4, height=200, elem_id="gallery")
-        history = gr.State([])
+            seed = gr.Number(label="Seed (blank = random)", value=None, precision=0, elem_id="seed")
+            images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images per run", elem_id="images")
+        size = gr.Dropdown(sizes, value=sizes[0], label="Size")
+        with gr.Row(visible=False) as custom_row:
+            width = gr.Number(label="Width", value=native, precision=0)
+            height = gr.Number(label="Height", value=native, precision=0)
+        scheduler = gr.Dropdown([s.value for s in Scheduler], value=Scheduler.AUTO.value,
+                                label="Scheduler (auto: Euler for High quality, DPM++ 2M Karras for Fast)")
+        with gr.Row():  # one switch per unit that offers one (optimizations/registry.py)
+            switches = [gr.Dropdown([t.value for t in Toggle], value=Toggle.AUTO.value,
+                                    elem_id=s.name.replace("_", "-"), label=s.label) for s in SWITCHES]
+    return dict(steps=steps, steps_note=steps_note, guidance=guidance, seed=seed, images=images, size=size,
+                custom_row=custom_row, width=width, height=height, scheduler=scheduler, switches=switches)
 
-        # Small helpers of the form. preprocess=False: gradio's own checks of a value raise (and print a
-        # traceback) before the handler runs; these handlers take any value and ignore what they cannot use.
-        def on_quality(label):
-            quality_choice = QUALITY_LABELS.get(label) if isinstance(label, str) else None
-            if quality_choice is None:
-                return gr.update(), gr.update(), gr.update()
-            p = PRESETS[quality_choice]
-            return gr.update(value=p.steps), gr.update(value=p.guidance), service.steps_note(p.steps)
 
-        def on_steps(n):
-            try:
-                return service.steps_note(GenerationRequest(prompt="-", steps=n).requested_steps)
-            except ValidationError:
-                return ""
+def _layout(service, status_update) -> SimpleNamespace:
+    """The page's components (inside the Blocks context), by name."""
+    gr.Markdown("## sdxl_ui — Stable Diffusion XL on the hardware you have")
+    status_panel = gr.HTML(status_update(), elem_id="status-panel")
+    demo_button = gr.Button("Continue with the demo model (offline: simple shapes and colours — a stand-in for "
+                            "SDXL weights)", visible=False, elem_id="use-demo")
+    status_timer = gr.Timer(2.0, active=True)
+    with gr.Row():
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red fox in the snow, golden hour",
+                                elem_id="prompt")
+            negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+            quality = gr.Radio(list(QUALITY_LABELS), value="High quality", label="Quality", elem_id="quality")
+            advanced = _advanced(service, service.native_size())
+            with gr.Row():
+                generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+            progress = gr.HTML(progress_html(0, "idle"), elem_id="progress")
+            log_pane = gr.HTML(log_html([]), label="Log", show_label=True, container=True, autoscroll=True,
+                               elem_id="log")
+        with gr.Column(scale=2):
+            preview = gr.Image(label="Preview", type="pil", interactive=False, elem_id="preview", height=256)
+            output = gr.Image(label="Image", type="filepath", format="png", interactive=False,
+                              elem_id="output")
+            with gr.Row():
+                used_seed = gr.Number(label="Used seed", interactive=False, precision=0, elem_id="used-seed")
+                reuse = gr.Button("Reuse seed")
+            gallery = gr.Gallery(label="This session's images", columns=4, height=200, elem_id="gallery")
+    history = gr.State([])
+    return SimpleNamespace(
+        status_panel=status_panel, demo_button=demo_button, status_timer=status_timer, prompt=prompt,
+        negative=negative, quality=quality, generate_btn=generate_btn, stop_btn=stop_btn, progress=progress,
+        log_pane=log_pane, preview=preview, output=output, used_seed=used_seed, reuse=reuse, gallery=gallery,
+        history=history, **advanced)
 
-        quality.change(on_quality, quality, [steps, guidance, steps_note], queue=False, api_visibility="private",
-                       preprocess=False)
-        steps.change(on_steps, steps, steps_note, queue=False, api_visibility="private", preprocess=False)
-        size.change(lambda p: gr.update(visible=p == CUSTOM), size, custom_row, queue=False,
-                    api_visibility="private", preprocess=False)
-        reuse.click(None, used_seed, seed, js="(s) => s", queue=False)  # in the browser only: no server handler
 
-        def refresh_status():
-            status = service.status()
-            busy = status.get("state") in ("loading…", "not loaded")
-            return status_update(), gr.update(visible=_demo_offered(status)), gr.Timer(active=busy)
+def _wire_form(page, service) -> None:
+    """Small helpers of the form. preprocess=False: gradio's own checks of a value raise (and print a traceback)
+    before the handler runs; these handlers take any value and ignore what they cannot use."""
+    def on_quality(label):
+        quality_choice = QUALITY_LABELS.get(label) if isinstance(label, str) else None
+        if quality_choice is None:
+            return gr.update(), gr.update(), gr.update()
+        p = PRESETS[quality_choice]
+        return gr.update(value=p.steps), gr.update(value=p.guidance), service.steps_note(p.steps)
 
-        status_timer.tick(refresh_status, None, [status_panel, demo_button, status_timer], queue=False,
-                          api_visibility="private")
-        demo.load(refresh_status, None, [status_panel, demo_button, status_timer], queue=False,
-                  api_visibility="private")
+    def on_steps(n):
+        try:
+            return service.steps_note(GenerationRequest(prompt="-", steps=n).requested_steps)
+        except ValidationError:
+            return ""
 
-        def use_demo_model(request: gr.Request):
-            # Changes the model for every user: only in the state its button is shown for (the model failed to
-            # load), and only for the operator. A direct HTTP call is refused like a click would be.
-            who = config.access.describe(request)
-            if not _demo_offered(service.status()):
-                log.warning("refused 'continue with the demo model' from %s: the model is not in a failed state", who)
-                raise gr.Error("The demo model is offered only while the configured model cannot be loaded.",
-                               print_exception=False)
-            if not config.access.is_operator(request):
-                log.warning("refused 'continue with the demo model' from %s: not the operator", who)
-                raise gr.Error("Only the operator of this app may switch the model (README: Sharing safely).",
-                               print_exception=False)
-            log.info("%s switched to the demo model", who)
-            service.reconfigure(service.settings.with_(model="demo", refiner="auto"))
-            service.preload_in_background()
-            choices = _size_choices(service.native_size())
-            return status_update(), gr.update(visible=False), gr.Timer(active=True), gr.update(
-                choices=choices, value=choices[0])
+    page.quality.change(on_quality, page.quality, [page.steps, page.guidance, page.steps_note], queue=False,
+                        api_visibility="private", preprocess=False)
+    page.steps.change(on_steps, page.steps, page.steps_note, queue=False, api_visibility="private",
+                      preprocess=False)
+    page.size.change(lambda p: gr.update(visible=p == CUSTOM), page.size, page.custom_row, queue=False,
+                     api_visibility="private", preprocess=False)
+    page.reuse.click(None, page.used_seed, page.seed, js="(s) => s", queue=False)  # in the browser only
 
-        demo_button.click(use_demo_model, None, [status_panel, demo_button, status_timer, size], queue=False,
-                          api_visibility="private")
 
-        def generate(prompt_text, negative_text, quality_label, n_steps, cfg, seed_value, n_images, size_label,
-                     w, h, sched, cache_value="auto", interval_value="auto", session_history=None,
-                     request: gr.Request = None):
-            lines = ["⏳ Request received"]
-            yield {log_pane: log_html(lines), progress: progress_html(0, "starting…"), preview: None}
-            try:
-                yield from run_job(lines, prompt_text, negative_text, quality_label, n_steps, cfg, seed_value,
-                                   n_images, size_label, w, h, sched, session_history, request,
-                                   techniques=dict(feature_cache=cache_value, guidance_interval=interval_value))
-            except Exception as exc:  # noqa: BLE001 - a bug here must not show a traceback in the page
-                log.exception("page: the Generate handler failed")
-                lines.append(f"❌ internal error ({type(exc).__name__}); the server's log has the details")
-                yield {log_pane: log_html(lines), progress: progress_html(0, "failed")}
+def _wire_status(demo, page, service, config: UIConfig, status_update) -> None:
+    """The status panel's refresh, and the operator's "continue with the demo model"."""
+    def refresh_status():
+        status = service.status()
+        busy = status.get("state") in ("loading…", "not loaded")
+        return status_update(), gr.update(visible=_demo_offered(status)), gr.Timer(active=busy)
 
-        def run_job(lines, prompt_text, negative_text, quality_label, n_steps, cfg, seed_value, n_images,
-                    size_label, w, h, sched, session_history, request, techniques=None):
-            session = request.session_hash if request is not None else "api"
-            try:
-                wd, ht = _size(size_label, w, h, service.native_size())
-                quality_value = QUALITY_LABELS.get(quality_label, quality_label) if isinstance(
-                    quality_label, str) else quality_label
-                req = GenerationRequest.from_raw(
-                    prompt=prompt_text, negative_prompt=negative_text, quality=quality_value, steps=n_steps,
-                    guidance=cfg, seed=seed_value, images=n_images, width=wd, height=ht, scheduler=sched,
-                    techniques={k: v for k, v in (techniques or {}).items() if v is not None})
-            except ValidationError as exc:
-                log.info("refused a request from %s: %s", config.access.describe(request), exc)  # one line
-                lines.append(f"❌ {exc}")
-                yield {log_pane: log_html(lines), progress: progress_html(0, "not started: fix the input")}
-                return
-            refused = limit.check(_user_key(request), time.monotonic())
-            if refused:
-                lines.append(f"❌ {refused}")
-                yield {log_pane: log_html(lines), progress: progress_html(0, "not started: rate limit")}
-                return
-            token = runs.start(session)
-            paths = list(session_history or [])
-            shown: dict = {}
-            try:
-                for event in service.generate(req, cancel=token):
-                    if isinstance(event, LogEvent):
-                        lines.append(_public_text(event.message, service.settings))
-                        yield {log_pane: log_html(lines)}
-                    elif isinstance(event, ProgressEvent):
-                        lines.append(event.line())
-                        update = {log_pane: log_html(lines), progress: progress_html(event.fraction, event.line())}
-                        if event.preview is not None:
-                            update[preview] = event.preview
-                        yield update
-                    elif isinstance(event, ResultEvent):
-                        served = None
-                        if event.path:
-                            try:
-                                served = _serve_copy(event.path, demo.GRADIO_CACHE)
-                                paths.append(served)
-                            except OSError as exc:  # the image is still shown, from memory
-                                log.warning("page: could not copy %s for serving (%s)", event.path, exc)
-                        shown = {output: served or event.image, used_seed: event.seed, gallery: list(paths),
-                                 history: list(paths)}
-                        yield {**shown, log_pane: log_html(lines)}
-                    elif isinstance(event, ErrorEvent):
-                        message = _public_text(event.message, service.settings)
-                        lines.append(f"❌ {message}" if event.kind != "cancelled" else f"⏹ {message}")
-                        yield {log_pane: log_html(lines), progress: progress_html(0, message)}
-                        return
-                # The last update repeats the results, so an API client (which keeps the last one) gets them.
-                yield {**shown, progress: progress_html(1.0, "done"), log_pane: log_html(lines),
-                       status_panel: status_update()}
-            finally:
-                runs.finish(session, token)
+    outputs = [page.status_panel, page.demo_button, page.status_timer]
+    page.status_timer.tick(refresh_status, None, outputs, queue=False, api_visibility="private")
+    demo.load(refresh_status, None, outputs, queue=False, api_visibility="private")
 
-        generate_btn.click(
-            generate,
-            [prompt, negative, quality, steps, guidance, seed, images, size, width, height, scheduler, cache_choice,
-             interval_choice, history],
-            [log_pane, progress, preview, output, used_seed, gallery, history, status_panel],
-            # One job per device: 1 for the in-process service, the number of replicas for the Ray backend.
-            api_name="generate", concurrency_id=CONCURRENCY_ID, concurrency_limit=getattr(service, "concurrency", 1),
-            show_progress="minimal",
-            show_progress_on=[output],
-            # The request's own validation names the field and the value in the log pane; gradio's component
-            # checks would instead raise a bare error and print a traceback in the server log for each bad value.
-            preprocess=False,
-        )
+    def use_demo_model(request: gr.Request):
+        # Changes the model for every user: only in the state its button is shown for (the model failed to
+        # load), and only for the operator. A direct HTTP call is refused like a click would be.
+        who = config.access.describe(request)
+        if not _demo_offered(service.status()):
+            log.warning("refused 'continue with the demo model' from %s: the model is not in a failed state", who)
+            raise gr.Error("The demo model is offered only while the configured model cannot be loaded.",
+                           print_exception=False)
+        if not config.access.is_operator(request):
+            log.warning("refused 'continue with the demo model' from %s: not the operator", who)
+            raise gr.Error("Only the operator of this app may switch the model (README: Sharing safely).",
+                           print_exception=False)
+        log.info("%s switched to the demo model", who)
+        service.reconfigure(service.settings.with_(model="demo", refiner="auto"))
+        service.preload_in_background()
+        choices = _size_choices(service.native_size())
+        return status_update(), gr.update(visible=False), gr.Timer(active=True), gr.update(
+            choices=choices, value=choices[0])
 
-        def stop(request: gr.Request):
-            runs.cancel(request.session_hash if request is not None else "api")
+    page.demo_button.click(use_demo_model, None, [*outputs, page.size], queue=False, api_visibility="private")
 
-        # Stop sets the job's cancel token (the run ends within one step and logs "cancelled at step k/N");
-        # it must not wait in the device queue behind the job it stops, hence queue=False.
-        stop_btn.click(stop, None, None, queue=False, api_visibility="private")
 
-        def on_unload(request: gr.Request):
-            runs.cancel(request.session_hash)
+def _job_runner(demo, page, service, config: UIConfig, runs: _Runs, limit: _RateLimit, status_update):
+    """The body of a Generate run: validate, rate-limit, then turn the service's events into page updates."""
+    def run_job(lines, prompt_text, negative_text, quality_label, n_steps, cfg, seed_value, n_images,
+                size_label, w, h, sched, session_history, request, techniques=None):
+        session = request.session_hash if request is not None else "api"
+        try:
+            wd, ht = _size(size_label, w, h, service.native_size())
+            quality_value = QUALITY_LABELS.get(quality_label, quality_label) if isinstance(
+                quality_label, str) else quality_label
+            req = GenerationRequest.from_raw(
+                prompt=prompt_text, negative_prompt=negative_text, quality=quality_value, steps=n_steps,
+                guidance=cfg, seed=seed_value, images=n_images, width=wd, height=ht, scheduler=sched,
+                techniques={k: v for k, v in (techniques or {}).items() if v is not None})
+        except ValidationError as exc:
+            log.info("refused a request from %s: %s", config.access.describe(request), exc)  # one line
+            lines.append(f"❌ {exc}")
+            yield {page.log_pane: log_html(lines), page.progress: progress_html(0, "not started: fix the input")}
+            return
+        refused = limit.check(_user_key(request), time.monotonic())
+        if refused:
+            lines.append(f"❌ {refused}")
+            yield {page.log_pane: log_html(lines), page.progress: progress_html(0, "not started: rate limit")}
+            return
+        token = runs.start(session)
+        paths = list(session_history or [])
+        shown: dict = {}
+        try:
+            for event in service.generate(req, cancel=token):
+                if isinstance(event, LogEvent):
+                    lines.append(_public_text(event.message, service.settings))
+                    yield {page.log_pane: log_html(lines)}
+                elif isinstance(event, ProgressEvent):
+                    lines.append(event.line())
+                    update = {page.log_pane: log_html(lines),
+                              page.progress: progress_html(event.fraction, event.line())}
+                    if event.preview is not None:
+                        update[page.preview] = event.preview
+                    yield update
+                elif isinstance(event, ResultEvent):
+                    shown = _shown_result(demo, page, event, paths)
+                    yield {**shown, page.log_pane: log_html(lines)}
+                elif isinstance(event, ErrorEvent):
+                    message = _public_text(event.message, service.settings)
+                    lines.append(f"❌ {message}" if event.kind != "cancelled" else f"⏹ {message}")
+                    yield {page.log_pane: log_html(lines), page.progress: progress_html(0, message)}
+                    return
+            # The last update repeats the results, so an API client (which keeps the last one) gets them.
+            yield {**shown, page.progress: progress_html(1.0, "done"), page.log_pane: log_html(lines),
+                   page.status_panel: status_update()}
+        finally:
+            runs.finish(session, token)
 
-        # A closed tab cancels that session's job (gradio also stops consuming its generator).
-        demo.unload(on_unload)
+    return run_job
+
+
+def _shown_result(demo, page, event: ResultEvent, paths: list) -> dict:
+    """The page updates for one finished image (served to this session only, from a copy; ``paths`` grows)."""
+    served = None
+    if event.path:
+        try:
+            served = _serve_copy(event.path, demo.GRADIO_CACHE)
+            paths.append(served)
+        except OSError as exc:  # the image is still shown, from memory
+            log.warning("page: could not copy %s for serving (%s)", event.path, exc)
+    return {page.output: served or event.image, page.used_seed: event.seed, page.gallery: list(paths),
+            page.history: list(paths)}
+
+
+def _with_switches(handler):
+    """The Generate handler as gradio calls it: one positional value per per-request switch (the units' own, in
+    the registry's order) where ``handler`` takes them together as ``techniques``. The signature is built from the
+    registry, so a new switch is a new dropdown and a new argument without editing the page."""
+    fixed = [p for p in inspect.signature(handler).parameters.values() if p.name != "techniques"]
+    at = [p.name for p in fixed].index("session_history")
+    switches = [inspect.Parameter(s.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=Toggle.AUTO.value)
+                for s in SWITCHES]
+    signature = inspect.Signature([*fixed[:at], *switches, *fixed[at:]])
+
+    @functools.wraps(handler)
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        techniques = {s.name: values.pop(s.name) for s in SWITCHES}
+        yield from handler(**values, techniques=techniques)
+
+    wrapper.__signature__ = signature  # gradio reads the parameters (and the gr.Request one) from here
+    del wrapper.__wrapped__
+    return wrapper
+
+
+def _wire_jobs(demo, page, service, config: UIConfig, status_update) -> None:
+    """Generate, Stop, and a closed tab (which cancels that session's job)."""
+    runs = _Runs()
+    limit = _RateLimit(config.max_jobs_per_user)
+    run_job = _job_runner(demo, page, service, config, runs, limit, status_update)
+
+    @_with_switches
+    def generate(prompt_text, negative_text, quality_label, n_steps, cfg, seed_value, n_images, size_label,
+                 w, h, sched, techniques, session_history=None, request: gr.Request = None):
+        lines = ["⏳ Request received"]
+        yield {page.log_pane: log_html(lines), page.progress: progress_html(0, "starting…"), page.preview: None}
+        try:
+            yield from run_job(lines, prompt_text, negative_text, quality_label, n_steps, cfg, seed_value,
+                               n_images, size_label, w, h, sched, session_history, request, techniques=techniques)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not show a traceback in the page
+            log.exception("page: the Generate handler failed")
+            lines.append(f"❌ internal error ({type(exc).__name__}); the server's log has the details")
+            yield {page.log_pane: log_html(lines), page.progress: progress_html(0, "failed")}
+
+    page.generate_btn.click(
+        generate,
+        [page.prompt, page.negative, page.quality, page.steps, page.guidance, page.seed, page.images, page.size,
+         page.width, page.height, page.scheduler, *page.switches, page.history],
+        [page.log_pane, page.progress, page.preview, page.output, page.used_seed, page.gallery, page.history,
+         page.status_panel],
+        # One job per device: 1 for the in-process service, the number of replicas for the Ray backend.
+        api_name="generate", concurrency_id=CONCURRENCY_ID, concurrency_limit=getattr(service, "concurrency", 1),
+        show_progress="minimal",
+        show_progress_on=[page.output],
+        # The request's own validation names the field and the value in the log pane; gradio's component
+        # checks would instead raise a bare error and print a traceback in the server log for each bad value.
+        preprocess=False,
+    )
+
+    def stop(request: gr.Request):
+        runs.cancel(request.session_hash if request is not None else "api")
+
+    # Stop sets the job's cancel token (the run ends within one step and logs "cancelled at step k/N");
+    # it must not wait in the device queue behind the job it stops, hence queue=False.
+    page.stop_btn.click(stop, None, None, queue=False, api_visibility="private")
+
+    def on_unload(request: gr.Request):
+        runs.cancel(request.session_hash)
+
+    # A closed tab cancels that session's job (gradio also stops consuming its generator). Only the session's
+    # own client can close its heartbeat (guard.py).
+    demo.unload(on_unload)
+
+
+def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
+    config = config or UIConfig()
+    status_update = _status_renderer(service, config)
+    with gr.Blocks(title="sdxl_ui") as demo:
+        page = _layout(service, status_update)
+        _wire_form(page, service)
+        _wire_status(demo, page, service, config, status_update)
+        _wire_jobs(demo, page, service, config, status_update)
     demo.queue(max_size=config.queue_size, api_open=False, default_concurrency_limit=1)
     return demo
-
