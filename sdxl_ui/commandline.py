@@ -33,6 +33,12 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--local-files-only", action="store_true", default=None,
                    help="never contact the hub (like HF_HUB_OFFLINE=1)")
     g.add_argument("--single-file-config", help="local diffusers SDXL folder giving the config for a .safetensors")
+    g.add_argument("--profile", help="model family: auto (detected from the model's and the LoRAs' files; default), "
+                                     "sdxl, turbo, lightning-1/2/4/8, lcm, hyper-1/2/4/8, tcd (README: LoRA adapters "
+                                     "and model profiles); or $SDXL_UI_PROFILE")
+    g.add_argument("--lora", action="append", default=None, metavar="SOURCE[@WEIGHT]",
+                   help="a LoRA: .safetensors file, folder, or hub id[:FILE], weight default 1; repeatable; or "
+                        "$SDXL_UI_LORA (comma-separated)")
     g.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the UNet (minutes of warm-up, faster steps after; for long-running servers)")
 
@@ -46,8 +52,10 @@ def add_technique_args(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args) -> AppSettings:
     names = ["model", "refiner", "use_refiner", "device", "precision", "attention", "offload", "vae_tiling",
-             "threads", "outputs", "local_files_only", "single_file_config", "compile"]
-    return AppSettings.from_env(**{n: getattr(args, n, None) for n in names})
+             "threads", "outputs", "local_files_only", "single_file_config", "compile", "profile"]
+    values = {n: getattr(args, n, None) for n in names}
+    values["loras"] = tuple(args.lora) if getattr(args, "lora", None) else None
+    return AppSettings.from_env(**values)
 
 
 def fail(message: str, code: int, as_json: bool, kind: str) -> int:

@@ -39,6 +39,17 @@ def scheduler_for(sampler: Scheduler, config):
     return cls.from_config(config, **options)
 
 
+def profile_scheduler(profile, sampler: Scheduler, config, own: bool):
+    """The scheduler a model profile runs: its own class (``own``: the request left the sampler on auto) or the
+    request's sampler, either way with the profile's config overrides (e.g. Lightning's trailing timesteps)."""
+    config = {**dict(config), **dict(profile.overrides)}
+    if own and profile.scheduler:
+        import diffusers
+
+        return getattr(diffusers, profile.scheduler).from_config(config)
+    return scheduler_for(sampler, config)
+
+
 _scheduler_for = scheduler_for  # the old private name, for bench.py until its rewrite lands
 
 

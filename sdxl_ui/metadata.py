@@ -45,6 +45,11 @@ class ImageParameters:
     dtype: str
     refiner: bool = False
     note: str | None = None
+    profile: str | None = None  # the model profile (profiles.py) when it is not plain SDXL
+    loras: tuple = ()  # (name, weight, hash) per fused LoRA: A1111's "Lora hashes" field, and their weights
+
+    def __post_init__(self):
+        object.__setattr__(self, "loras", tuple((str(n), float(w), str(h)) for n, w, h in self.loras))
 
     def to_text(self) -> str:
         fields = [
@@ -52,11 +57,20 @@ class ImageParameters:
             ("Size", f"{self.width}x{self.height}"), ("Model", self.model), ("Device", self.device),
             ("Dtype", self.dtype), ("Refiner", "yes" if self.refiner else "no"),
         ]
+        if self.profile:
+            fields.append(("Profile", self.profile))
+        if self.loras:  # as AUTOMATIC1111 writes them: Lora hashes: "name: hash, name: hash"
+            fields.append(("Lora hashes", ", ".join(f"{_lora_name(n)}: {h}" for n, _, h in self.loras)))
+            fields.append(("Lora weights", ", ".join(f"{_lora_name(n)}: {w:g}" for n, w, _ in self.loras)))
         if self.note:
             fields.append(("Note", self.note))
         tail = ", ".join(f"{k}: {_quote(_clean(v).replace(chr(10), ' '))}" for k, v in fields)
         # A prompt line that itself starts with "Negative prompt:" would confuse readers; keep it as is (rare).
         return f"{_clean(self.prompt)}\nNegative prompt: {_clean(self.negative_prompt)}\n{tail}"
+
+
+def _lora_name(name: str) -> str:
+    return re.sub(r"[,:\"]", "_", _clean(name))  # the separators of the field's own list
 
 
 def parse_parameters(text: str) -> dict:

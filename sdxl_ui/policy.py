@@ -16,11 +16,12 @@ from .settings import AppSettings
 
 
 def make_plan(probe: HardwareProbe, settings: AppSettings, model_kind: str = "sdxl", width: int = 1024,
-              height: int = 1024, high_quality: bool = True, techniques=None, **switches) -> Plan:
+              height: int = 1024, high_quality: bool = True, techniques=None, profile=None, **switches) -> Plan:
     """Every unit's decision, in the registry's order (each reads only the ones before it). ``techniques`` (or
-    keyword arguments, e.g. ``feature_cache="on"``) are the request's own per-request switches (Advanced)."""
+    keyword arguments, e.g. ``feature_cache="on"``) are the request's own per-request switches (Advanced);
+    ``profile``: (family, why) detected from the model's files (``models.profile_evidence``; None: none)."""
     chosen = parse_switches({**(techniques or {}), **switches})
-    return build_plan(decide(Decide(probe, settings, model_kind, width, height, high_quality, chosen)))
+    return build_plan(decide(Decide(probe, settings, model_kind, width, height, high_quality, chosen, profile)))
 
 
 def adjust_plan(loaded: Plan, request_plan: Plan) -> Plan:

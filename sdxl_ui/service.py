@@ -16,7 +16,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .denoise import REFINER_SPLIT, decode_latents, latent_preview, run_stages, scheduler_for  # noqa: F401
+from .adapters import LoraError, apply_loras, fused, is_hub_id, profile_evidence, resolve
+from .denoise import (REFINER_SPLIT, decode_latents, latent_preview, profile_scheduler, run_stages,  # noqa: F401
+                      scheduler_for)
 from .jobs import SHUTTING_DOWN, Admission, CancelToken, new_job_id  # CancelToken: still importable from here
 from .failures import is_gpu_failure, is_out_of_memory, memory_advice  # noqa: F401
 from .metadata import ImageParameters
@@ -24,6 +26,7 @@ from .saving import check_output_path, write_png_atomic  # noqa: F401 - re-expor
 from .models import LoadedModels, ModelLoadError, ModelSource, check_source, load_models, resolve_source
 from .optimizations.registry import Plan, parse_switches
 from .policy import PlanError, adjust_plan, make_plan
+from .profiles import profile_named
 from .schema import (
     MAX_SEED,
     SAMPLER_LABELS,
@@ -35,6 +38,7 @@ from .schema import (
     ProgressEvent,
     Quality,
     ResultEvent,
+    Scheduler,
     Timings,
     ValidationError,
 )
@@ -95,9 +99,36 @@ class GenerationService:
     def plan(self) -> Plan:
         """The load-time plan (native size, high quality)."""
         if self._plan is None:
-            size = self.source.native_size
-            self._plan = make_plan(self.probe, self.settings, self.source.model_kind, size, size, True)
+            profile = self.profile_evidence
+            size = self._size(profile_named(profile[0] if self.settings.profile == "auto" else self.settings.profile))
+            self._plan = make_plan(self.probe, self.settings, self.source.model_kind, size, size, True,
+                                   profile=profile)
         return self._plan
+
+    def _size(self, profile) -> int:
+        """The native side: a folder's own configs say it; else (hub id, single file) the profile's (Turbo: 512)."""
+        source = self.source
+        if source.kind in ("folder", "tiny") or profile.native_size is None:
+            return source.native_size
+        return profile.native_size
+
+    @property
+    def profile_evidence(self) -> tuple[str, str]:
+        """(profile, why) from the model's and the LoRAs' files (``--profile`` overrides it in the plan)."""
+        return profile_evidence(self.source, self.settings.loras)
+
+    def set_loras(self, loras) -> None:
+        """Change the fused LoRAs of the loaded model (all or nothing: a LoraError leaves model and settings as
+        they were). With int8 layers or a compiled UNet the weights cannot be swapped in place: reloaded."""
+        settings = self.settings.with_(loras=tuple(loras))
+        with self._device_lock, self._load_lock:
+            models = self._models
+            plan = self.applied_plan or self._plan
+            if models is not None and not (plan is not None and (plan.int8 or plan.compile)):
+                apply_loras(models.base, settings.loras, self.settings.local_files_only)
+                self.settings, self._plan, self._applied = settings, None, None
+                return
+        self.reconfigure(settings)
 
     def native_size(self) -> int:
         try:
@@ -110,6 +141,12 @@ class GenerationService:
         the memory preflight, so a wrong --model is reported as such. Raises ModelLoadError."""
         source = self.source
         check_source(source)
+        for spec in self.settings.loras:  # a missing LoRA file: said now (a hub id is fetched when loading)
+            try:
+                resolve(spec, local_files_only=True)
+            except LoraError:
+                if not is_hub_id(spec.source) or self.settings.local_files_only:
+                    raise
         return source
 
     def reconfigure(self, settings: AppSettings) -> None:
@@ -163,6 +200,9 @@ class GenerationService:
             want_refiner = plan.refiner or self.settings.use_refiner is Toggle.ON
             models = self._loader(source, self.settings.refiner_source, plan.dtype, plan.vae_dtype,
                                   want_refiner, self.settings.local_files_only, self.settings.single_file_config)
+            if self.settings.loras:  # all or nothing; a failure leaves no model loaded (the next run reloads)
+                emit(LogEvent(f"Fusing LoRA {', '.join(map(str, self.settings.loras))}…"))
+                apply_loras(models.base, self.settings.loras, self.settings.local_files_only)
         except (ModelLoadError, PlanError) as exc:
             self.load_error = str(exc)
             raise
@@ -309,6 +349,8 @@ class GenerationService:
                 self._generate_images(request, models, load_s, start, target, cancel, emit, progress)
             finally:
                 _release_offload(models)  # model offload: nothing stays on the GPU, however the run ended
+        except LoraError as exc:  # bad input (exit 2), named by file and reason; the model is unchanged
+            emit(ErrorEvent(str(exc), "validation"))
         except Cancelled:
             msg = f"cancelled at step {progress['done']}/{progress['total']}"
             emit(LogEvent(f"⏹ {msg}"))
@@ -347,21 +389,27 @@ class GenerationService:
         scheduler config."""
         from .optimize import apply, report
 
-        size = models.source.native_size
+        profile = profile_named(self.plan.profile)
+        size = self._size(profile)
         width, height = request.width or size, request.height or size
         high = request.quality is Quality.HIGH
         plan = adjust_plan(self.plan, make_plan(self.probe, self.settings, models.source.model_kind,
-                                                width, height, high, request.techniques))
+                                                width, height, high, request.techniques,
+                                                profile=self.profile_evidence))
         use_refiner = plan.refiner and models.refiner is not None
         apply(plan, models)
         self._applied = (models, plan, use_refiner)  # the status panel reports against this, not the load plan
         rep = report(models, plan, self.probe, use_refiner=use_refiner)
-        steps = plan.steps_for(request.requested_steps)
-        guidance = request.guidance_scale
+        # A few-step profile's own steps and guidance, unless the request sets them.
+        wanted = request.steps if request.steps is not None else profile.steps_for(high) or request.requested_steps
+        steps = plan.steps_for(wanted)
+        guidance = request.guidance if request.guidance is not None or profile.guidance is None \
+            else profile.guidance
+        guidance = request.guidance_scale if guidance is None else guidance
         mode = "HIGH QUALITY" if high else "FAST"
-        emit(LogEvent(f"Mode: {mode} (base steps={steps}, guidance={guidance:g})"
+        emit(LogEvent(f"Mode: {mode} (base steps={steps}, guidance={guidance:g}, profile {plan.profile})"
                       + (f" — {request.requested_steps} → {steps} on {plan.device.upper()}"
-                         if steps != request.requested_steps else "")))
+                         if steps != wanted else "")))
         emit(LogEvent("Refinement: " + (f"ENABLED (base to {REFINER_SPLIT}, refiner from {REFINER_SPLIT})"
                                         if use_refiner else _refiner_off(plan))))
         for line in rep.log_lines():
@@ -370,12 +418,14 @@ class GenerationService:
             emit(LogEvent(f"⚠ {warning}", "warning"))
         self._warn_truncation(models.base, request, emit)
 
-        sampler = request.sampler
         # Always from the model's original config: a previous sampler's options (e.g. Karras sigmas) must not leak.
-        models.base.scheduler = scheduler_for(sampler, models.scheduler_config)
+        # A few-step profile's own scheduler when the request leaves the sampler on auto.
+        own = request.scheduler is Scheduler.AUTO and profile.scheduler is not None
+        models.base.scheduler = profile_scheduler(profile, request.sampler, models.scheduler_config, own)
         if models.refiner is not None:
-            models.refiner.scheduler = scheduler_for(sampler, models.scheduler_config)
-        return _RunPlan(plan, width, height, steps, guidance, use_refiner)
+            models.refiner.scheduler = scheduler_for(request.sampler, models.scheduler_config)
+        label = profile.sampler_label if own else SAMPLER_LABELS[request.sampler]
+        return _RunPlan(plan, width, height, steps, guidance, use_refiner, label, dict(profile.options) if own else {})
 
     def _generate_image(self, request, models, run: "_RunPlan", index, times, target, cancel, emit, progress,
                         on_step) -> None:
@@ -392,7 +442,7 @@ class GenerationService:
         generator = torch.Generator("cpu").manual_seed(seed)
         common = dict(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
                       num_inference_steps=steps, guidance_scale=run.guidance, generator=generator,
-                      output_type="latent")
+                      output_type="latent", **(run.options or {}))
         stages = 2 if use_refiner else 1
         emit(LogEvent(f"⏱️ Stage 1/{stages}: Base generation "
                       f"(image {index + 1}/{request.images}, seed {seed})…"))
@@ -414,9 +464,10 @@ class GenerationService:
         rep = report(models, plan, self.probe, use_refiner=use_refiner)  # with this run's cache/guidance counts
         params = ImageParameters(
             prompt=request.prompt, negative_prompt=request.negative_prompt, steps=steps,
-            sampler=SAMPLER_LABELS[request.sampler], cfg_scale=run.guidance, seed=seed, width=run.width,
+            sampler=run.sampler, cfg_scale=run.guidance, seed=seed, width=run.width,
             height=run.height, model=models.source.label, device=plan.device, dtype=plan.dtype, refiner=use_refiner,
-            note=models.note,
+            note=models.note, profile=plan.profile if plan.profile != "sdxl" else None,
+            loras=tuple((lora.name, lora.weight, lora.hash) for lora in fused(models.base)),
         )
         generate_s = time.perf_counter() - t_image
         path, save_error = self._save(image, params, target, index, emit)
@@ -479,6 +530,8 @@ class _RunPlan:
     steps: int
     guidance: float
     use_refiner: bool
+    sampler: str = ""  # the A1111 name of the sampler that runs (PNG parameters)
+    options: dict | None = None  # the profile's pipeline-call options (e.g. TCD's eta)
 
 
 def _step_callbacks(progress: dict, t_run: float, cancel: CancelToken, emit):

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
+from .profiles import AUTO as PROFILE_AUTO
+from .profiles import NAMES as PROFILE_NAMES
 from .schema import Toggle, ValidationError, parse_choice  # noqa: F401 - Toggle is re-exported
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -49,6 +52,44 @@ class OffloadChoice(str, enum.Enum):
     SEQUENTIAL = "sequential"
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """One ``--lora SOURCE[@WEIGHT]``: a .safetensors file, a folder, or a hub id with an optional ``:FILE``."""
+
+    source: str
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        """The LoRA's name (A1111's: the file's stem), also its diffusers adapter name's base."""
+        tail = self.source.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+        tail = tail.rsplit(":", 1)[-1] if ":" in tail else tail
+        return re.sub(r"\.safetensors$", "", tail, flags=re.I) or "lora"
+
+    def __str__(self) -> str:
+        return f"{self.source}@{self.weight:g}"
+
+
+def parse_lora(value) -> LoraSpec:
+    """``SOURCE[@WEIGHT]`` (a LoraSpec passes through); the weight is a number from -10 to 10."""
+    if isinstance(value, LoraSpec):
+        return value
+    text = str(value).strip()
+    source, weight = text, 1.0
+    head, sep, tail = text.rpartition("@")
+    if sep:
+        try:
+            weight = float(tail)
+        except ValueError:
+            raise ValidationError("lora", value, "must be SOURCE or SOURCE@WEIGHT with a number as WEIGHT") from None
+        source = head.strip()
+    if not source:
+        raise ValidationError("lora", value, "names no file, folder or hub id")
+    if not -10.0 <= weight <= 10.0 or weight != weight:
+        raise ValidationError("lora", value, "weight must be from -10 to 10")
+    return LoraSpec(source, weight)
+
+
 PRECISION_DTYPES = {Precision.FP32: "float32", Precision.FP16: "float16", Precision.BF16: "bfloat16"}
 
 
@@ -67,6 +108,8 @@ class AppSettings:
     local_files_only: bool = False
     single_file_config: str | None = None  # diffusers config (folder or hub id) for a single .safetensors
     compile: bool = False  # torch.compile the UNet: faster steps after a long first-call warm-up (servers)
+    profile: str = PROFILE_AUTO  # the model family (profiles.py); auto = detected from the model's files
+    loras: tuple = ()  # LoraSpec per --lora SOURCE[@WEIGHT], in order (the base UNet and text encoders)
 
     def __post_init__(self):
         object.__setattr__(self, "use_refiner", parse_choice(Toggle, "use_refiner", self.use_refiner))
@@ -76,6 +119,12 @@ class AppSettings:
         object.__setattr__(self, "offload", parse_choice(OffloadChoice, "offload", self.offload))
         object.__setattr__(self, "vae_tiling", parse_choice(Toggle, "vae_tiling", self.vae_tiling))
         object.__setattr__(self, "outputs", Path(self.outputs))
+        profile = str(self.profile).strip().lower()
+        if profile not in (PROFILE_AUTO, *PROFILE_NAMES):
+            raise ValidationError("profile", self.profile, f"must be one of auto, {', '.join(PROFILE_NAMES)}")
+        object.__setattr__(self, "profile", profile)
+        loras = [self.loras] if isinstance(self.loras, (str, LoraSpec)) else list(self.loras or ())
+        object.__setattr__(self, "loras", tuple(parse_lora(v) for v in loras))
         if not str(self.model).strip():
             raise ValidationError("model", self.model, "must not be empty")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
@@ -121,6 +170,8 @@ class AppSettings:
                 values["threads"] = int(values["threads"])
             except ValueError:
                 raise ValidationError("SDXL_UI_THREADS", values["threads"], "must be a whole number") from None
+        if env.get("SDXL_UI_LORA"):  # several: separated by commas
+            values["loras"] = tuple(v for v in env["SDXL_UI_LORA"].split(",") if v.strip())
         for flag in ("local_files_only", "compile"):
             if flag in values:
                 values[flag] = values[flag].lower() in ("1", "true", "yes")

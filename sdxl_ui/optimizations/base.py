@@ -75,6 +75,7 @@ class Decide:
     height: int
     high_quality: bool
     switches: dict[str, Toggle] = field(default_factory=dict)  # the request's per-request switches, by name
+    detected: tuple[str, str] | None = None  # (profile, why) from the model's files (models.profile_evidence)
     values: dict[str, Any] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..schema import HardwareProbe, OptimizationRow, Status
 from ..settings import AppSettings, AttentionChoice, OffloadChoice, Toggle
+from .profile import family
 from .base import REQUIRED, PlanError, Unit, live_row, offload_kind, pipes, planned_row, short
 from .memory import DTYPE_BYTES, OFFLOAD_MARGIN, SDXL_PARAMS, VAE_TILE_PX, MemoryEstimate
 
@@ -90,7 +91,11 @@ class Refiner(Unit):
     def decide(self, ctx):
         s = ctx.settings
         want, why = False, ""
-        if s.refiner_source is None:
+        prof = family(ctx)
+        if not prof.refiner:
+            why = (f"not applicable: {prof.label} is a few-step model; SDXL's refiner continues a long schedule "
+                   f"from 0.8 of it, which a {prof.steps_for(ctx.high_quality)}-step schedule does not have")
+        elif s.refiner_source is None:
             why = "no refiner configured (--refiner none, or a custom base model without --refiner)"
         elif s.use_refiner is Toggle.ON:
             want, why = True, "forced on by --use-refiner on"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..schema import Quality, Toggle
 from . import hooks
+from .profile import family
 from .base import Switch, Unit, is_compiled, live_row, pipes, planned_row
 
 DEFAULT_CACHE_INTERVAL = 3  # DeepCache's SDXL setting: 2.6× (its README)
@@ -44,7 +45,11 @@ class FeatureCache(Unit):
     def decide(self, ctx):
         preset = self.presets[Quality.HIGH if ctx.high_quality else Quality.FAST]
         toggle = ctx.switch(self.switch.name)
-        if ctx.settings.compile and toggle is not Toggle.OFF:
+        prof = family(ctx)
+        if not prof.feature_cache:
+            interval, why = 1, (f"not applicable: {prof.label} runs {prof.steps_for(ctx.high_quality)} steps far "
+                                "apart; the cache reuses deep features between the close steps of a long schedule")
+        elif ctx.settings.compile and toggle is not Toggle.OFF:
             interval, why = 1, "off: --compile replaces the UNet's forward, which the cache needs to wrap"
         elif toggle is Toggle.OFF:
             interval, why = 1, "turned off for this request (Advanced)"
@@ -112,7 +117,11 @@ class GuidanceIntervalUnit(Unit):
     def decide(self, ctx):
         chosen = tuple(self.presets[Quality.HIGH if ctx.high_quality else Quality.FAST])
         toggle, name = ctx.switch(self.switch.name), _preset_name(ctx.high_quality)
-        if toggle is Toggle.OFF:
+        prof = family(ctx)
+        if prof.guidance_free:
+            interval, why = EXACT_GUIDANCE, (f"not applicable: {prof.label} runs at guidance {prof.guidance:g}, "
+                                             "without a negative prompt's branch to cut")
+        elif toggle is Toggle.OFF:
             interval, why = EXACT_GUIDANCE, "turned off for this request (Advanced): guidance on every step"
         elif toggle is Toggle.ON:
             interval = chosen if chosen != EXACT_GUIDANCE else DEFAULT_GUIDANCE_INTERVAL

@@ -11,11 +11,11 @@ from dataclasses import field, make_dataclass, replace
 from typing import Any, Mapping
 
 from ..schema import Toggle, ValidationError, parse_choice
-from . import fitting, less_work, placement, speed
+from . import fitting, less_work, placement, profile, speed
 from .base import REQUIRED, Decide, PlanBase, Switch, Unit
 
 # Each family module lists its units; the walks below order them by what each unit declares.
-UNITS: tuple[Unit, ...] = (*placement.UNITS, *fitting.UNITS, *speed.UNITS, *less_work.UNITS)
+UNITS: tuple[Unit, ...] = (*profile.UNITS, *placement.UNITS, *fitting.UNITS, *speed.UNITS, *less_work.UNITS)
 
 
 def _walk(attribute: str) -> tuple[Unit, ...]:

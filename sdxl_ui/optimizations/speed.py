@@ -3,6 +3,7 @@ picks the sampler)."""
 from __future__ import annotations
 
 from ..schema import PRESETS, SAMPLER_LABELS, OptimizationRow, Status
+from .profile import family
 from .base import REQUIRED, Unit, is_compiled, live_row, planned_row
 
 CPU_STEPS_FACTOR = 0.7  # the seed: 50 -> 35 on CPU
@@ -58,7 +59,14 @@ class Steps(Unit):
     decide_at, row_at = 90, 110
 
     def decide(self, ctx):
-        if ctx.device == "cpu":
+        prof = family(ctx)
+        if ctx.device == "cpu" and prof.few_step:
+            # A distilled schedule is its step count: Lightning-4 has 4 trailing timesteps, × 0.7 would run 3 of a
+            # schedule no checkpoint was distilled for; Turbo/LCM at 1-8 steps have nothing left to cut.
+            ctx.values["steps_factor"] = 1.0
+            ctx.reasons["steps_factor"] = (f"CPU, but {prof.label} runs the step counts it was distilled for "
+                                           f"({'/'.join(map(str, prof.steps))}); × 0.7 would leave its schedule")
+        elif ctx.device == "cpu":
             ctx.values["steps_factor"] = CPU_STEPS_FACTOR
             ctx.reasons["steps_factor"] = "CPU: steps × 0.7 (the seed's policy, e.g. 50 → 35)"
         else:

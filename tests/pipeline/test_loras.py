@@ -1,0 +1,115 @@
+"""LoRA adapters on the tiny model (issue 18, part 2): loaded with diffusers' loader, fused, removed exactly; all or
+nothing on bad input; with int8 and the feature cache; recorded in the PNG the way AUTOMATIC1111 does."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from tests.helpers import run
+from tests.helpers.loras import bad_loras, make_lora
+
+from sdxl_ui.adapters import LoraError, file_hash
+from sdxl_ui.metadata import parse_parameters, read_parameters
+from sdxl_ui.schema import GenerationRequest
+from sdxl_ui.service import GenerationService
+from sdxl_ui.settings import AppSettings
+
+FAST = dict(prompt="a red circle", steps=3, seed=5, width=64, height=64, quality="fast",
+            techniques={"feature_cache": "off"})
+
+
+def service(tmp_path, **settings):
+    base = dict(model="tiny", device="cpu", precision="fp32", refiner="none", outputs=tmp_path / "out")
+    return GenerationService(AppSettings(**{**base, **settings}))
+
+
+def image(svc, **overrides):
+    out = run(svc, GenerationRequest(**{**FAST, **overrides}))
+    assert not out["errors"], out["errors"]
+    return np.asarray(out["results"][0].image), out["results"][0]
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory):
+    from sdxl_ui.models import build_tiny
+
+    folder = tmp_path_factory.mktemp("loras")
+    base, _ = build_tiny(with_refiner=False)
+    good = make_lora(base.unet, folder / "style", seed=1, scale=0.5)
+    other = make_lora(base.unet, folder / "other", seed=2, scale=0.5, name="other.safetensors")
+    return {"good": good, "other": other, **bad_loras(folder / "bad", good)}
+
+
+def test_weight_zero_is_no_lora_and_removing_it_restores_the_base_bit_for_bit(tmp_path, lora_files):
+    svc = service(tmp_path)
+    plain, _ = image(svc)
+    svc.set_loras([f"{lora_files['good']}@0"])
+    assert np.array_equal(image(svc)[0], plain)  # weight 0: the fused delta is 0
+    svc.set_loras([str(lora_files["good"])])
+    with_lora, result = image(svc)
+    assert not np.array_equal(with_lora, plain)  # a LoRA changes the output
+    row = next(r for r in result.report.rows if r.name == "LoRA adapters")
+    assert row.status.value == "active" and "pytorch_lora_weights × 1" in row.detail
+    svc.set_loras([])
+    assert np.array_equal(image(svc)[0], plain)  # removed: the kept original weights, bit for bit
+    svc.set_loras([str(lora_files["good"]), f"{lora_files['other']}@0.5"])  # two, weighted
+    two, _ = image(svc)
+    assert not np.array_equal(two, with_lora) and not np.array_equal(two, plain)
+
+
+def test_a_lora_given_at_load_is_fused_and_recorded_in_the_png_as_a1111_does(tmp_path, lora_files):
+    svc = service(tmp_path, loras=(f"{lora_files['other']}@0.75",))
+    pixels, result = image(svc)
+    params = parse_parameters(read_parameters(result.path))
+    digest = hashlib.sha256()
+    data = lora_files["other"].read_bytes()
+    digest.update(data[8 + int.from_bytes(data[:8], "little"):])  # A1111's addnet hash: the file after its header
+    assert params["Lora hashes"] == f"other: {digest.hexdigest()[:12]}" == f"other: {file_hash(lora_files['other'])}"
+    assert params["Lora weights"] == "other: 0.75"
+    assert "other × 0.75" in {r.name: r.detail for r in result.report.rows}["LoRA adapters"]
+    assert svc.status()["rows"]  # the status panel lists it (the report's LoRA row)
+    assert any("other × 0.75" in r["detail"] for r in svc.status()["rows"] if r["name"] == "LoRA adapters")
+
+
+@pytest.mark.parametrize("bad", ["missing", "corrupt", "sd15", "rank", "nothing"])
+def test_a_bad_lora_is_refused_by_name_and_the_model_is_unchanged(tmp_path, lora_files, bad):
+    svc = service(tmp_path)
+    svc.set_loras([str(lora_files["good"])])
+    before, _ = image(svc)
+    path = tmp_path / "missing.safetensors" if bad == "missing" else lora_files[bad]
+    with pytest.raises(LoraError) as caught:
+        svc.set_loras([str(lora_files["good"]), str(path)])
+    message = str(caught.value)
+    assert str(path) in message and len(message) < 400, message
+    assert svc.settings.loras[0].source == str(lora_files["good"]) and len(svc.settings.loras) == 1
+    assert np.array_equal(image(svc)[0], before)  # nothing half-applied
+
+
+def test_a_bad_lora_at_load_is_bad_input_of_the_run(tmp_path, lora_files):
+    svc = service(tmp_path, loras=(str(lora_files["sd15"]),))
+    out = run(svc, GenerationRequest(**FAST))
+    assert out["errors"] and out["errors"][0].kind == "validation"
+    assert "sd15_layout.safetensors" in out["errors"][0].message and "SD 1.5" in out["errors"][0].message
+
+
+def test_int8_quantizes_the_fused_weights(tmp_path, lora_files):
+    plain, _ = image(service(tmp_path / "a", precision="int8"))
+    svc = service(tmp_path / "b", precision="int8", loras=(str(lora_files["good"]),))
+    with_lora, result = image(svc)
+    rows = {r.name: r for r in result.report.rows}
+    assert rows["int8 linear layers"].status.value == "active" and rows["LoRA adapters"].status.value == "active"
+    assert not np.array_equal(with_lora, plain)
+    svc.set_loras([])  # int8 layers cannot take the weights back in place: the model reloads without the LoRA
+    assert np.array_equal(image(svc)[0], plain)
+
+
+def test_the_feature_cache_works_with_a_fused_lora(tmp_path, lora_files):
+    svc = service(tmp_path)
+    cached = dict(FAST, steps=6, techniques={"feature_cache": "on"})
+    plain, _ = image(svc, **cached)
+    svc.set_loras([str(lora_files["good"])])
+    with_lora, result = image(svc, **cached)
+    row = {r.name: r for r in result.report.rows}["feature cache"]
+    assert row.status.value == "active" and "cached UNet calls" in row.detail
+    assert not np.array_equal(with_lora, plain)
