@@ -205,9 +205,12 @@ def cmd_doctor(args) -> int:
         source = resolve_source(settings.model)
     except ModelLoadError as exc:
         return fail(str(exc), EXIT_BAD_INPUT, args.json, "model")
+    from .adapters import profile_evidence
+
     model_kind, size = source.model_kind, source.native_size
+    detected = profile_evidence(source, settings.loras)  # the family the model's and the LoRAs' files name
     try:
-        plan = make_plan(probe, settings, model_kind, size, size, True)
+        plan = make_plan(probe, settings, model_kind, size, size, True, profile=detected)
     except PlanError as exc:
         if args.json:
             print(json.dumps({"probe": probe.to_dict(), "plan": None, "error": str(exc)}, ensure_ascii=False,
@@ -217,7 +220,8 @@ def cmd_doctor(args) -> int:
         return plan_error_code(exc)
     rep = expected_report(plan, probe)
     # The per-request techniques differ between the presets: the Fast preset's rows too.
-    fast_rows = [row for row in expected_report(make_plan(probe, settings, model_kind, size, size, False), probe).rows
+    fast_plan = make_plan(probe, settings, model_kind, size, size, False, profile=detected)
+    fast_rows = [row for row in expected_report(fast_plan, probe).rows
                  if row.name in ("feature cache", "guidance interval", "Refinement")]
     if args.json:
         print(json.dumps({"probe": probe.to_dict(), "plan": plan.to_dict(), "optimizations": rep.to_list(),

@@ -79,10 +79,11 @@ def parse_lora(value) -> LoraSpec:
     head, sep, tail = text.rpartition("@")
     if sep:
         try:
-            weight = float(tail)
+            weight, source = float(tail), head.strip()
         except ValueError:
-            raise ValidationError("lora", value, "must be SOURCE or SOURCE@WEIGHT with a number as WEIGHT") from None
-        source = head.strip()
+            if not re.search(r"[./\\:]", tail):  # not a path's own '@' (my@style.safetensors) either
+                raise ValidationError("lora", value, "must be SOURCE or SOURCE@WEIGHT with a number as WEIGHT") \
+                    from None
     if not source:
         raise ValidationError("lora", value, "names no file, folder or hub id")
     if not -10.0 <= weight <= 10.0 or weight != weight:

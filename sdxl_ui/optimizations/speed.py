@@ -2,6 +2,7 @@
 picks the sampler)."""
 from __future__ import annotations
 
+from ..profiles import profile_named
 from ..schema import PRESETS, SAMPLER_LABELS, OptimizationRow, Status
 from .profile import family
 from .base import REQUIRED, Unit, is_compiled, live_row, planned_row
@@ -82,8 +83,10 @@ class Steps(Unit):
     @staticmethod
     def _row(plan):
         factor = plan.steps_factor
+        prof = profile_named(plan.profile)
+        n = prof.steps[0] if prof.few_step else 50
         return OptimizationRow("steps policy", Status.ACTIVE if factor != 1.0 else Status.OFF,
-                               f"× {factor:g} (50 → {plan.steps_for(50)}) — {plan.reasons['steps_factor']}")
+                               f"× {factor:g} ({n} → {plan.steps_for(n)}) — {plan.reasons['steps_factor']}")
 
 
 class Threads(Unit):
