@@ -74,6 +74,20 @@ def resolve(spec: LoraSpec, local_files_only: bool = False) -> Path:
                         f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})") from None
 
 
+def check_file(spec: LoraSpec, path: Path) -> None:
+    """A readable safetensors file with tensors in it (cheap: the header only), or LoraError naming it."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            count = len(list(f.keys()))
+    except Exception as exc:  # noqa: BLE001 - truncated, not safetensors at all
+        raise LoraError(f"lora: {spec.source!r} is not a readable .safetensors file ({type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else 'no detail'})") from None
+    if not count:
+        raise LoraError(f"lora: {spec.source!r} holds no tensors")
+
+
 def is_hub_id(source: str) -> bool:
     """``org/name[:FILE]`` that is not an existing local path."""
     return bool(HUB_ID.match(source.partition(":")[0])) and not Path(source).expanduser().exists() \
@@ -181,6 +195,7 @@ def prepare(pipe, specs, local_files_only: bool = False) -> list[tuple[FusedLora
     out = []
     for spec in specs:
         path = resolve(spec, local_files_only)
+        check_file(spec, path)
         state = _read(pipe, spec, path)
         check(pipe, spec, state)
         out.append((FusedLora(spec.name, spec.weight, file_hash(path), str(path), spec), state))
@@ -235,9 +250,10 @@ def _fuse(pipe, prepared) -> None:
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        for index, (lora, state) in enumerate(prepared):
+        for index, (lora, _state) in enumerate(prepared):
             name = f"{re.sub(r'[^A-Za-z0-9_]', '_', lora.name)}_{index}"
-            pipe.load_lora_weights(dict(state), adapter_name=name)
+            # From the file, not the checked dict: diffusers reads a kohya file's alphas from it again.
+            pipe.load_lora_weights(lora.path, adapter_name=name)
             names.append(name)
     finally:
         quiet.setLevel(level)

@@ -8,7 +8,9 @@ Returns True/False, logs the seed-style lines through `logging` (logger "sdxl_ui
 worker thread so the event loop never blocks. Arguments are checked like every other front end's: a bad value
 gives False and ``last_error`` naming the field and the value (``high_quality`` must be a bool; ``output_path``
 a .png path, relative to the current folder like the CLI's ``--out``). ``ImageService(model="demo")`` or SDXL_UI_MODEL=demo selects the
-offline demo model (simple shapes and colours); ``model="tiny"`` the random-weight test model.
+offline demo model (simple shapes and colours); ``model="tiny"`` the random-weight test model. Any setting can be
+given by name: ``ImageService(loras=["style.safetensors@0.8"], profile="auto")`` fuses LoRA adapters into the model
+(README: LoRA adapters and model profiles).
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .adapters import LoraError, apply_loras, fused, is_hub_id, profile_evidence, resolve
+from .adapters import LoraError, apply_loras, check_file, fused, is_hub_id, profile_evidence, resolve
 from .denoise import (REFINER_SPLIT, decode_latents, latent_preview, profile_scheduler, run_stages,  # noqa: F401
                       scheduler_for)
 from .jobs import SHUTTING_DOWN, Admission, CancelToken, new_job_id  # CancelToken: still importable from here
@@ -143,7 +143,7 @@ class GenerationService:
         check_source(source)
         for spec in self.settings.loras:  # a missing LoRA file: said now (a hub id is fetched when loading)
             try:
-                resolve(spec, local_files_only=True)
+                check_file(spec, resolve(spec, local_files_only=True))
             except LoraError:
                 if not is_hub_id(spec.source) or self.settings.local_files_only:
                     raise

@@ -294,7 +294,7 @@ def _wire_status(demo, page, service, config: UIConfig, status_update) -> None:
             raise gr.Error("Only the operator of this app may switch the model (README: Sharing safely).",
                            print_exception=False)
         log.info("%s switched to the demo model", who)
-        service.reconfigure(service.settings.with_(model="demo", refiner="auto"))
+        service.reconfigure(service.settings.with_(model="demo", refiner="auto", loras=(), profile="auto"))
         service.preload_in_background()
         choices = _size_choices(service.native_size())
         return status_update(), gr.update(visible=False), gr.Timer(active=True), gr.update(

@@ -29,6 +29,31 @@ def make_lora(unet, folder: Path, seed: int = 0, rank: int = 4, scale: float = 0
     return folder / name
 
 
+def make_text_encoder_lora(pipe, folder: Path, seed: int = 3, rank: int = 4, scale: float = 0.5) -> Path:
+    """A LoRA on the UNet and on text encoder 2's attention projections (q/k/v/out_proj)."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet, encoder = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder_2)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=TARGETS))
+    # peft itself (transformers' own add_adapter asks for peft >= 0.22, newer than the newest release here)
+    encoder = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), encoder)
+
+    def scaled(model):
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        return {k: (v * scale if ".up." in k or "lora_B" in k else v).contiguous() for k, v in state.items()}
+
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionXLPipeline.save_lora_weights(str(folder), unet_lora_layers=scaled(unet),
+                                                text_encoder_2_lora_layers=scaled(encoder), safe_serialization=True)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
 def save(state: dict, path: Path, metadata: dict | None = None) -> Path:
     from safetensors.torch import save_file
 

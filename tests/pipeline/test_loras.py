@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 from tests.helpers import run
-from tests.helpers.loras import bad_loras, make_lora
+from tests.helpers.loras import bad_loras, make_lora, make_text_encoder_lora
 
 from sdxl_ui.adapters import LoraError, file_hash
 from sdxl_ui.metadata import parse_parameters, read_parameters
@@ -38,7 +38,8 @@ def lora_files(tmp_path_factory):
     base, _ = build_tiny(with_refiner=False)
     good = make_lora(base.unet, folder / "style", seed=1, scale=0.5)
     other = make_lora(base.unet, folder / "other", seed=2, scale=0.5, name="other.safetensors")
-    return {"good": good, "other": other, **bad_loras(folder / "bad", good)}
+    encoder = make_text_encoder_lora(base, folder / "encoder")
+    return {"good": good, "other": other, "encoder": encoder, **bad_loras(folder / "bad", good)}
 
 
 def test_weight_zero_is_no_lora_and_removing_it_restores_the_base_bit_for_bit(tmp_path, lora_files):
@@ -113,3 +114,22 @@ def test_the_feature_cache_works_with_a_fused_lora(tmp_path, lora_files):
     row = {r.name: r for r in result.report.rows}["feature cache"]
     assert row.status.value == "active" and "cached UNet calls" in row.detail
     assert not np.array_equal(with_lora, plain)
+
+
+def test_a_lora_on_a_text_encoder_too_is_fused_and_removed_exactly(tmp_path, lora_files):
+    from safetensors import safe_open
+
+    with safe_open(str(lora_files["encoder"]), "pt") as f:
+        assert any(k.startswith("text_encoder_2.") for k in f.keys())
+    svc = service(tmp_path)
+    plain, _ = image(svc)
+    encoder_before = {k: v.clone() for k, v in svc._models.base.text_encoder_2.state_dict().items()}
+    svc.set_loras([str(lora_files["encoder"])])
+    assert not np.array_equal(image(svc)[0], plain)
+    changed = svc._models.base.text_encoder_2.state_dict()
+    assert set(changed) == set(encoder_before)  # plain layers again: the LoRA layers are gone, the delta fused
+    assert any(not (changed[k] == encoder_before[k]).all() for k in encoder_before)
+    svc.set_loras([])
+    after = svc._models.base.text_encoder_2.state_dict()
+    assert all((after[k] == encoder_before[k]).all() for k in encoder_before)
+    assert np.array_equal(image(svc)[0], plain)
