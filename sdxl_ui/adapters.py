@@ -24,6 +24,10 @@ from .settings import LoraSpec
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 LORA_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+?)\."
                       r"(?:lora(?:_linear_layer)?\.(down|up)|lora_(A|B))(?:\.default(?:_0)?)?\.weight$")
+# diffusers' older attention-processor layout (what its converters make of a kohya file): ...attn1.processor.to_q_lora.
+LEGACY_KEY = re.compile(r"\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora\.(down|up)\.")
+LEGACY_LAYERS = {"unet": {"to_out": "to_out.0"},
+                 "text": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
 PICKLES = (".ckpt", ".pt", ".pth", ".bin")
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -140,7 +144,7 @@ def check(pipe, spec: LoraSpec, state: dict) -> None:
     for key, tensor in state.items():
         if key.endswith(".alpha"):
             continue
-        found = LORA_KEY.match(key)
+        found = LORA_KEY.match(_normalize(key))
         if not found:
             unknown.append(key)
             continue
@@ -160,6 +164,12 @@ def check(pipe, spec: LoraSpec, state: dict) -> None:
         what = "none of its layers" if len(missing) == len(pairs) else f"{len(missing)} of its {len(pairs)} layers"
         raise LoraError(f"lora: {spec.source!r} does not fit this model: {what} exist here (first: {missing[0]}); "
                         "is it a LoRA for another architecture (e.g. SD 1.5)?")
+
+
+def _normalize(key: str) -> str:
+    """A key of diffusers' older processor layout in today's (``...attn1.to_q.lora.down.weight``)."""
+    names = LEGACY_LAYERS["unet" if key.startswith("unet.") else "text"]
+    return LEGACY_KEY.sub(lambda m: f".{names.get(m.group(1), m.group(1))}.lora.{m.group(2)}.", key)
 
 
 def _layer(pipe, component: str, name: str):

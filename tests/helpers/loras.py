@@ -88,3 +88,17 @@ def bad_loras(folder: Path, good: Path) -> dict[str, Path]:
                            "unet.no_such_block.proj.lora.up.weight": torch.randn(8, 4)},
                           folder / "matches_nothing.safetensors")
     return out
+
+
+def to_kohya(good: Path, path: Path, alpha: float) -> Path:
+    """The same LoRA in kohya's (AUTOMATIC1111's) key layout, with an ``alpha`` per layer (scale alpha / rank)."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = {}
+    for key, value in load_file(str(good)).items():
+        module, _, kind = key.partition(".lora.")
+        name = "lora_unet_" + module.removeprefix("unet.").replace(".", "_")
+        out[f"{name}.lora_{'down' if kind.startswith('down') else 'up'}.weight"] = value
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return save(out, path)

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 from tests.helpers import run
-from tests.helpers.loras import bad_loras, make_lora, make_text_encoder_lora
+from tests.helpers.loras import bad_loras, make_lora, make_text_encoder_lora, to_kohya
 
 from sdxl_ui.adapters import LoraError, file_hash
 from sdxl_ui.metadata import parse_parameters, read_parameters
@@ -133,3 +133,16 @@ def test_a_lora_on_a_text_encoder_too_is_fused_and_removed_exactly(tmp_path, lor
     after = svc._models.base.text_encoder_2.state_dict()
     assert all((after[k] == encoder_before[k]).all() for k in encoder_before)
     assert np.array_equal(image(svc)[0], plain)
+
+
+def test_a_kohya_layout_lora_is_read_with_its_alphas(tmp_path, lora_files):
+    from sdxl_ui.adapters import apply_loras
+    from sdxl_ui.models import build_tiny
+    from sdxl_ui.settings import parse_lora
+
+    kohya = to_kohya(lora_files["good"], tmp_path / "kohya_style.safetensors", alpha=2.0)  # rank 4: × 0.5
+    pipes = [build_tiny(with_refiner=False)[0] for _ in range(2)]
+    apply_loras(pipes[0], [parse_lora(str(kohya))])
+    apply_loras(pipes[1], [parse_lora(f"{lora_files['good']}@0.5")])
+    first, second = (dict(p.unet.named_parameters()) for p in pipes)
+    assert all((first[k] == second[k]).all() for k in first)  # the same fused weights, bit for bit
