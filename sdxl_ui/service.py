@@ -119,12 +119,14 @@ class GenerationService:
 
     def set_loras(self, loras) -> None:
         """Change the fused LoRAs of the loaded model (all or nothing: a LoraError leaves model and settings as
-        they were). With int8 layers or a compiled UNet the weights cannot be swapped in place: reloaded."""
+        they were). With int8 layers, a compiled UNet or sequential offload (weights held by accelerate's hooks)
+        they cannot be swapped in place: the model is reloaded with the new set."""
         settings = self.settings.with_(loras=tuple(loras))
         with self._device_lock, self._load_lock:
             models = self._models
             plan = self.applied_plan or self._plan
-            if models is not None and not (plan is not None and (plan.int8 or plan.compile)):
+            if models is not None and not (plan is not None and (plan.int8 or plan.compile
+                                                                  or plan.offload == "sequential")):
                 apply_loras(models.base, settings.loras, self.settings.local_files_only)
                 self.settings, self._plan, self._applied = settings, None, None
                 return

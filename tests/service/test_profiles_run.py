@@ -80,7 +80,9 @@ def demo_copies(tmp_path_factory):
     """Copies of the demo model whose shipped scheduler config is LCM's or SDXL Turbo's."""
     out = {}
     for name, changes in (("lcm", {"_class_name": "LCMScheduler"}),
-                          ("turbo", {"_class_name": "EulerAncestralDiscreteScheduler", "timestep_spacing": "trailing"})):
+                          ("turbo", {"_class_name": "EulerAncestralDiscreteScheduler", "timestep_spacing": "trailing"}),
+                          ("lightning", {"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "trailing",
+                                         "prediction_type": "sample"})):
         folder = tmp_path_factory.mktemp("models") / f"shapes-{name[::-1]}"  # the folder's name says nothing
         shutil.copytree(ROOT / "assets" / "demo-model", folder)
         path = folder / "scheduler" / "scheduler_config.json"
@@ -113,3 +115,15 @@ def test_a_demo_copy_whose_scheduler_says_turbo_runs_one_step_without_guidance(t
     forced = service(tmp_path, model=str(demo_copies["turbo"]), profile="sdxl")  # --profile sdxl: today's path
     generate(forced, quality="fast", steps=4)
     assert calls[-1]["scheduler"] == "DPMSolverMultistepScheduler" and calls[-1]["guidance_scale"] == 6.0
+
+
+def test_a_demo_copy_whose_scheduler_says_one_step_lightning_runs_one_step_predicting_the_sample(tmp_path, calls,
+                                                                                                   demo_copies):
+    svc = service(tmp_path, model=str(demo_copies["lightning"]))
+    assert svc.plan.profile == "lightning-1" and "prediction 'sample'" in svc.plan.reasons["profile"]
+    for quality in ("high", "fast"):
+        generate(svc, quality=quality)
+        call = calls[-1]
+        assert call["num_inference_steps"] == 1 and call["guidance_scale"] == 0.0
+        assert call["scheduler"] == "EulerDiscreteScheduler" and call["prediction"] == "sample"
+        assert call["spacing"] == "trailing"
