@@ -41,10 +41,12 @@ class ImageService:
         self.last_result: ResultEvent | None = None
         self.last_error: str | None = None
 
-    async def generate_image(self, prompt: str, output_path: str | Path, num_inference_steps: int = 50,
+    async def generate_image(self, prompt: str, output_path: str | Path, num_inference_steps: int | None = 50,
                              high_quality: bool = True, negative_prompt: str = "", guidance_scale: float | None = None,
                              seed: int | None = None, width: int | None = None, height: int | None = None) -> bool:
-        """Generate one image to ``output_path``. True on success; False (and ``last_error``) otherwise."""
+        """Generate one image to ``output_path``. True on success; False (and ``last_error``) otherwise.
+        ``num_inference_steps=None`` (or ``guidance_scale=None``): the quality preset's, or a few-step model
+        profile's own (README: LoRA adapters and model profiles)."""
         return await asyncio.to_thread(self._generate, prompt, output_path, num_inference_steps, high_quality,
                                        negative_prompt, guidance_scale, seed, width, height)
 

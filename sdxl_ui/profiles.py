@@ -45,6 +45,10 @@ class Profile:
     def steps_for(self, high_quality: bool) -> int | None:
         return None if self.steps is None else self.steps[0 if high_quality else 1]
 
+    def defaults(self, high_quality: bool, steps: int, guidance: float) -> tuple[int, float]:
+        """(steps, guidance) a quality preset offers with this profile: the family's own, else the preset's."""
+        return (self.steps_for(high_quality) or steps, guidance if self.guidance is None else self.guidance)
+
     def summary(self) -> str:
         if not self.few_step:
             return f"{self.label}: the quality presets' steps, guidance and samplers"

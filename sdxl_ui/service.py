@@ -29,6 +29,7 @@ from .policy import PlanError, adjust_plan, make_plan
 from .profiles import profile_named
 from .schema import (
     MAX_SEED,
+    PRESETS,
     SAMPLER_LABELS,
     ErrorEvent,
     GenerationRequest,
@@ -260,6 +261,15 @@ class GenerationService:
         emit(LogEvent(f"⚠ The GPU cannot run this model's kernels ({first}); falling back to CPU for this "
                       "session. `python -m sdxl_ui doctor` shows the GPU, its arch and torch's build.", "warning"))
         self.reconfigure(self.settings.with_(device="cpu"))
+
+    def quality_defaults(self, quality: Quality) -> tuple[int, float]:
+        """(steps, guidance) the page offers for a quality: the preset's, or the few-step profile's own."""
+        preset = PRESETS[quality]
+        try:
+            profile = profile_named(self.plan.profile)
+        except (ModelLoadError, PlanError):
+            return preset.steps, preset.guidance
+        return profile.defaults(quality is Quality.HIGH, preset.steps, preset.guidance)
 
     def steps_note(self, requested: int) -> str:
         """E.g. '50 → 35 on CPU' (the steps policy), or '' when steps run as requested."""

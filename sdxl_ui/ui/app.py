@@ -185,14 +185,22 @@ def _status_renderer(service, config: UIConfig):
     return status_update
 
 
+def _quality_defaults(service, quality) -> tuple[int, float]:
+    """(steps, guidance) for a quality: the model profile's (e.g. Turbo: 4 / 1 steps, guidance 0), else the preset's
+    (a backend without profiles)."""
+    if hasattr(service, "quality_defaults"):
+        return service.quality_defaults(quality)
+    return PRESETS[quality].steps, PRESETS[quality].guidance
+
+
 def _advanced(service, native: int) -> dict:
     """The Advanced accordion's components."""
     sizes = _size_choices(native)
     with gr.Accordion("Advanced", open=False):
-        preset = PRESETS[Quality.HIGH]
-        steps = gr.Slider(1, MAX_STEPS, value=preset.steps, step=1, label="Steps", elem_id="steps")
-        steps_note = gr.Markdown(service.steps_note(preset.steps), elem_id="steps-note")
-        guidance = gr.Slider(0, 30, value=preset.guidance, step=0.5, label="Guidance (CFG)")
+        preset_steps, preset_guidance = _quality_defaults(service, Quality.HIGH)  # a few-step profile's own
+        steps = gr.Slider(1, MAX_STEPS, value=preset_steps, step=1, label="Steps", elem_id="steps")
+        steps_note = gr.Markdown(service.steps_note(preset_steps), elem_id="steps-note")
+        guidance = gr.Slider(0, 30, value=preset_guidance, step=0.5, label="Guidance (CFG)")
         with gr.Row():
             seed = gr.Number(label="Seed (blank = random)", value=None, precision=0, elem_id="seed")
             images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images per run", elem_id="images")
@@ -252,8 +260,8 @@ def _wire_form(page, service) -> None:
         quality_choice = QUALITY_LABELS.get(label) if isinstance(label, str) else None
         if quality_choice is None:
             return gr.update(), gr.update(), gr.update()
-        p = PRESETS[quality_choice]
-        return gr.update(value=p.steps), gr.update(value=p.guidance), service.steps_note(p.steps)
+        steps, guidance = _quality_defaults(service, quality_choice)
+        return gr.update(value=steps), gr.update(value=guidance), service.steps_note(steps)
 
     def on_steps(n):
         try:

@@ -59,3 +59,21 @@ def test_python_api_takes_loras(monkeypatch):
     service = ImageService(model="tiny", loras=["style.safetensors@0.6"], profile="lcm")
     assert service.service.settings.loras == (LoraSpec("style.safetensors", 0.6),)
     assert service.service.settings.profile == "lcm"
+
+
+def test_the_page_offers_the_profiles_steps_and_guidance_for_each_quality(tmp_path):
+    from sdxl_ui.service import GenerationService
+    from sdxl_ui.settings import AppSettings
+    from sdxl_ui.ui import build_ui
+
+    service = GenerationService(AppSettings(model="tiny", device="cpu", profile="turbo", outputs=tmp_path))
+    demo = build_ui(service)
+    steps = next(c for c in demo.blocks.values() if getattr(c, "elem_id", None) == "steps")
+    assert steps.value == 4  # High quality: Turbo's larger count
+    on_quality = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_quality")
+    fast_steps, fast_guidance, note = on_quality("Fast")
+    assert fast_steps["value"] == 1 and fast_guidance["value"] == 0.0 and note == ""  # no × 0.7 note on CPU
+    plain = GenerationService(AppSettings(model="tiny", device="cpu", outputs=tmp_path))
+    from sdxl_ui.schema import Quality
+
+    assert plain.quality_defaults(Quality.FAST) == (20, 6.0)
