@@ -39,6 +39,8 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lora", action="append", default=None, metavar="SOURCE[@WEIGHT]",
                    help="a LoRA: .safetensors file, folder, or hub id[:FILE], weight default 1; repeatable; or "
                         "$SDXL_UI_LORA (comma-separated)")
+    g.add_argument("--lora-dir", help="folder of LoRA .safetensors files the page lists for the operator "
+                                      "(default ./loras)")
     g.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the UNet (minutes of warm-up, faster steps after; for long-running servers)")
 
@@ -52,7 +54,8 @@ def add_technique_args(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args) -> AppSettings:
     names = ["model", "refiner", "use_refiner", "device", "precision", "attention", "offload", "vae_tiling",
-             "threads", "outputs", "local_files_only", "single_file_config", "compile", "profile"]
+             "threads", "outputs", "local_files_only", "single_file_config", "compile", "profile",
+             "lora_dir"]
     values = {n: getattr(args, n, None) for n in names}
     values["loras"] = tuple(args.lora) if getattr(args, "lora", None) else None
     return AppSettings.from_env(**values)

@@ -111,6 +111,7 @@ class AppSettings:
     compile: bool = False  # torch.compile the UNet: faster steps after a long first-call warm-up (servers)
     profile: str = PROFILE_AUTO  # the model family (profiles.py); auto = detected from the model's files
     loras: tuple = ()  # LoraSpec per --lora SOURCE[@WEIGHT], in order (the base UNet and text encoders)
+    lora_dir: Path = Path("loras")  # the page's Advanced lists its .safetensors files (the operator applies them)
 
     def __post_init__(self):
         object.__setattr__(self, "use_refiner", parse_choice(Toggle, "use_refiner", self.use_refiner))
@@ -120,6 +121,7 @@ class AppSettings:
         object.__setattr__(self, "offload", parse_choice(OffloadChoice, "offload", self.offload))
         object.__setattr__(self, "vae_tiling", parse_choice(Toggle, "vae_tiling", self.vae_tiling))
         object.__setattr__(self, "outputs", Path(self.outputs))
+        object.__setattr__(self, "lora_dir", Path(self.lora_dir))
         profile = str(self.profile).strip().lower()
         if profile not in (PROFILE_AUTO, *PROFILE_NAMES):
             raise ValidationError("profile", self.profile, f"must be one of auto, {', '.join(PROFILE_NAMES)}")

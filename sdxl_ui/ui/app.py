@@ -39,6 +39,7 @@ from ..schema import (
 from ..jobs import CancelToken
 from ..optimizations.registry import SWITCHES
 from .access import Access
+from .loras import lora_panel, wire_loras
 from .render import log_html, progress_html, status_html
 
 log = logging.getLogger("sdxl_ui")
@@ -213,8 +214,9 @@ def _advanced(service, native: int) -> dict:
         with gr.Row():  # one switch per unit that offers one (optimizations/registry.py)
             switches = [gr.Dropdown([t.value for t in Toggle], value=Toggle.AUTO.value,
                                     elem_id=s.name.replace("_", "-"), label=s.label) for s in SWITCHES]
+        loras = lora_panel(service)
     return dict(steps=steps, steps_note=steps_note, guidance=guidance, seed=seed, images=images, size=size,
-                custom_row=custom_row, width=width, height=height, scheduler=scheduler, switches=switches)
+                custom_row=custom_row, width=width, height=height, scheduler=scheduler, switches=switches, **loras)
 
 
 def _layout(service, status_update) -> SimpleNamespace:
@@ -458,6 +460,7 @@ def build_ui(service, config: UIConfig | None = None) -> gr.Blocks:
         page = _layout(service, status_update)
         _wire_form(page, service)
         _wire_status(demo, page, service, config, status_update)
+        wire_loras(page, service, config.access, status_update)
         _wire_jobs(demo, page, service, config, status_update)
     demo.queue(max_size=config.queue_size, api_open=False, default_concurrency_limit=1)
     return demo
