@@ -25,6 +25,7 @@ STOP_TIMEOUT_S = 120.0  # how long a stop waits for the running job's current st
 
 
 def parse_args(argv=None):
+    from sdxl_ui.a1111 import add_api_args
     from sdxl_ui.cli import add_settings_args
 
     parser = argparse.ArgumentParser(description="sdxl_ui: Stable Diffusion XL in the browser")
@@ -43,6 +44,7 @@ def parse_args(argv=None):
     serving.add_argument("--workers", type=int, default=None, metavar="N",
                          help="start a local Ray instance with N worker replicas, one job each at a time "
                               "(0 = one per GPU, or one on a machine without a GPU)")
+    add_api_args(parser)  # --api, --api-auth (AUTOMATIC1111's flags)
     serving.add_argument("--ray-address", default=None, metavar="ADDRESS",
                          help="use an existing Ray cluster (`ray start --head` …), e.g. 10.0.0.5:6379 or auto")
     serving.add_argument("--worker-cpus", type=float, default=1.0, metavar="CPUS",
@@ -88,6 +90,7 @@ def resolve_operator(args, creds) -> str | None:
 
 
 def main(argv=None) -> int:
+    from sdxl_ui.a1111 import A1111Api, api_config
     from sdxl_ui.cli import EXIT_BAD_INPUT, plan_error_code, settings_from_args, setup_logging
     from sdxl_ui.schema import ValidationError
 
@@ -97,6 +100,7 @@ def main(argv=None) -> int:
         settings = settings_from_args(args)
         auth, generated = resolve_auth(args)
         operator = resolve_operator(args, auth)
+        api_settings = api_config(args, auth, operator) if args.api else None
     except (ValidationError, BadFlag) as exc:
         log.error("error: %s", exc)
         return EXIT_BAD_INPUT
@@ -143,7 +147,9 @@ def main(argv=None) -> int:
                       access=Access(login=auth is not None, operator=operator))
     if args.share:
         config.share_message = "Creating a share link…"
-    demo = build_ui(service, config)
+    # --api: AUTOMATIC1111's /sdapi/v1 on this port; the page's jobs and the API's wait in one line (sdxl_ui/a1111).
+    api = A1111Api(service, api_settings) if args.api else None
+    demo = build_ui(api.page_backend if api else service, config)
     # Load the model in the background: the page opens at once and its status panel follows the load.
     service.preload_in_background()
     outputs = settings.outputs.resolve()
@@ -167,10 +173,14 @@ def main(argv=None) -> int:
     # The generated images are never served from the outputs folder (allowed_paths stays empty): the page serves
     # each session its own copies under unguessable names (ui/app.py).
     app_kwargs = {}
+    throttle = LoginThrottle()  # one count of failed logins for the page and the API
     if auth:
         from starlette.middleware import Middleware
 
-        app_kwargs["middleware"] = [Middleware(LoginThrottleMiddleware, throttle=LoginThrottle())]
+        app_kwargs["middleware"] = [Middleware(LoginThrottleMiddleware, throttle=throttle)]
+    if api:
+        api.config.throttle = throttle
+        app_kwargs["routes"] = api.routes()
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                 css=CSS, prevent_thread_lock=True, show_error=False, footer_links=["gradio"],
                 max_file_size=MAX_UPLOAD, app_kwargs=app_kwargs)
