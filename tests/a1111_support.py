@@ -75,9 +75,9 @@ def http(url: str, data=None, login: tuple[str, str] | None = None, method: str 
     request = urllib.request.Request(url, data=body, headers=headers, method=method)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, head, raw = response.status, dict(response.headers), response.read()
+            status, head, raw = response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
     except urllib.error.HTTPError as exc:
-        status, head, raw = exc.code, dict(exc.headers), exc.read()
+        status, head, raw = exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
     text = raw.decode("utf-8", "replace")
     try:
         return status, head, json.loads(text)

@@ -149,7 +149,7 @@ def test_the_preset_is_reachable_with_the_extension_field(server):
 
 def test_without_credentials_401_and_with_them_200(server):
     status, headers, body = http(server.api + "sd-models")
-    assert status == 401 and headers.get("www-authenticate", headers.get("WWW-Authenticate", "")).startswith("Basic")
+    assert status == 401 and headers.get("www-authenticate", "").startswith("Basic")
     assert http(server.api + "txt2img", {"prompt": "x"})[0] == 401
     assert http(server.api + "img2img", {})[0] == 401  # auth before anything else
     assert http(server.api + "sd-models", login=("alice", "wrong"))[0] == 401
