@@ -131,6 +131,7 @@ class ApiJob:
     caller: str
     spec: object  # adapter.Txt2Img
     ticket: object = None
+    scratch: bool = True  # save_images false → a scratch file (only where the backend writes on this machine)
     interrupt_token: CancelToken = field(default_factory=CancelToken)
     current: CancelToken | None = None
     state: str = "queued"  # queued → running → done
@@ -198,7 +199,8 @@ class ApiJob:
                 if self.interrupted:
                     self.current.cancel()
                 # save_images false (AUTOMATIC1111's default): the PNGs go to a scratch folder, removed after.
-                target = None if self.spec.save_images else str(Path(scratch) / f"{k}.png")
+                keep = self.spec.save_images or not self.scratch
+                target = None if keep else str(Path(scratch) / f"{k}.png")
                 if self._one(backend, self.spec.iteration(k), target):
                     break
 
@@ -252,6 +254,9 @@ class CallerJobs:
     def __init__(self, queue: DeviceQueue, backend):
         self.queue = queue
         self.backend = backend
+        # Ray workers (the backend that has start()) may run on other machines: a scratch path here is no path
+        # there, so with --workers the images are saved in the workers' outputs folder whatever save_images says.
+        self.scratch = not hasattr(backend, "start")
         self.jobs: dict[str, list[ApiJob]] = {}
         self.lock = threading.Lock()
 
@@ -260,7 +265,7 @@ class CallerJobs:
         ticket = self.queue.join()
         if ticket is None:
             return None
-        job = ApiJob(caller, spec, ticket)
+        job = ApiJob(caller, spec, ticket, self.scratch)
         with self.lock:
             self.jobs.setdefault(caller, []).append(job)
         threading.Thread(target=self._run, args=(job,), name=f"api-job-{caller}", daemon=True).start()
