@@ -113,7 +113,9 @@ class FakeBackend:
                     return
                 time.sleep(self.step_s)
                 yield ProgressEvent(step, self.steps, 0.1, 0.1, 0.01, "", None)
-            yield ResultEvent(None, None, request.seed or 0, 0, self.steps, self.steps, False, None, None, "fake",
+            from PIL import Image
+
+            yield ResultEvent(Image.new("RGB", (8, 8)), None, request.seed or 0, 0, self.steps, self.steps, False, None, None, "fake",
                               "cpu", "fp32", request.prompt)
         finally:
             with self.lock:
@@ -193,3 +195,53 @@ def test_a_page_job_waiting_in_line_says_so_and_can_be_cancelled():
     events += list(gen)
     assert isinstance(events[0], LogEvent) and "1 job(s) ahead" in events[0].message
     assert events[-1].kind == "cancelled" and queue.length() == 0
+
+
+def _app(backend, **config):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from sdxl_ui.a1111 import A1111Api, ApiConfig
+    from sdxl_ui.settings import AppSettings
+
+    backend.settings = AppSettings(model="demo")
+    backend.native_size = lambda: 64
+    api = A1111Api(backend, ApiConfig(**config))
+    return TestClient(FastAPI(routes=api.routes()))
+
+
+def test_failed_api_logins_go_through_the_login_throttle():
+    from sdxl_ui.ui.access import LoginThrottle
+
+    throttle = LoginThrottle(free=2, lock_after=4, base_delay_s=0.05, max_delay_s=0.1)
+    http = _app(FakeBackend(), logins={"alice": "pw"}, throttle=throttle)
+    assert http.get("/sdapi/v1/samplers").status_code == 401  # no credentials: not counted
+    assert http.get("/sdapi/v1/samplers", auth=("alice", "pw")).status_code == 200
+    codes = [http.get("/sdapi/v1/samplers", auth=("alice", "no")).status_code for _ in range(4)]
+    assert codes == [401, 401, 401, 401]
+    locked = http.get("/sdapi/v1/samplers", auth=("alice", "pw"))  # locked out: even the right password
+    assert locked.status_code == 429 and "Too many failed logins" in locked.json()["detail"]
+
+
+def test_max_jobs_per_user_answers_429_for_api_callers():
+    http = _app(FakeBackend(steps=1, step_s=0.0), max_jobs_per_user=1)
+    body = {"prompt": "a red circle", "seed": 1, "steps": 1}
+    assert http.post("/sdapi/v1/txt2img", json=body).status_code == 200
+    second = http.post("/sdapi/v1/txt2img", json=body)
+    assert second.status_code == 429 and "max_jobs_per_user" in second.json()["detail"]
+    assert second.headers["retry-after"]
+
+
+def test_a_full_line_answers_503_with_retry_after():
+    backend = FakeBackend(steps=200, step_s=0.02)
+    http = _app(backend, queue_size=0)
+    busy = threading.Thread(target=lambda: http.post("/sdapi/v1/txt2img", json={"prompt": "long", "seed": 1}))
+    busy.start()
+    end = time.time() + 5
+    while not backend.started and time.time() < end:
+        time.sleep(0.01)
+    refused = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "seed": 1})
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0
+    assert set(refused.json()) == {"error", "detail", "body", "errors"} and "queue full" in refused.json()["detail"]
+    http.post("/sdapi/v1/interrupt")
+    busy.join(10)

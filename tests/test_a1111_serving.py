@@ -115,3 +115,15 @@ def test_share_without_a_login_refuses_the_api():
                           cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2 and "--api-auth" in done.stderr + done.stdout
+
+
+def test_by_default_the_pages_logins_guard_the_api(tmp_path):
+    guarded = Server("--api", "--auth", "page:pw-page", "--model", "tiny", "--outputs", str(tmp_path))
+    try:
+        guarded.wait_for("Running on local URL")
+        assert http(guarded.api + "sd-models")[0] == 401
+        assert http(guarded.api + "sd-models", login=("page", "wrong"))[0] == 401
+        status, _, body = http(guarded.api + "sd-models", login=("page", "pw-page"))
+        assert status == 200 and body[0]["title"] == "tiny"
+    finally:
+        guarded.stop()

@@ -223,7 +223,7 @@ def error_body(error: str, detail: str) -> dict:
 
 
 def png_base64(result) -> str:
-    """A ResultEvent's image as base64 PNG with its `parameters` chunk (the saved file's bytes when there is one)."""
+    """A ResultEvent's image as a base64 PNG carrying its `parameters` chunk."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
