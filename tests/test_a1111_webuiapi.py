@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import socket
 import threading
 import time
@@ -112,14 +113,16 @@ def test_progress_rises_with_a_preview_and_interrupt_stops_only_the_callers_job(
     bob_job, bob_out = run_in_thread(bob.txt2img, prompt="a small red circle", seed=9, **FAST)
     time.sleep(0.3)
     assert "Waiting" in bob.get_progress()["textinfo"]  # in line behind alice
+    step_before = alice.get_progress()["state"]["sampling_step"]
     asked = time.monotonic()
     alice.interrupt()
     long_job.join(30)
     assert "error" not in long_out and long_out["at"] - asked < 3.0, long_out
     assert long_out["result"].images == []  # interrupted before its image
+    stopped = [int(m) for m in re.findall(r"cancelled at step (\d+)/", server.output)]
+    assert stopped and step_before <= stopped[-1] <= step_before + 3, (step_before, stopped)  # within a step or so
     bob_job.join(60)
     assert "error" not in bob_out and len(bob_out["result"].images) == 1  # the other user's job finishes
-    assert "cancelled at step" in server.output
 
 
 def test_models_samplers_schedulers_options_and_memory(server):
