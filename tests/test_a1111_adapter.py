@@ -245,3 +245,12 @@ def test_a_full_line_answers_503_with_retry_after():
     assert set(refused.json()) == {"error", "detail", "body", "errors"} and "queue full" in refused.json()["detail"]
     http.post("/sdapi/v1/interrupt")
     busy.join(10)
+
+
+def test_the_api_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, sdxl_ui.a1111, sdxl_ui.a1111.routes; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
