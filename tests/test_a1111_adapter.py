@@ -254,3 +254,17 @@ def test_the_api_imports_no_torch():
     code = "import sys, sdxl_ui.a1111, sdxl_ui.a1111.routes; assert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_only_the_operator_switches_the_model():
+    backend = FakeBackend()
+    switched = []
+    backend.reconfigure = lambda settings: switched.append(settings.model)
+    backend.preload_in_background = lambda: None
+    http = _app(backend, logins={"alice": "a", "bob": "b"}, operator="alice")
+    refused = http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}, auth=("bob", "b"))
+    assert refused.status_code == 403 and "operator" in refused.json()["detail"] and switched == []
+    assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}, auth=("alice", "a")).json() is None
+    assert switched == ["tiny"]
+    nobody = _app(backend)  # no login: only a client on this machine (TestClient's peer is "testclient")
+    assert nobody.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}).status_code == 403
