@@ -14,6 +14,13 @@ from sdxl_ui.optimizations.registry import SWITCHES
 from sdxl_ui.schema import ErrorEvent, LogEvent, ProgressEvent, ResultEvent, Scheduler, ValidationError
 
 
+def until(condition, timeout: float = 10.0) -> None:
+    end = time.time() + timeout
+    while not condition():
+        assert time.time() < end, "condition not met in time"
+        time.sleep(0.01)
+
+
 def parse(**body):
     return parse_txt2img({"prompt": "a red circle", **body}, native=128, model="demo", switches=SWITCHES)
 
@@ -127,14 +134,14 @@ def test_page_and_api_jobs_share_one_line_in_arrival_order():
     queue = DeviceQueue(lambda: 1, max_waiting=8)
     page, jobs = QueuedBackend(backend, queue), CallerJobs(queue, backend)
     threads = []
-    for i in range(6):
+    for i in range(6):  # arrival order: job0 (page), job1 (API), job2 (page), …
         if i % 2:
             jobs.submit(f"api{i}", parse(prompt=f"job{i}"))
         else:
-            req = parse(prompt=f"job{i}").request
-            threads.append(threading.Thread(target=lambda r=req: list(page.generate(r))))
+            events = page.generate(parse(prompt=f"job{i}").request)
+            next(events)  # in line now (its first event: a progress step, or its place in the line)
+            threads.append(threading.Thread(target=lambda g=events: list(g)))
             threads[-1].start()
-        time.sleep(0.03)  # arrival order
     for t in threads:
         t.join(10)
     end = time.time() + 10
@@ -148,8 +155,8 @@ def test_a_full_line_refuses_page_and_api_jobs():
     backend = FakeBackend(steps=20)
     queue = DeviceQueue(lambda: 1, max_waiting=1)
     jobs = CallerJobs(queue, backend)
-    assert jobs.submit("a", parse()) is not None  # runs
-    time.sleep(0.05)
+    running = jobs.submit("a", parse())
+    until(lambda: running.state == "running")
     assert jobs.submit("b", parse()) is not None  # waits
     assert jobs.submit("c", parse()) is None  # full
     events = list(QueuedBackend(backend, queue).generate(parse().request))
@@ -161,7 +168,7 @@ def test_interrupt_and_progress_act_on_the_callers_own_job():
     queue = DeviceQueue(lambda: 1, max_waiting=4)
     jobs = CallerJobs(queue, backend)
     alice, bob = jobs.submit("alice", parse(n_iter=1)), jobs.submit("bob", parse(steps=5))
-    time.sleep(0.3)
+    until(lambda: alice.step > 0)
     assert jobs.current("alice").state == "running" and jobs.current("bob").state == "queued"
     assert jobs.current("carol") is None and not jobs.interrupt("carol")
     assert alice.step > 0 and 0 < alice.progress < 1
@@ -175,18 +182,18 @@ def test_skip_goes_on_with_the_next_batch():
     queue = DeviceQueue(lambda: 1, max_waiting=4)
     jobs = CallerJobs(queue, backend)
     job = jobs.submit("alice", parse(n_iter=2))
-    time.sleep(0.2)
+    until(lambda: job.step > 0)
     jobs.skip("alice")
     assert job.done.wait(5.0) and len(job.results) == 1 and job.error is None
 
 
 def test_a_page_job_waiting_in_line_says_so_and_can_be_cancelled():
-    from sdxl_ui.backends import CancelToken
+    from sdxl_ui.jobs import CancelToken
 
     backend = FakeBackend(steps=50, step_s=0.02)
     queue = DeviceQueue(lambda: 1, max_waiting=4)
-    CallerJobs(queue, backend).submit("api", parse())
-    time.sleep(0.05)
+    first = CallerJobs(queue, backend).submit("api", parse())
+    until(lambda: first.state == "running")
     token = CancelToken()
     events = []
     gen = QueuedBackend(backend, queue).generate(parse().request, cancel=token)
@@ -237,9 +244,7 @@ def test_a_full_line_answers_503_with_retry_after():
     http = _app(backend, queue_size=0)
     busy = threading.Thread(target=lambda: http.post("/sdapi/v1/txt2img", json={"prompt": "long", "seed": 1}))
     busy.start()
-    end = time.time() + 5
-    while not backend.started and time.time() < end:
-        time.sleep(0.01)
+    until(lambda: backend.started)
     refused = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "seed": 1})
     assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0
     assert set(refused.json()) == {"error", "detail", "body", "errors"} and "queue full" in refused.json()["detail"]

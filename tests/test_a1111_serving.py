@@ -10,7 +10,8 @@ import threading
 import time
 
 import pytest
-from a1111_support import ROOT, Server, http
+from tests.helpers import ROOT
+from tests.helpers.a1111 import Server, http
 
 PAGE_ARGS = dict(negative_text="", quality_label="High quality", n_steps=10, cfg=8.0, n_images=1,
                  size_label="Custom", w=64, h=64, sched="auto")

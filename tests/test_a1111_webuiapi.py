@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from a1111_support import Server, http
+from tests.helpers.a1111 import Server, http
 
 webuiapi = pytest.importorskip("webuiapi")
 

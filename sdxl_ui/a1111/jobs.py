@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..backends import CancelToken
+from ..jobs import CancelToken
 from ..schema import ErrorEvent, LogEvent, ProgressEvent, ResultEvent
 
 log = logging.getLogger("sdxl_ui")
@@ -98,7 +98,7 @@ class QueuedBackend:
     def concurrency(self) -> int:  # the page's gradio queue lets its jobs through to the shared line
         return self._backend.concurrency + self._queue.max_waiting
 
-    def generate(self, request, cancel=None, output_path=None):
+    def generate(self, request, cancel=None, output_path=None, **options):  # options: job_id, …, passed on
         cancel = cancel or CancelToken()
         ticket = self._queue.join()
         if ticket is None:
@@ -119,7 +119,7 @@ class QueuedBackend:
             if not admitted:
                 self._queue.abandon(ticket)
         try:
-            yield from self._backend.generate(request, cancel=cancel, output_path=output_path)
+            yield from self._backend.generate(request, cancel=cancel, output_path=output_path, **options)
         finally:
             self._queue.leave()
 

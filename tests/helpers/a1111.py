@@ -1,25 +1,19 @@
-"""Helpers of the /sdapi tests: app.py in a subprocess, and raw HTTP with or without HTTP Basic."""
+"""Helpers of the /sdapi tests (tests/test_a1111_*.py): app.py --api in a subprocess, and raw HTTP with or
+without HTTP Basic."""
 from __future__ import annotations
 
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.app import free_port
+from tests.helpers.common import ROOT
 
 
 class Server:
