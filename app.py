@@ -44,11 +44,11 @@ def parse_args(argv=None):
     serving.add_argument("--workers", type=int, default=None, metavar="N",
                          help="start a local Ray instance with N worker replicas, one job each at a time "
                               "(0 = one per GPU, or one on a machine without a GPU)")
-    add_api_args(parser)  # --api, --api-auth (AUTOMATIC1111's flags)
     serving.add_argument("--ray-address", default=None, metavar="ADDRESS",
                          help="use an existing Ray cluster (`ray start --head` …), e.g. 10.0.0.5:6379 or auto")
     serving.add_argument("--worker-cpus", type=float, default=1.0, metavar="CPUS",
                          help="CPU share of each worker replica that runs on the CPU (default 1)")
+    add_api_args(parser)  # --api, --api-auth (AUTOMATIC1111's flags)
     return parser.parse_args(argv)
 
 
