@@ -177,6 +177,18 @@ def test_interrupt_and_progress_act_on_the_callers_own_job():
     assert bob.done.wait(5.0) and len(bob.results) == 1  # the other user's job finishes
 
 
+def test_a_job_interrupted_while_waiting_ends_without_images_and_without_error():
+    backend = FakeBackend(steps=100, step_s=0.02)
+    queue = DeviceQueue(lambda: 1, max_waiting=4)
+    jobs = CallerJobs(queue, backend)
+    first, waiting = jobs.submit("alice", parse()), jobs.submit("bob", parse())
+    until(lambda: first.state == "running")
+    jobs.interrupt("bob")
+    assert waiting.done.wait(2.0) and waiting.results == [] and waiting.error is None and queue.length() == 0
+    jobs.interrupt("alice")
+    assert first.done.wait(2.0)
+
+
 def test_skip_goes_on_with_the_next_batch():
     backend = FakeBackend(steps=30, step_s=0.02)
     queue = DeviceQueue(lambda: 1, max_waiting=4)

@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..schema import MAX_SEED, PRESETS, GenerationRequest, Quality, Scheduler, Toggle, ValidationError, parse_choice
+from ..schema import MAX_IMAGES, MAX_SEED, PRESETS, GenerationRequest, Quality, Scheduler, Toggle, ValidationError, parse_choice
 
 MAX_ITER = 8  # n_iter: sequential batches of one request (each up to MAX_IMAGES images)
 
@@ -177,7 +177,7 @@ def parse_txt2img(body: Any, native: int, model: str, switches=()) -> Txt2Img:
         seed = random.randint(0, MAX_SEED)
     n_iter = _whole("n_iter", body.get("n_iter", 1) if body.get("n_iter") is not None else 1, 1, MAX_ITER)
     batch = body.get("batch_size", 1)
-    batch = 1 if batch is None else _whole("batch_size", batch, 1, 10**9)
+    batch = 1 if batch is None else _whole("batch_size", batch, 1, MAX_IMAGES)
     fields = dict(prompt=body.get("prompt", ""), negative_prompt=body.get("negative_prompt") or "", seed=seed,
                   images=batch, techniques=techniques,
                   width=native if body.get("width") is None else body["width"],

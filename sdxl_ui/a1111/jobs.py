@@ -170,8 +170,8 @@ class ApiJob:
         try:
             while self.state == "queued":
                 state = queue.poll(self.ticket, self.interrupt_token)
-                if state == CANCELLED:
-                    self.error = ErrorEvent("interrupted while waiting in the queue", "cancelled")
+                if state == CANCELLED:  # interrupted (or its client left) before it started: no images, no error
+                    self.textinfo = "Interrupted while waiting in the queue"
                     return
                 if state == RUN:
                     self.state = "running"
@@ -218,7 +218,7 @@ class ApiJob:
             elif isinstance(event, ErrorEvent):
                 if event.kind == "cancelled" and self.skipped and not self.interrupted:
                     return False  # skip: the next batch goes on
-                if event.kind != "cancelled":
+                if event.kind != "cancelled" or not self.interrupted:  # e.g. the app shutting down
                     self.error = event
                 return True
             elif isinstance(event, LogEvent) and event.level != "info":
@@ -285,7 +285,7 @@ class CallerJobs:
     def current(self, caller: str) -> ApiJob | None:
         """The caller's running job, else its first waiting one."""
         with self.lock:
-            mine = list(self.jobs.get(caller, []))
+            mine = [j for j in self.jobs.get(caller, []) if j.state != "done"]
         running = [j for j in mine if j.state == "running"]
         return (running or mine or [None])[0]
 

@@ -28,7 +28,7 @@ from .adapter import SAMPLERS, SCHEDULERS, detail_422, error_body, parse_txt2img
 log = logging.getLogger("sdxl_ui")
 
 RETRY_AFTER_S = 30
-ERROR_STATUS = {"validation": 422, "busy": 503, "memory": 500, "model": 500, "runtime": 500}
+ERROR_STATUS = {"validation": 422, "busy": 503, "cancelled": 503, "memory": 500, "model": 500, "runtime": 500}
 SUPPORTED = ("txt2img, progress, interrupt, skip, sd-models, samplers, schedulers, options, loras, memory, "
              "scripts, png-info")
 
