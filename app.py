@@ -317,12 +317,13 @@ def main(argv=None) -> int:
     service, code = _make_service(settings, args)
     if service is None:
         return code
+    # --api: the page's jobs and the API's wait in one line, in arrival order, under one per-user job limit
+    # (sdxl_ui/a1111).
+    api = A1111Api(service, api_settings) if api_settings else None
     config = UIConfig(queue_size=args.queue_size, max_jobs_per_user=args.max_jobs_per_user,
-                      access=Access(login=auth is not None, operator=operator))
+                      access=Access(login=auth is not None, operator=operator), limit=api.limit if api else None)
     if args.share:
         config.share_message = "Creating a share link…"
-    # --api: the page's jobs and the API's wait in one line, in arrival order (sdxl_ui/a1111).
-    api = A1111Api(service, api_settings) if api_settings else None
     demo = build_ui(api.page_backend if api else service, config)
     # Load the model in the background: the page opens at once and its status panel follows the load.
     service.preload_in_background()

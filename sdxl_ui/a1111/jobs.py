@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..jobs import CancelToken
+from ..jobs import CancelToken, HourlyLimit  # noqa: F401 - HourlyLimit re-exported
 from ..schema import ErrorEvent, LogEvent, ProgressEvent, ResultEvent
 
 log = logging.getLogger("sdxl_ui")
@@ -224,28 +224,6 @@ class ApiJob:
             elif isinstance(event, LogEvent) and event.level != "info":
                 self.textinfo = event.message
         return False
-
-
-@dataclass
-class HourlyLimit:
-    """--max-jobs-per-user for API callers: jobs started per caller in a sliding hour (the page's rule)."""
-
-    per_hour: int
-    started: dict = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def check(self, caller: str, now: float) -> str | None:
-        if self.per_hour <= 0:
-            return None
-        with self.lock:
-            recent = [t for t in self.started.get(caller, []) if now - t < 3600]
-            if len(recent) >= self.per_hour:
-                self.started[caller] = recent
-                wait_min = max(1, int((3600 - (now - recent[0])) / 60))
-                return (f"max_jobs_per_user: {self.per_hour} jobs per hour reached for this user; "
-                        f"try again in about {wait_min} min")
-            self.started[caller] = recent + [now]
-        return None
 
 
 class CallerJobs:

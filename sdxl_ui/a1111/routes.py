@@ -75,7 +75,7 @@ def make_auth(config):
         recent = [t for t in throttle.failures.get(client, []) if now - t < throttle.window_s]
         if len(recent) < throttle.free and valid(user, password):
             return user  # the common case: no throttle bookkeeping, so parallel calls of one client stay parallel
-        refused, delay = throttle.begin(client, now)
+        refused, delay = throttle.begin(client, now, user)
         if refused:
             log.warning("api: login refused from %s: %s", client, refused)
             raise HTTPException(429, refused)
@@ -84,7 +84,7 @@ def make_auth(config):
             await asyncio.sleep(delay)
             ok = valid(user, password)
         finally:
-            count, locked = throttle.end(client, ok, time.monotonic())
+            count, locked = throttle.end(client, ok, time.monotonic(), user)
         if not ok:
             log.warning("api: login failed for user %r from %s (%d failed)", user[:64], client, count)
             raise HTTPException(401, "Incorrect credentials", headers=challenge)

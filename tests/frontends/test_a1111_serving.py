@@ -150,3 +150,21 @@ def test_by_default_the_pages_logins_guard_the_api(tmp_path):
         assert status == 200 and body[0]["title"] == "tiny"
     finally:
         guarded.stop()
+
+
+def test_the_page_and_the_api_share_one_per_user_job_limit(tmp_path):
+    """--max-jobs-per-user 1: a job from the page uses the hour's one job of this address, so the API's next
+    txt2img from the same address is refused (429), and the other way round needs no second test."""
+    from gradio_client import Client
+
+    limited = Server("--api", "--model", "tiny", "--max-jobs-per-user", "1", "--outputs", str(tmp_path))
+    try:
+        limited.wait_for("Model loaded")
+        Client(limited.url, verbose=False).predict(prompt_text="page job", seed_value=1, api_name="/generate",
+                                                   **{**PAGE_ARGS, "n_steps": 2})
+        status, _, body = http(limited.api + "txt2img", {"prompt": "api job", "steps": 2, "width": 64,
+                                                         "height": 64})
+        assert status == 429, (status, body)
+        assert "max_jobs_per_user" in json.dumps(body)
+    finally:
+        limited.stop()

@@ -4,55 +4,18 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
-import threading
-import time
 import urllib.error
 import urllib.request
 
-from tests.helpers.app import free_port
-from tests.helpers.common import ROOT
+from tests.helpers.app import App
 
 
-class Server:
-    """``python app.py ARGS`` on a free port, on the CPU; its output is kept in ``lines``."""
+class Server(App):
+    """``python app.py ARGS`` on a free port, on the CPU (``App``), with the address of its /sdapi/v1."""
 
     def __init__(self, *args):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
+        super().__init__(*args)
         self.api = f"{self.url}sdapi/v1/"
-        self.lines: list[str] = []
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "app.py", "--port", str(self.port), "--device", "cpu", *args],
-                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_for(self, text: str, timeout: float = 300) -> None:
-        end = time.time() + timeout
-        while time.time() < end:
-            if text in self.output:
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError(f"app exited early:\n{self.output}")
-            time.sleep(0.2)
-        raise AssertionError(f"{text!r} not printed within {timeout} s:\n{self.output}")
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def http(url: str, data=None, login: tuple[str, str] | None = None, method: str | None = None,
