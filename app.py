@@ -81,6 +81,7 @@ def check_forwarded(value: str, name: str = "--forwarded-allow-ips") -> str:
 
 
 def parse_args(argv=None):
+    from sdxl_ui.a1111 import add_api_args
     from sdxl_ui.cli import add_settings_args
 
     parser = _Parser(description="sdxl_ui: Stable Diffusion XL in the browser")
@@ -110,6 +111,7 @@ def parse_args(argv=None):
                          help="use an existing Ray cluster (`ray start --head` …), e.g. 10.0.0.5:6379 or auto")
     serving.add_argument("--worker-cpus", type=float, default=1.0, metavar="CPUS",
                          help="CPU share of each worker replica that runs on the CPU (default 1)")
+    add_api_args(parser)  # --api, --api-auth (AUTOMATIC1111's flags)
     return parser.parse_args(argv)
 
 
@@ -176,11 +178,19 @@ def _settings(args):
 
 
 def _configure(args):
-    """(settings, auth, generated, operator, forwarded); raises BadFlag before anything starts."""
+    """(settings, auth, generated, operator, forwarded, api settings or None); raises BadFlag before anything
+    starts."""
+    from sdxl_ui.a1111 import api_config
+    from sdxl_ui.schema import ValidationError
+
     settings = _settings(args)
     auth, generated = resolve_auth(args)
     operator = resolve_operator(args, auth)
-    return settings, auth, generated, operator, resolve_forwarded(args)
+    try:
+        api_settings = api_config(args, auth, operator) if args.api else None
+    except ValidationError as exc:
+        raise BadFlag(str(exc)) from None
+    return settings, auth, generated, operator, resolve_forwarded(args), api_settings
 
 
 def _make_service(settings, args):
@@ -224,7 +234,7 @@ def _make_service(settings, args):
     return service, None
 
 
-def _launch(demo, args, auth, forwarded: str) -> bool:
+def _launch(demo, args, auth, forwarded: str, api=None) -> bool:
     """Serve the page. False (after one error line) when the port cannot be had."""
     from starlette.middleware import Middleware
 
@@ -236,14 +246,19 @@ def _launch(demo, args, auth, forwarded: str) -> bool:
     # by --forwarded-allow-ips may name the client; otherwise the client is the connecting address.
     os.environ["FORWARDED_ALLOW_IPS"] = forwarded
     middleware = [Middleware(SessionGuardMiddleware, login=auth is not None)]
+    throttle = LoginThrottle()  # one count of failed logins for the page and the API
     if auth:
-        middleware.append(Middleware(LoginThrottleMiddleware, throttle=LoginThrottle()))
+        middleware.append(Middleware(LoginThrottleMiddleware, throttle=throttle))
+    app_kwargs = {"middleware": middleware}
+    if api:  # --api: AUTOMATIC1111's /sdapi/v1 on this port (sdxl_ui/a1111)
+        api.config.throttle = throttle
+        app_kwargs["routes"] = api.routes()
     # The generated images are never served from the outputs folder (allowed_paths stays empty): the page serves
     # each session its own copies under unguessable names (ui/app.py).
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                     css=CSS, prevent_thread_lock=True, show_error=False, footer_links=["gradio"],
-                    max_file_size=MAX_UPLOAD, app_kwargs={"middleware": middleware})
+                    max_file_size=MAX_UPLOAD, app_kwargs=app_kwargs)
     except OSError as exc:  # the port is taken, or the address is not this machine's
         log.error("error: --port: cannot listen on %s:%s: %s (got %s)", args.host, args.port or "7860",
                   str(exc).split(". ")[0], args.port)
@@ -290,22 +305,26 @@ def main(argv=None) -> int:
     setup_logging(logging.INFO)
     args = parse_args(argv)
     try:
-        settings, auth, generated, operator, forwarded = _configure(args)
+        settings, auth, generated, operator, forwarded, api_settings = _configure(args)
     except BadFlag as exc:
         log.error("error: %s", exc)
         return EXIT_BAD_INPUT
 
+    from sdxl_ui.a1111 import A1111Api
     from sdxl_ui.ui import UIConfig, build_ui
     from sdxl_ui.ui.access import Access
 
     service, code = _make_service(settings, args)
     if service is None:
         return code
+    # --api: the page's jobs and the API's wait in one line, in arrival order, under one per-user job limit
+    # (sdxl_ui/a1111).
+    api = A1111Api(service, api_settings) if api_settings else None
     config = UIConfig(queue_size=args.queue_size, max_jobs_per_user=args.max_jobs_per_user,
-                      access=Access(login=auth is not None, operator=operator))
+                      access=Access(login=auth is not None, operator=operator), limit=api.limit if api else None)
     if args.share:
         config.share_message = "Creating a share link…"
-    demo = build_ui(service, config)
+    demo = build_ui(api.page_backend if api else service, config)
     # Load the model in the background: the page opens at once and its status panel follows the load.
     service.preload_in_background()
     outputs = settings.outputs.resolve()
@@ -316,7 +335,7 @@ def main(argv=None) -> int:
         log.info("* Operator (may switch the model for everyone): %s", operator)
     if forwarded:
         log.info("* Client addresses: X-Forwarded-For from %s is believed", forwarded)
-    if not _launch(demo, args, auth, forwarded):
+    if not _launch(demo, args, auth, forwarded, api):
         service.shutdown(0)
         return 1
     if args.share:

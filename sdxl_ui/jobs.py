@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, runtime_checkable
 
@@ -137,4 +138,27 @@ class Backend(Protocol):
     def preload_in_background(self): ...
 
 
-__all__ = ["Admission", "Backend", "CancelToken", "SHUTTING_DOWN", "new_job_id"]
+__all__ = ["Admission", "Backend", "CancelToken", "HourlyLimit", "SHUTTING_DOWN", "new_job_id"]
+
+
+@dataclass
+class HourlyLimit:
+    """--max-jobs-per-user: jobs started per user (login name, else client address) in a sliding hour, counted
+    once for the page and the API (one instance is shared)."""
+
+    per_hour: int
+    started: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def check(self, caller: str, now: float) -> str | None:
+        if self.per_hour <= 0:
+            return None
+        with self.lock:
+            recent = [t for t in self.started.get(caller, []) if now - t < 3600]
+            if len(recent) >= self.per_hour:
+                self.started[caller] = recent
+                wait_min = max(1, int((3600 - (now - recent[0])) / 60))
+                return (f"max_jobs_per_user: {self.per_hour} jobs per hour reached for this user; "
+                        f"try again in about {wait_min} min")
+            self.started[caller] = recent + [now]
+        return None

@@ -36,7 +36,7 @@ from ..schema import (
     Toggle,
     ValidationError,
 )
-from ..jobs import CancelToken
+from ..jobs import CancelToken, HourlyLimit
 from ..optimizations.registry import SWITCHES
 from .access import Access
 from .loras import lora_panel, wire_loras
@@ -67,6 +67,7 @@ class UIConfig:
     share_message: str | None = None  # shown in the status panel (share link, or why there is none)
     max_jobs_per_user: int = 0  # 0 = unlimited queued+running jobs per session
     access: Access = field(default_factory=Access)  # who is the operator (may switch the model for everyone)
+    limit: HourlyLimit | None = None  # shared with the A1111 API (--api): one count per user (None: its own)
 
 
 @dataclass
@@ -92,27 +93,6 @@ class _Runs:
         if token is not None:
             token.cancel()
         return token is not None
-
-
-@dataclass
-class _RateLimit:
-    """--max-jobs-per-user: jobs started per user (login name, else client address) in a sliding hour."""
-    per_hour: int
-    started: dict = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def check(self, user: str, now: float) -> str | None:
-        if self.per_hour <= 0:
-            return None
-        with self.lock:
-            recent = [t for t in self.started.get(user, []) if now - t < 3600]
-            if len(recent) >= self.per_hour:
-                wait_min = max(1, int((3600 - (now - recent[0])) / 60))
-                self.started[user] = recent
-                return (f"max_jobs_per_user: {self.per_hour} jobs per hour reached for this user; "
-                        f"try again in about {wait_min} min")
-            self.started[user] = recent + [now]
-        return None
 
 
 def _user_key(request) -> str:
@@ -313,7 +293,7 @@ def _wire_status(demo, page, service, config: UIConfig, status_update) -> None:
     page.demo_button.click(use_demo_model, None, [*outputs, page.size], queue=False, api_visibility="private")
 
 
-def _job_runner(demo, page, service, config: UIConfig, runs: _Runs, limit: _RateLimit, status_update):
+def _job_runner(demo, page, service, config: UIConfig, runs: _Runs, limit: HourlyLimit, status_update):
     """The body of a Generate run: validate, rate-limit, then turn the service's events into page updates."""
     def run_job(lines, prompt_text, negative_text, quality_label, n_steps, cfg, seed_value, n_images,
                 size_label, w, h, sched, session_history, request, techniques=None):
@@ -407,7 +387,7 @@ def _with_switches(handler):
 def _wire_jobs(demo, page, service, config: UIConfig, status_update) -> None:
     """Generate, Stop, and a closed tab (which cancels that session's job)."""
     runs = _Runs()
-    limit = _RateLimit(config.max_jobs_per_user)
+    limit = config.limit or HourlyLimit(config.max_jobs_per_user)
     run_job = _job_runner(demo, page, service, config, runs, limit, status_update)
 
     @_with_switches

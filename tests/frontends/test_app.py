@@ -5,21 +5,15 @@ import re
 import time
 
 import pytest
-from tests.helpers import App
+from tests.helpers import App, launched
 
 from sdxl_ui.metadata import parse_parameters, read_parameters
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    outputs = tmp_path_factory.mktemp("app-outputs")
-    running = App("--model", "tiny", "--outputs", str(outputs))
-    try:
-        running.wait_for("Running on local URL")
-        running.wait_for("Model loaded")  # preloaded in the background after launch
+    with launched(tmp_path_factory.mktemp("app-outputs"), "--model", "tiny") as running:
         yield running
-    finally:
-        running.stop()
 
 
 GENERATE_ARGS = dict(negative_text="", quality_label="High quality", n_steps=10, cfg=8.0, n_images=1,

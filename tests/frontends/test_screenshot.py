@@ -17,7 +17,7 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
-from tests.helpers import ROOT, App
+from tests.helpers import ROOT, launched
 
 from sdxl_ui.demo import scenes as S
 from sdxl_ui.settings import DEMO_MODEL_DIR
@@ -60,15 +60,8 @@ def test_the_judge_refuses_noise_and_passes_a_drawn_scene():
 
 @pytest.fixture(scope="module")
 def demo_app(tmp_path_factory):
-    outputs = tmp_path_factory.mktemp("shot-outputs")
-    running = App("--model", "demo", "--outputs", str(outputs))
-    running.outputs = outputs
-    try:
-        running.wait_for("Running on local URL")
-        running.wait_for("Model loaded")  # preloaded in the background after launch
+    with launched(tmp_path_factory.mktemp("shot-outputs"), "--model", "demo") as running:
         yield running
-    finally:
-        running.stop()
 
 
 def test_readme_screenshot_shows_the_demo_scene_and_no_server_paths(demo_app, browser, tmp_path):  # noqa: F811

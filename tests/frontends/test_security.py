@@ -13,7 +13,7 @@ from http.cookiejar import CookieJar
 
 import gradio as gr
 import pytest
-from tests.helpers import RELIABILITY, App, free_port, load_probe
+from tests.helpers import RELIABILITY, App, free_port, launched, load_probe
 
 from sdxl_ui.service import GenerationService
 from sdxl_ui.settings import AppSettings
@@ -146,14 +146,8 @@ def test_only_generate_is_a_public_endpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    outputs = tmp_path_factory.mktemp("sec-out")
-    running = App("--model", "tiny", "--outputs", str(outputs))
-    running.outputs = outputs
-    try:
-        running.wait_for("Model loaded")
+    with launched(tmp_path_factory.mktemp("sec-out"), "--model", "tiny") as running:
         yield running
-    finally:
-        running.stop()
 
 
 def test_a_session_reads_only_its_own_images(app):

@@ -15,7 +15,7 @@ import urllib.request
 from http.cookiejar import CookieJar
 
 import pytest
-from tests.helpers import RELIABILITY, ROOT, App, free_port
+from tests.helpers import RELIABILITY, ROOT, App, free_port, launched
 
 from sdxl_ui.metadata import ImageParameters, parse_parameters, read_parameters
 
@@ -78,14 +78,9 @@ def refused_lines(app, before: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def login_app(tmp_path_factory):
-    outputs = tmp_path_factory.mktemp("r3-login")
-    running = App("--model", "tiny", "--outputs", str(outputs), "--auth", "alice:secret", "--auth", "bob:other")
-    running.outputs = outputs
-    try:
-        running.wait_for("Model loaded")
+    with launched(tmp_path_factory.mktemp("r3-login"), "--model", "tiny", "--auth", "alice:secret",
+                  "--auth", "bob:other") as running:
         yield running
-    finally:
-        running.stop()
 
 
 def test_with_a_login_a_stranger_cannot_stop_a_users_job(login_app):
@@ -134,14 +129,8 @@ def test_the_login_page_and_a_logged_in_browser_still_work(login_app, browser):
 
 @pytest.fixture(scope="module")
 def open_app(tmp_path_factory):
-    outputs = tmp_path_factory.mktemp("r3-open")
-    running = App("--model", "tiny", "--outputs", str(outputs))
-    running.outputs = outputs
-    try:
-        running.wait_for("Model loaded")
+    with launched(tmp_path_factory.mktemp("r3-open"), "--model", "tiny") as running:
         yield running
-    finally:
-        running.stop()
 
 
 def test_without_a_login_cancel_and_disconnect_act_only_on_the_callers_own_job(open_app):

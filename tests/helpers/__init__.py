@@ -2,8 +2,8 @@
 one module, so the RELIABILITY counts the tests fill are the ones conftest.py prints."""
 from __future__ import annotations
 
-from tests.helpers.app import ARGS, App, free_port
+from tests.helpers.app import ARGS, App, free_port, launched
 from tests.helpers.cli import cli
 from tests.helpers.common import PROBES, RELIABILITY, ROOT, load_probe, run
 
-__all__ = ["ARGS", "App", "PROBES", "RELIABILITY", "ROOT", "cli", "free_port", "load_probe", "run"]
+__all__ = ["ARGS", "App", "PROBES", "RELIABILITY", "ROOT", "cli", "free_port", "launched", "load_probe", "run"]

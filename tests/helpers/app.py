@@ -1,6 +1,7 @@
 """app.py in a subprocess, and what the tests that drive it share."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -62,3 +63,15 @@ class App:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+@contextlib.contextmanager
+def launched(outputs, *args, **kwargs):
+    """app.py serving with its model loaded, writing into ``outputs`` (``app.outputs``); stopped afterwards."""
+    running = App("--outputs", str(outputs), *args, **kwargs)
+    running.outputs = outputs
+    try:
+        running.wait_for("Model loaded")  # preloaded in the background after launch
+        yield running
+    finally:
+        running.stop()

@@ -1,0 +1,79 @@
+"""An AUTOMATIC1111-compatible ``/sdapi/v1`` beside the page (``app.py --api``; README: AUTOMATIC1111-compatible API).
+
+``A1111Api`` wires it: the shared ``DeviceQueue`` (page and API jobs in one line), the backend the page gets
+(``page_backend``), and the routes that app.py hands to the FastAPI app gradio serves (``routes()``).
+No torch here (like the page).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from ..schema import ValidationError
+from .jobs import CallerJobs, DeviceQueue, HourlyLimit, QueuedBackend
+
+log = logging.getLogger("sdxl_ui")
+
+
+def add_api_args(parser) -> None:
+    group = parser.add_argument_group("AUTOMATIC1111-compatible API (README: AUTOMATIC1111-compatible API)")
+    group.add_argument("--api", action="store_true",
+                       help="also serve AUTOMATIC1111's /sdapi/v1 endpoints (txt2img, progress, …) on the same port")
+    group.add_argument("--api-auth", action="append", default=None, metavar="USER:PASS[,USER:PASS]",
+                       help="HTTP Basic logins for /sdapi (default: the page's --auth logins)")
+
+
+def parse_logins(values) -> dict[str, str]:
+    logins: dict[str, str] = {}
+    for value in values or []:
+        for item in str(value).split(","):
+            user, sep, password = item.strip().partition(":")
+            if not sep or not user or not password:
+                raise ValidationError("api-auth", "…", "expected USER:PASS[,USER:PASS] (a value without ':' or "
+                                                       "with an empty part)")
+            if user in logins:
+                raise ValidationError("api-auth", user, "user is given twice")
+            logins[user] = password
+    return logins
+
+
+@dataclass
+class ApiConfig:
+    logins: dict = field(default_factory=dict)  # user -> password; empty = no login (then per client address)
+    operator: str | None = None  # the login that may switch the model (POST /options); None: a loopback client
+    queue_size: int = 16
+    max_jobs_per_user: int = 0
+    throttle: object = None  # ui.access.LoginThrottle shared with the page's login
+
+
+def api_config(args, page_auth, page_operator, throttle=None) -> ApiConfig:
+    """--api-auth or the page's explicit logins; --share without an explicit login refuses to start (exit 2)."""
+    explicit = parse_logins(args.api_auth)
+    if args.share and not explicit and not args.auth:
+        import os
+
+        if not os.environ.get("SDXL_UI_AUTH"):
+            raise ValidationError("api", "--share", "the share link would expose /sdapi to anyone: give "
+                                                    "--api-auth USER:PASS (or --auth)")
+    if explicit:
+        operator = page_operator if page_operator in explicit else next(iter(explicit))
+        logins = explicit
+    else:
+        logins, operator = dict(page_auth or []), page_operator
+    return ApiConfig(logins=logins, operator=operator if logins else None, queue_size=args.queue_size,
+                     max_jobs_per_user=args.max_jobs_per_user, throttle=throttle)
+
+
+class A1111Api:
+    def __init__(self, backend, config: ApiConfig):
+        self.backend = backend
+        self.config = config
+        self.queue = DeviceQueue(lambda: max(1, int(getattr(backend, "concurrency", 1) or 1)), config.queue_size)
+        self.page_backend = QueuedBackend(backend, self.queue)
+        self.jobs = CallerJobs(self.queue, backend)
+        self.limit = HourlyLimit(config.max_jobs_per_user)
+
+    def routes(self) -> list:
+        from .routes import build_router
+
+        return list(build_router(self).routes)

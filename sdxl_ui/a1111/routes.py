@@ -1,0 +1,293 @@
+"""The FastAPI routes of ``/sdapi/v1``: HTTP Basic on every route, then the adapter and the shared queue.
+
+Errors: 401 (login), 403 (not the operator), 422 (FastAPI's ``detail`` shape, naming the field and the value),
+429 (login throttle, job limit), 503 (queue full, with Retry-After), 501 (an AUTOMATIC1111 endpoint sdxl_ui does not
+serve); the others in AUTOMATIC1111's error shape ``{"error", "detail", "body", "errors"}``.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import logging
+import secrets
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+
+from ..metadata import parse_parameters
+from ..optimizations.registry import SWITCHES
+from ..schema import ValidationError
+from ..ui.access import LOOPBACK, LoginThrottle
+from .adapter import SAMPLERS, SCHEDULERS, detail_422, error_body, parse_txt2img, preview_base64, \
+    quality_presets, txt2img_response
+
+log = logging.getLogger("sdxl_ui")
+
+RETRY_AFTER_S = 30
+ERROR_STATUS = {"validation": 422, "busy": 503, "cancelled": 503, "memory": 500, "model": 500, "runtime": 500}
+SUPPORTED = ("txt2img, progress, interrupt, skip, sd-models, samplers, schedulers, options, loras, memory, "
+             "scripts, png-info")
+
+
+def reply(payload, status: int = 200, headers: dict | None = None) -> Response:
+    """JSON with \\u escapes: a prompt that is not valid Unicode can still be named in a 422."""
+    return Response(json.dumps(payload), status_code=status, media_type="application/json", headers=headers)
+
+
+def public_model(settings) -> str:
+    """The model's name as clients see it: a local folder by its last part, never the server's path."""
+    model = str(settings.model)
+    return (Path(model).name or model) if model.startswith(("/", "~", ".")) else model
+
+
+def _basic(header: str | None) -> tuple[str | None, str | None]:
+    if not header or not header.lower().startswith("basic "):
+        return None, None
+    try:
+        user, _, password = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None, None
+    return user, password
+
+
+def make_auth(config):
+    throttle = config.throttle or LoginThrottle()
+    challenge = {"WWW-Authenticate": 'Basic realm="sdxl_ui API"'}
+
+    def valid(user, password) -> bool:
+        expected = config.logins.get(user)
+        return expected is not None and secrets.compare_digest(expected.encode(), (password or "").encode())
+
+    async def caller(request: Request) -> str:
+        client = request.client.host if request.client else "?"
+        if not config.logins:
+            return client
+        user, password = _basic(request.headers.get("authorization"))
+        if user is None:
+            raise HTTPException(401, "Not authenticated: this API needs HTTP Basic credentials", headers=challenge)
+        now = time.monotonic()
+        if throttle.locked_until.get(client, 0.0) > now:
+            raise HTTPException(429, "Too many failed logins from this address; try again later")
+        recent = [t for t in throttle.failures.get(client, []) if now - t < throttle.window_s]
+        if len(recent) < throttle.free and valid(user, password):
+            return user  # the common case: no throttle bookkeeping, so parallel calls of one client stay parallel
+        refused, delay = throttle.begin(client, now, user)
+        if refused:
+            log.warning("api: login refused from %s: %s", client, refused)
+            raise HTTPException(429, refused)
+        ok = False
+        try:
+            await asyncio.sleep(delay)
+            ok = valid(user, password)
+        finally:
+            count, locked = throttle.end(client, ok, time.monotonic(), user)
+        if not ok:
+            log.warning("api: login failed for user %r from %s (%d failed)", user[:64], client, count)
+            raise HTTPException(401, "Incorrect credentials", headers=challenge)
+        return user
+
+    return caller
+
+
+async def read_json(request: Request):
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValidationError("body", raw[max(0, exc.start - 10):exc.start + 10].decode("latin-1"),
+                              f"is not valid UTF-8 text (byte {exc.start + 1})") from None
+    try:
+        return json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ValidationError("body", text[:80], f"is not valid JSON ({exc.msg} at character {exc.pos + 1})") \
+            from None
+
+
+def build_router(api) -> APIRouter:
+    router = APIRouter(prefix="/sdapi/v1")
+    caller_of = make_auth(api.config)
+    add_txt2img(router, api, caller_of)
+    add_progress(router, api, caller_of)
+    add_info(router, api, caller_of)
+
+    @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    async def not_supported(rest: str, caller: str = Depends(caller_of)):
+        return reply(error_body("NotImplementedError", f"/sdapi/v1/{rest[:100]} is not supported by sdxl_ui "
+                                                       f"(no img2img, upscaling, interrogation, …); supported: "
+                                                       f"{SUPPORTED}"), 501)
+
+    return router
+
+
+def add_txt2img(router, api, caller_of) -> None:
+    @router.post("/txt2img")
+    async def txt2img(request: Request, caller: str = Depends(caller_of)):
+        backend = api.backend
+        try:
+            body = await read_json(request)
+            spec = parse_txt2img(body, backend.native_size(), public_model(backend.settings), SWITCHES)
+        except ValidationError as exc:
+            log.info("api: refused a txt2img from %s: %s", caller, exc)
+            return reply(detail_422(exc), 422)
+        if spec.ignored:
+            log.info("api: txt2img from %s: ignored fields %s", caller, ", ".join(spec.ignored))
+        refused = api.limit.check(caller, time.monotonic())
+        if refused:
+            return reply(error_body("HTTPException", refused), 429, {"Retry-After": "60"})
+        job = api.jobs.submit(caller, spec)
+        if job is None:
+            message = f"queue full ({api.config.queue_size} jobs waiting); try again later"
+            log.info("api: txt2img from %s refused: %s", caller, message)
+            return reply(error_body("HTTPException", message), 503, {"Retry-After": str(RETRY_AFTER_S)})
+        while not job.done.is_set():
+            await asyncio.sleep(0.05)
+            if not job.interrupted and await request.is_disconnected():
+                log.info("api: the client of %s went away; its job is cancelled", caller)
+                job.interrupt()
+        if job.error is not None:
+            status = ERROR_STATUS.get(job.error.kind, 500)
+            headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+            return reply(error_body("GenerationError", job.error.message), status, headers)
+        payload = await asyncio.to_thread(txt2img_response, spec, job.results, public_model(backend.settings))
+        return reply(payload)
+
+
+def _idle_progress() -> dict:
+    return {"progress": 0.0, "eta_relative": 0.0,
+            "state": {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
+                      "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0},
+            "current_image": None, "textinfo": None}
+
+
+def add_progress(router, api, caller_of) -> None:
+    @router.get("/progress")
+    async def progress(skip_current_image: bool = False, caller: str = Depends(caller_of)):
+        job = api.jobs.current(caller)
+        if job is None:
+            return reply(_idle_progress())
+        image = None if skip_current_image else await asyncio.to_thread(preview_base64, job.preview)
+        return reply({
+            "progress": round(job.progress, 4), "eta_relative": float(job.eta_s or 0.0),
+            "state": {"skipped": job.skipped, "interrupted": job.interrupted, "stopping_generation": False,
+                      "job": f"txt2img ({job.state})", "job_count": job.spec.n_iter, "job_timestamp": "0",
+                      "job_no": job.job_no, "sampling_step": job.step, "sampling_steps": job.total},
+            "current_image": image, "textinfo": job.textinfo})
+
+    @router.post("/interrupt")
+    async def interrupt(caller: str = Depends(caller_of)):
+        if api.jobs.interrupt(caller):
+            log.info("api: %s interrupted its job", caller)
+        return reply({})
+
+    @router.post("/skip")
+    async def skip(caller: str = Depends(caller_of)):
+        api.jobs.skip(caller)
+        return reply({})
+
+
+def _models(api) -> list[str]:
+    return list(dict.fromkeys([public_model(api.backend.settings), "demo", "tiny"]))
+
+
+def add_info(router, api, caller_of) -> None:
+    @router.get("/sd-models")
+    async def sd_models(caller: str = Depends(caller_of)):
+        return reply([{"title": m, "model_name": m, "hash": None, "sha256": None, "filename": m, "config": None}
+                      for m in _models(api)])
+
+    @router.get("/samplers")
+    async def samplers(caller: str = Depends(caller_of)):
+        return reply(SAMPLERS)
+
+    @router.get("/schedulers")
+    async def schedulers(caller: str = Depends(caller_of)):
+        return reply(SCHEDULERS)
+
+    @router.get("/loras")
+    async def loras(caller: str = Depends(caller_of)):
+        return reply([])
+
+    @router.get("/scripts")
+    async def scripts(caller: str = Depends(caller_of)):
+        return reply({"txt2img": [], "img2img": []})
+
+    @router.get("/options")
+    async def options(caller: str = Depends(caller_of)):
+        return reply({"sd_model_checkpoint": public_model(api.backend.settings), "sd_checkpoint_hash": None,
+                      "samples_format": "png", "samples_save": True, "live_previews_enable": True,
+                      "sdxl_ui_quality_presets": quality_presets(),
+                      "sdxl_ui_techniques": [s.name for s in SWITCHES]})
+
+    @router.post("/options")
+    async def set_options(request: Request, caller: str = Depends(caller_of)):
+        return await change_options(api, request, caller)
+
+    @router.get("/memory")
+    async def memory(caller: str = Depends(caller_of)):
+        import psutil
+
+        ram = psutil.virtual_memory()
+        device = api.backend.status().get("device", "?")
+        return reply({"ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total},
+                      "cuda": {"error": f"not reported by sdxl_ui's API (device: {device})"}})
+
+    @router.post("/png-info")
+    async def png_info(request: Request, caller: str = Depends(caller_of)):
+        try:
+            text = await asyncio.to_thread(read_png_parameters, await read_json(request))
+        except ValidationError as exc:
+            return reply(detail_422(exc), 422)
+        return reply({"info": text or "", "items": {"parameters": text} if text else {},
+                      "parameters": parse_parameters(text) if text else {}})
+
+
+def read_png_parameters(body) -> str | None:
+    from PIL import Image, UnidentifiedImageError
+
+    data = body.get("image") if isinstance(body, dict) else None
+    if not isinstance(data, str) or not data:
+        raise ValidationError("image", data, "must be a base64 PNG")
+    payload = data.split(",", 1)[1] if data.startswith("data:") else data
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValidationError("image", data, "is not valid base64") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()
+            return image.text.get("parameters") if hasattr(image, "text") else None
+    except (UnidentifiedImageError, OSError):
+        raise ValidationError("image", data, "is not an image") from None
+
+
+async def change_options(api, request: Request, caller: str) -> Response:
+    try:
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise ValidationError("body", type(body).__name__, "must be a JSON object")
+        wanted = body.get("sd_model_checkpoint")
+        if wanted is not None and wanted not in _models(api):
+            raise ValidationError("sd_model_checkpoint", wanted, f"unknown model; known: {', '.join(_models(api))}")
+    except ValidationError as exc:
+        return reply(detail_422(exc), 422)
+    other = sorted(k for k in body if k != "sd_model_checkpoint")
+    if other:
+        log.info("api: options from %s: ignored settings %s", caller, ", ".join(other))
+    if wanted is None or wanted == public_model(api.backend.settings):
+        return reply(None)
+    config = api.config
+    operator = caller == config.operator if config.logins else \
+        (request.client.host if request.client else "?") in LOOPBACK
+    if not operator:
+        log.warning("api: refused a model switch to %r from %s: not the operator", wanted, caller)
+        return reply(error_body("HTTPException", "Only the operator of this app may switch the model "
+                                                 "(README: Sharing safely)"), 403)
+    log.info("api: %s switched the model to %r", caller, wanted)
+    backend = api.backend
+    await asyncio.to_thread(backend.reconfigure, backend.settings.with_(model=wanted, refiner="auto"))
+    backend.preload_in_background()
+    return reply(None)

@@ -1,0 +1,287 @@
+"""The AUTOMATIC1111 adapter and the shared queue, without a server: request mapping, refusals by name, the
+response shape, first-come-first-served order of page and API jobs, and per-caller interrupt."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from sdxl_ui.a1111.adapter import MAX_ITER, detail_422, info_json, map_sampler, parse_txt2img
+from sdxl_ui.a1111.jobs import CallerJobs, DeviceQueue, QueuedBackend
+from sdxl_ui.optimizations.registry import SWITCHES
+from sdxl_ui.schema import ErrorEvent, LogEvent, ProgressEvent, ResultEvent, Scheduler, ValidationError
+
+
+def until(condition, timeout: float = 10.0) -> None:
+    end = time.time() + timeout
+    while not condition():
+        assert time.time() < end, "condition not met in time"
+        time.sleep(0.01)
+
+
+def parse(**body):
+    return parse_txt2img({"prompt": "a red circle", **body}, native=128, model="demo", switches=SWITCHES)
+
+
+@pytest.mark.parametrize("sampler, scheduler, ours", [
+    ("Euler", None, Scheduler.EULER), ("Euler a", "Automatic", Scheduler.EULER_A),
+    ("DPM++ 2M", "Karras", Scheduler.DPMPP_2M_KARRAS), ("DPM++ 2M", "automatic", Scheduler.DPMPP_2M_KARRAS),
+    ("DPM++ 2M", "Uniform", Scheduler.DPMPP_2M), ("DPM++ 2M Karras", None, Scheduler.DPMPP_2M_KARRAS),
+    ("DDIM", None, Scheduler.DDIM), ("UniPC", "", Scheduler.UNIPC), ("k_euler_a", None, Scheduler.EULER_A),
+    (None, None, Scheduler.AUTO)])
+def test_samplers_map_to_ours(sampler, scheduler, ours):
+    assert map_sampler(sampler, scheduler) is ours
+
+
+@pytest.mark.parametrize("sampler, scheduler, field", [
+    ("LMS", None, "sampler_name"), ("Euler", "Karras", "scheduler"), ("Euler", "Exponential", "scheduler"),
+    ("DPM++ 2M Karras", "Uniform", "scheduler"), (3, None, "sampler_name")])
+def test_an_unknown_or_unsupported_sampler_is_refused_by_name(sampler, scheduler, field):
+    with pytest.raises(ValidationError) as err:
+        map_sampler(sampler, scheduler)
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"steps": 0}, "steps"), ({"steps": 10**9}, "steps"), ({"width": 100}, "width"), ({"height": 4096}, "height"),
+    ({"batch_size": -1}, "batch_size"), ({"n_iter": MAX_ITER + 1}, "n_iter"), ({"seed": -2}, "seed"),
+    ({"cfg_scale": 99}, "cfg_scale"), ({"prompt": "\ud800"}, "prompt"), ({"prompt": ""}, "prompt"),
+    ({"sampler_name": "Heun"}, "sampler_name"), ({"enable_hr": True}, "enable_hr"),
+    ({"alwayson_scripts": {"ControlNet": {}}}, "alwayson_scripts"), ({"send_images": "yes"}, "send_images"),
+    ({"override_settings": {"sd_model_checkpoint": "other"}}, "override_settings.sd_model_checkpoint"),
+    ({"sdxl_ui": {"quality": "best"}}, "sdxl_ui.quality"), ({"sdxl_ui": {"techniques": {"x": "on"}}},
+                                                            "sdxl_ui.techniques")])
+def test_bad_input_names_the_field_and_the_value(body, field):
+    with pytest.raises(ValidationError) as err:
+        parse(**body)
+    assert err.value.field == field
+    detail = detail_422(err.value)["detail"][0]
+    assert detail["loc"] == ["body", *field.split(".")] and field.split(".")[-1] in detail["msg"]
+    json.dumps(detail_422(err.value))  # always serialisable, even for a lone surrogate
+
+
+def test_a_request_maps_to_ours_with_seeds_per_iteration():
+    job = parse(steps=12, cfg_scale=5, width=64, height=96, seed=7, batch_size=2, n_iter=3, sampler_name="Euler a",
+                eta=1.0, s_churn=0, send_images=False)
+    req = job.request
+    assert (req.steps, req.guidance, req.width, req.height, req.images, req.scheduler) == (
+        12, 5.0, 64, 96, 2, Scheduler.EULER_A)
+    assert [job.iteration(k).seed for k in range(3)] == [7, 9, 11] and job.all_seeds == [7, 8, 9, 10, 11, 12]
+    assert job.ignored == ("eta", "s_churn") and job.send_images is False and job.save_images is False
+    assert parse().request.width == 128  # no size: the model's native size
+
+
+def test_seed_minus_one_is_random_and_reported():
+    seeds = {parse(seed=-1).seed for _ in range(5)}
+    assert len(seeds) > 1 and all(s >= 0 for s in seeds)
+
+
+def test_the_quality_preset_is_reachable_through_the_extension_field():
+    job = parse(steps=30, cfg_scale=7, sampler_name="Euler a", sdxl_ui={"quality": "fast",
+                                                                        "techniques": {"feature_cache": "off"}})
+    req = job.request
+    assert (req.requested_steps, req.guidance_scale, req.sampler) == (20, 6.0, Scheduler.DPMPP_2M_KARRAS)
+    assert req.techniques == {"feature_cache": "off"}
+    assert parse(override_settings={"sdxl_ui_quality": "fast"}).request.quality.value == "fast"
+
+
+def test_info_is_automatic1111s_json_string():
+    job = parse(seed=5, steps=10, sampler_name="DPM++ 2M", scheduler="Karras")
+
+    class R:
+        seed, steps_run, parameters = 5, 7, "a red circle\nNegative prompt: \nSteps: 10, Seed: 5"
+
+    info = json.loads(info_json(job, [R()], "demo"))
+    assert info["all_seeds"] == [5] and info["seed"] == 5 and info["infotexts"] == [R.parameters]
+    assert (info["sampler_name"], info["scheduler"], info["steps"], info["width"]) == ("DPM++ 2M", "Karras", 10, 128)
+    assert info["all_prompts"] == ["a red circle"]
+
+
+class FakeBackend:
+    """A backend whose jobs take ``steps`` × ``step_s`` and record the order they started in."""
+
+    concurrency = 1
+
+    def __init__(self, steps=5, step_s=0.02):
+        self.steps, self.step_s, self.started, self.running, self.overlap = steps, step_s, [], 0, False
+        self.lock = threading.Lock()
+
+    def generate(self, request, cancel=None, output_path=None):
+        with self.lock:
+            self.running += 1
+            self.overlap |= self.running > 1
+            self.started.append(request.prompt)
+        try:
+            for step in range(1, self.steps + 1):
+                if cancel is not None and cancel.cancelled:
+                    yield ErrorEvent(f"cancelled at step {step}/{self.steps}", "cancelled")
+                    return
+                time.sleep(self.step_s)
+                yield ProgressEvent(step, self.steps, 0.1, 0.1, 0.01, "", None)
+            from PIL import Image
+
+            yield ResultEvent(Image.new("RGB", (8, 8)), None, request.seed or 0, 0, self.steps, self.steps, False, None, None, "fake",
+                              "cpu", "fp32", request.prompt)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_page_and_api_jobs_share_one_line_in_arrival_order():
+    backend = FakeBackend()
+    queue = DeviceQueue(lambda: 1, max_waiting=8)
+    page, jobs = QueuedBackend(backend, queue), CallerJobs(queue, backend)
+    threads = []
+    for i in range(6):  # arrival order: job0 (page), job1 (API), job2 (page), …
+        if i % 2:
+            jobs.submit(f"api{i}", parse(prompt=f"job{i}"))
+        else:
+            events = page.generate(parse(prompt=f"job{i}").request)
+            next(events)  # in line now (its first event: a progress step, or its place in the line)
+            threads.append(threading.Thread(target=lambda g=events: list(g)))
+            threads[-1].start()
+    for t in threads:
+        t.join(10)
+    end = time.time() + 10
+    while len(backend.started) < 6 and time.time() < end:
+        time.sleep(0.02)
+    assert backend.started == [f"job{i}" for i in range(6)] and not backend.overlap
+    assert page.concurrency == 1 + 8  # the page's gradio queue lets its jobs through to the shared line
+
+
+def test_a_full_line_refuses_page_and_api_jobs():
+    backend = FakeBackend(steps=20)
+    queue = DeviceQueue(lambda: 1, max_waiting=1)
+    jobs = CallerJobs(queue, backend)
+    running = jobs.submit("a", parse())
+    until(lambda: running.state == "running")
+    assert jobs.submit("b", parse()) is not None  # waits
+    assert jobs.submit("c", parse()) is None  # full
+    events = list(QueuedBackend(backend, queue).generate(parse().request))
+    assert isinstance(events[-1], ErrorEvent) and events[-1].kind == "busy" and "queue full" in events[-1].message
+
+
+def test_interrupt_and_progress_act_on_the_callers_own_job():
+    backend = FakeBackend(steps=100, step_s=0.02)
+    queue = DeviceQueue(lambda: 1, max_waiting=4)
+    jobs = CallerJobs(queue, backend)
+    alice, bob = jobs.submit("alice", parse(n_iter=1)), jobs.submit("bob", parse(steps=5))
+    until(lambda: alice.step > 0)
+    assert jobs.current("alice").state == "running" and jobs.current("bob").state == "queued"
+    assert jobs.current("carol") is None and not jobs.interrupt("carol")
+    assert alice.step > 0 and 0 < alice.progress < 1
+    jobs.interrupt("alice")
+    assert alice.done.wait(1.0) and alice.results == [] and alice.error is None
+    assert bob.done.wait(5.0) and len(bob.results) == 1  # the other user's job finishes
+
+
+def test_a_job_interrupted_while_waiting_ends_without_images_and_without_error():
+    backend = FakeBackend(steps=100, step_s=0.02)
+    queue = DeviceQueue(lambda: 1, max_waiting=4)
+    jobs = CallerJobs(queue, backend)
+    first, waiting = jobs.submit("alice", parse()), jobs.submit("bob", parse())
+    until(lambda: first.state == "running")
+    jobs.interrupt("bob")
+    assert waiting.done.wait(2.0) and waiting.results == [] and waiting.error is None and queue.length() == 0
+    jobs.interrupt("alice")
+    assert first.done.wait(2.0)
+
+
+def test_skip_goes_on_with_the_next_batch():
+    backend = FakeBackend(steps=30, step_s=0.02)
+    queue = DeviceQueue(lambda: 1, max_waiting=4)
+    jobs = CallerJobs(queue, backend)
+    job = jobs.submit("alice", parse(n_iter=2))
+    until(lambda: job.step > 0)
+    jobs.skip("alice")
+    assert job.done.wait(5.0) and len(job.results) == 1 and job.error is None
+
+
+def test_a_page_job_waiting_in_line_says_so_and_can_be_cancelled():
+    from sdxl_ui.jobs import CancelToken
+
+    backend = FakeBackend(steps=50, step_s=0.02)
+    queue = DeviceQueue(lambda: 1, max_waiting=4)
+    first = CallerJobs(queue, backend).submit("api", parse())
+    until(lambda: first.state == "running")
+    token = CancelToken()
+    events = []
+    gen = QueuedBackend(backend, queue).generate(parse().request, cancel=token)
+    events.append(next(gen))
+    token.cancel()
+    events += list(gen)
+    assert isinstance(events[0], LogEvent) and "1 job(s) ahead" in events[0].message
+    assert events[-1].kind == "cancelled" and queue.length() == 0
+
+
+def _app(backend, **config):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from sdxl_ui.a1111 import A1111Api, ApiConfig
+    from sdxl_ui.settings import AppSettings
+
+    backend.settings = AppSettings(model="demo")
+    backend.native_size = lambda: 64
+    api = A1111Api(backend, ApiConfig(**config))
+    return TestClient(FastAPI(routes=api.routes()))
+
+
+def test_failed_api_logins_go_through_the_login_throttle():
+    from sdxl_ui.ui.access import LoginThrottle
+
+    throttle = LoginThrottle(free=2, lock_after=4, base_delay_s=0.05, max_delay_s=0.1)
+    http = _app(FakeBackend(), logins={"alice": "pw"}, throttle=throttle)
+    assert http.get("/sdapi/v1/samplers").status_code == 401  # no credentials: not counted
+    assert http.get("/sdapi/v1/samplers", auth=("alice", "pw")).status_code == 200
+    codes = [http.get("/sdapi/v1/samplers", auth=("alice", "no")).status_code for _ in range(4)]
+    assert codes == [401, 401, 401, 401]
+    locked = http.get("/sdapi/v1/samplers", auth=("alice", "pw"))  # locked out: even the right password
+    assert locked.status_code == 429 and "Too many failed logins" in locked.json()["detail"]
+
+
+def test_max_jobs_per_user_answers_429_for_api_callers():
+    http = _app(FakeBackend(steps=1, step_s=0.0), max_jobs_per_user=1)
+    body = {"prompt": "a red circle", "seed": 1, "steps": 1}
+    assert http.post("/sdapi/v1/txt2img", json=body).status_code == 200
+    second = http.post("/sdapi/v1/txt2img", json=body)
+    assert second.status_code == 429 and "max_jobs_per_user" in second.json()["detail"]
+    assert second.headers["retry-after"]
+
+
+def test_a_full_line_answers_503_with_retry_after():
+    backend = FakeBackend(steps=200, step_s=0.02)
+    http = _app(backend, queue_size=0)
+    busy = threading.Thread(target=lambda: http.post("/sdapi/v1/txt2img", json={"prompt": "long", "seed": 1}))
+    busy.start()
+    until(lambda: backend.started)
+    refused = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "seed": 1})
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0
+    assert set(refused.json()) == {"error", "detail", "body", "errors"} and "queue full" in refused.json()["detail"]
+    http.post("/sdapi/v1/interrupt")
+    busy.join(10)
+
+
+def test_the_api_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, sdxl_ui.a1111, sdxl_ui.a1111.routes; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_only_the_operator_switches_the_model():
+    backend = FakeBackend()
+    switched = []
+    backend.reconfigure = lambda settings: switched.append(settings.model)
+    backend.preload_in_background = lambda: None
+    http = _app(backend, logins={"alice": "a", "bob": "b"}, operator="alice")
+    refused = http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}, auth=("bob", "b"))
+    assert refused.status_code == 403 and "operator" in refused.json()["detail"] and switched == []
+    assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}, auth=("alice", "a")).json() is None
+    assert switched == ["tiny"]
+    nobody = _app(backend)  # no login: only a client on this machine (TestClient's peer is "testclient")
+    assert nobody.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}).status_code == 403
