@@ -92,6 +92,17 @@ def check_file(spec: LoraSpec, path: Path) -> None:
         raise LoraError(f"lora: {spec.source!r} holds no tensors")
 
 
+def check_files(specs, local_files_only: bool = False) -> None:
+    """The cheap checks, before any model loads: each local LoRA file exists and is readable (a hub id not in the
+    local cache is fetched when the model loads, unless ``local_files_only``)."""
+    for spec in specs:
+        try:
+            check_file(spec, resolve(spec, local_files_only=True))
+        except LoraError:
+            if not is_hub_id(spec.source) or local_files_only:
+                raise
+
+
 def is_hub_id(source: str) -> bool:
     """``org/name[:FILE]`` that is not an existing local path."""
     return bool(HUB_ID.match(source.partition(":")[0])) and not Path(source).expanduser().exists() \

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .adapters import LoraError, apply_loras, check_file, fused, is_hub_id, profile_evidence, resolve
+from .adapters import LoraError, apply_loras, check_files, fused, profile_evidence
 from .denoise import (REFINER_SPLIT, decode_latents, latent_preview, profile_scheduler, run_stages,  # noqa: F401
                       scheduler_for)
 from .jobs import SHUTTING_DOWN, Admission, CancelToken, new_job_id  # CancelToken: still importable from here
@@ -144,12 +144,7 @@ class GenerationService:
         the memory preflight, so a wrong --model is reported as such. Raises ModelLoadError."""
         source = self.source
         check_source(source)
-        for spec in self.settings.loras:  # a missing LoRA file: said now (a hub id is fetched when loading)
-            try:
-                check_file(spec, resolve(spec, local_files_only=True))
-            except LoraError:
-                if not is_hub_id(spec.source) or self.settings.local_files_only:
-                    raise
+        check_files(self.settings.loras, self.settings.local_files_only)  # a missing or unreadable LoRA file
         return source
 
     def reconfigure(self, settings: AppSettings) -> None:
@@ -437,7 +432,8 @@ class GenerationService:
         if models.refiner is not None:
             models.refiner.scheduler = scheduler_for(request.sampler, models.scheduler_config)
         label = profile.sampler_label if own else SAMPLER_LABELS[request.sampler]
-        return _RunPlan(plan, width, height, steps, guidance, use_refiner, label, dict(profile.options) if own else {})
+        return _RunPlan(plan, width, height, steps, guidance, use_refiner, label, dict(profile.options) if own else {},
+                        wanted)
 
     def _generate_image(self, request, models, run: "_RunPlan", index, times, target, cancel, emit, progress,
                         on_step) -> None:
@@ -487,7 +483,7 @@ class GenerationService:
                           total_s=round(time.perf_counter() - start, 3))
         emit(ResultEvent(
             image=image, path=str(path) if path else None, seed=seed, index=index,
-            steps_requested=request.requested_steps, steps_run=steps_run, refiner=use_refiner,
+            steps_requested=run.requested or request.requested_steps, steps_run=steps_run, refiner=use_refiner,
             timings=timings, report=rep, model=models.source.label, device=plan.device, dtype=plan.dtype,
             parameters=params.to_text(), save_error=save_error,
         ))
@@ -544,6 +540,7 @@ class _RunPlan:
     use_refiner: bool
     sampler: str = ""  # the A1111 name of the sampler that runs (PNG parameters)
     options: dict | None = None  # the profile's pipeline-call options (e.g. TCD's eta)
+    requested: int = 0  # the steps asked for: the request's, else the profile's or the preset's
 
 
 def _step_callbacks(progress: dict, t_run: float, cancel: CancelToken, emit):

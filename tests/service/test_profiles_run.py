@@ -52,6 +52,7 @@ def test_a_forced_lightning_profile_runs_its_steps_guidance_and_trailing_euler_o
         assert call["num_inference_steps"] == 4  # not × 0.7 on the CPU: the schedule the checkpoint was made for
         assert call["guidance_scale"] == 0.0
         assert call["scheduler"] == "EulerDiscreteScheduler" and call["spacing"] == "trailing"
+        assert out["results"][0].steps_requested == 4 and out["results"][0].steps_run == 4
         params = parse_parameters(out["results"][0].parameters)
         assert params["Steps"] == "4" and params["Sampler"] == "Euler" and params["Profile"] == "lightning-4"
         assert params["CFG scale"] == "0.0"
