@@ -248,21 +248,62 @@ def _from_pretrained(cls, source: ModelSource, dtype: str, local_files_only: boo
     if is_folder:
         return cls.from_pretrained(source.location, local_files_only=True, **kwargs)
     attempts = [True] if (local_files_only or _offline()) else [True, False]
-    last: Exception | None = None
+    # Either file set will do, the preferred one first: a cache filled on a GPU (the fp16 files only) still loads
+    # in fp32 (upcast), and one with only the plain files still loads in fp16/bf16.
+    variants = [kwargs.get("variant"), None] if kwargs.get("variant") else [None, "fp16"]
+    errors: dict[str, str] = {}
     for cached_only in attempts:
-        for variant in ([kwargs.get("variant"), None] if kwargs.get("variant") else [None]):
+        errors = {}  # the last pass's, one per file set: each names the file it lacked
+        for variant in variants:
             try:
                 options = {**kwargs, "variant": variant}
                 return cls.from_pretrained(source.location, local_files_only=cached_only, **options)
             except (OSError, ValueError) as exc:  # not cached / unreachable / no such variant
-                last = exc
+                text = str(exc).strip()
+                errors[f"{variant} files" if variant else "plain files"] = _shorten(
+                    text.splitlines()[0] if text else type(exc).__name__, 400)
     where = "the local Hugging Face cache" + ("" if len(attempts) == 1 else " and the hub (unreachable?)")
-    first_line = str(last).strip().splitlines()[0] if last and str(last).strip() else type(last).__name__
+    gaps = _cache_gaps(source.location, variants[0]) or f"it is not in {where}, or a file of it is missing there"
     raise ModelLoadError(
-        f"{field}: could not load {source.location!r}: it is not in {where}"
+        f"{field}: could not load {source.location!r}: {gaps}"
         f"{' (offline mode: HF_HUB_OFFLINE / --local-files-only)' if len(attempts) == 1 else ''}. "
-        f"Last error: {_shorten(first_line)} {_ways_out(source.location)}"
+        f"Last errors: {'; '.join(f'{k}: {v}' for k, v in errors.items())} {_ways_out(source.location)}"
     )
+
+
+def _cache_gaps(repo_id: str, variant: str | None) -> str:
+    """What the cached snapshot of ``repo_id`` lacks, by its model_index.json: each component folder without its
+    config or weights, named by the file the preferred ``variant`` has (diffusers' own error names the file of the
+    last variant it fell back to, or another folder). '' when nothing of it is cached or nothing is seen missing."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        index = try_to_load_from_cache(repo_id, "model_index.json")
+        components = json.loads(Path(index).read_text(encoding="utf-8")) if isinstance(index, str) else {}
+    except (OSError, ValueError):
+        return ""
+    snapshot, missing = Path(str(index)).parent, []
+    for name, value in components.items():
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or None in value:
+            continue
+        folder, cls = snapshot / name, str(value[1])
+        if "Scheduler" in cls:
+            needed = [] if (folder / "scheduler_config.json").is_file() else ["scheduler_config.json"]
+        elif "Tokenizer" in cls:
+            needed = [] if folder.is_dir() and any(folder.iterdir()) else ["its files"]
+        elif "Model" in cls or cls.startswith("Autoencoder"):  # UNet2DConditionModel, CLIPTextModel, AutoencoderKL
+            stem = "diffusion_pytorch_model" if value[0] == "diffusers" else "model"
+            weights = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+            needed = [f for f, ok in (("config.json", (folder / "config.json").is_file()),
+                                      (weights, folder.is_dir() and any(folder.glob(f"{stem}*.safetensors"))))
+                      if not ok]
+        else:
+            needed = []
+        missing += [f"{name}/{f}" for f in needed]
+    if not missing:
+        return ""
+    return (f"the local Hugging Face cache holds it without {', '.join(missing)} (snapshot {str(snapshot)!r}; an "
+            "interrupted download?)")
 
 
 def _check_single_file(location: str, field: str) -> None:

@@ -101,6 +101,7 @@ MARKED = {
         "frontends/test_lora_flags.py::test_cli_refuses_a_lora_for_another_architecture_with_exit_2",  # loads tiny
         "frontends/test_security_round3.py",  # each test launches app.py (issue 21's attacks)
         "tools/test_demo_train.py",
+        "pipeline/test_hub_cache.py",  # the demo model as an offline hub cache: a generating CLI subprocess each
         "tools/test_selftest.py::test_selftest_on_cpu_passes_every_cpu_configuration",
         "tools/test_bench.py::test_bench_runs_end_to_end_with_the_high_quality_path",
         # The tiny pipelines, many steps or images (5-60 s each on the loaded dev machine, 2026-11-28):
