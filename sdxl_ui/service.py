@@ -414,9 +414,11 @@ class GenerationService:
             else profile.guidance
         guidance = request.guidance_scale if guidance is None else guidance
         mode = "HIGH QUALITY" if high else "FAST"
-        emit(LogEvent(f"Mode: {mode} (base steps={steps}, guidance={guidance:g}, profile {plan.profile})"
+        # The seed's line as it was; a few-step family is named after it (its own steps and guidance).
+        emit(LogEvent(f"Mode: {mode} (base steps={steps}, guidance={guidance:g})"
                       + (f" — {request.requested_steps} → {steps} on {plan.device.upper()}"
-                         if steps != wanted else "")))
+                         if steps != wanted else "")
+                      + (f" — profile {plan.profile}" if profile.few_step else "")))
         emit(LogEvent("Refinement: " + (f"ENABLED (base to {REFINER_SPLIT}, refiner from {REFINER_SPLIT})"
                                         if use_refiner else _refiner_off(plan))))
         for line in rep.log_lines():
