@@ -100,7 +100,7 @@ def _shallow_forward(unet, *, feature, branch: int, needed: int, skip_downsample
     """``UNet2DConditionModel.forward`` (diffusers 0.42) with the deep part replaced by ``feature``: the same
     preamble, ``down_blocks[:branch]``, then the last ``branch`` up blocks. Kept line for line with upstream so
     that a cached step on the inputs of the full step that made ``feature`` gives the full step's output exactly
-    (tests/test_feature_cache.py checks it)."""
+    (tests/hardware/test_feature_cache.py checks it)."""
     import torch
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
