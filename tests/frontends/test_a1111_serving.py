@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from tests.helpers import ROOT
+from tests.helpers import ROOT, launched
 from tests.helpers.a1111 import Server, http
 
 PAGE_ARGS = dict(negative_text="", quality_label="High quality", n_steps=10, cfg=8.0, n_images=1,
@@ -19,14 +19,9 @@ PAGE_ARGS = dict(negative_text="", quality_label="High quality", n_steps=10, cfg
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    running = Server("--api", "--model", "tiny", "--queue-size", "4",
-                     "--outputs", str(tmp_path_factory.mktemp("a1111-serve")))
-    try:
-        running.wait_for("Running on local URL")
-        running.wait_for("Model loaded")
+    with launched(tmp_path_factory.mktemp("a1111-serve"), "--api", "--model", "tiny", "--queue-size", "4",
+                  app=Server) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def api_client(server, i: int, out: dict, steps: int = 20, side: int = 64) -> None:

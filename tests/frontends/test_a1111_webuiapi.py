@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from tests.helpers import launched
 from tests.helpers.a1111 import Server, http
 
 webuiapi = pytest.importorskip("webuiapi")
@@ -23,14 +24,9 @@ FAST = dict(steps=20, cfg_scale=8.0, width=128, height=128, sampler_name="Euler"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    running = Server("--api", "--model", "demo", "--api-auth", "alice:pw-alice,bob:pw-bob",
-                     "--outputs", str(tmp_path_factory.mktemp("a1111-out")))
-    try:
-        running.wait_for("Running on local URL")
-        running.wait_for("Model loaded")
+    with launched(tmp_path_factory.mktemp("a1111-out"), "--api", "--model", "demo", "--api-auth",
+                  "alice:pw-alice,bob:pw-bob", app=Server) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def client(server, login=ALICE):

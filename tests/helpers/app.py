@@ -66,9 +66,10 @@ class App:
 
 
 @contextlib.contextmanager
-def launched(outputs, *args, **kwargs):
-    """app.py serving with its model loaded, writing into ``outputs`` (``app.outputs``); stopped afterwards."""
-    running = App("--outputs", str(outputs), *args, **kwargs)
+def launched(outputs, *args, app=App, **kwargs):
+    """app.py serving with its model loaded, writing into ``outputs`` (``app.outputs``); stopped afterwards.
+    ``app``: the App class to run it with (e.g. the /sdapi tests' ``Server``)."""
+    running = app("--outputs", str(outputs), *args, **kwargs)
     running.outputs = outputs
     try:
         running.wait_for("Model loaded")  # preloaded in the background after launch
