@@ -323,6 +323,8 @@ def profile_evidence(source: ModelSource, specs=()) -> tuple[str, str]:
     loras = []
     for spec in specs:
         path = Path(spec.source).expanduser()
+        if path.is_dir():  # a diffusers LoRA folder: its file's metadata
+            path = path / DIFFUSERS_LORA_FILE
         texts: list[str] = []
         if path.is_file() and path.suffix.lower() == ".safetensors":
             texts = list(metadata(path).values())

@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="skip stages whose checkpoint is in OUT/.train")
     train.add_argument("--smoke", action="store_true", help="a few steps per stage on a tiny dataset (seconds)")
     train.add_argument("--json", action="store_true", help="print the training report as JSON")
+    train.add_argument("--distill", choices=["lcm", "decoder"],
+                       help="instead of the demo model: an LCM-LoRA (lcm) or a tiny decoder (decoder) distilled "
+                            "from the model in --from, written to --out")
+    train.add_argument("--from", dest="source", default=None,
+                       help="the model to distil from (default: the shipped demo model)")
+    train.add_argument("--rank", type=int, default=24, help="LoRA rank of --distill lcm (default 24)")
 
     ev = sub.add_parser("eval-demo", help="prompt adherence of the demo model, read back by the scene reader")
     add_settings_args(ev)
@@ -263,12 +269,36 @@ def cmd_train_demo(args) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         return fail(f"out: {args.out!r} exists and is not a folder", EXIT_BAD_INPUT, args.json, "validation")
+    if args.distill:
+        return _distill(args, out)
+    if args.source is not None:
+        return fail("from: only with --distill (the demo model itself is trained from scratch)", EXIT_BAD_INPUT,
+                    args.json, "validation")
     report = train(out, minutes=args.minutes, seed=args.seed, resume=args.resume, smoke=args.smoke,
                    threads=args.threads)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         print(f"wrote {out} ({report['bytes'] / 1e6:.1f} MB) in {report['total_s'] / 60:.1f} min")
+    return EXIT_OK
+
+
+def _distill(args, out: Path) -> int:
+    from .demo.distill import distill
+    from .settings import DEMO_MODEL_DIR
+
+    source = Path(args.source).expanduser() if args.source else DEMO_MODEL_DIR
+    if not (source / "model_index.json").is_file():
+        return fail(f"from: {str(source)!r} is not a diffusers model folder (no model_index.json)", EXIT_BAD_INPUT,
+                    args.json, "validation")
+    if not 1 <= args.rank <= 256:
+        return fail(f"rank: must be 1 … 256 (got {args.rank})", EXIT_BAD_INPUT, args.json, "validation")
+    report = distill(args.distill, source, out, args.minutes, seed=args.seed, smoke=args.smoke,
+                     threads=args.threads, rank=args.rank)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"wrote {out} ({report['bytes'] / 1e6:.2f} MB) in {report['total_s'] / 60:.1f} min")
     return EXIT_OK
 
 

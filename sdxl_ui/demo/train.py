@@ -92,14 +92,14 @@ def _mmss(seconds: float) -> str:
     return f"{int(seconds) // 60:02d}:{int(seconds) % 60:02d}"
 
 
-def _lr(base: float, frac: float, warm: float = 0.03) -> float:
+def lr_at(base: float, frac: float, warm: float = 0.03) -> float:
     """Linear warm-up, then cosine decay to 10 % over the stage's budget (time or steps)."""
     if frac < warm:
         return base * max(0.05, frac / warm)
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (frac - warm) / (1 - warm)))))
 
 
-def _frac(progress: Progress, step: int) -> float:
+def fraction(progress: Progress, step: int) -> float:
     if progress.max_steps is not None:
         return step / max(1, progress.max_steps)
     return progress.elapsed() / max(1e-9, progress.seconds)
@@ -124,13 +124,13 @@ class EMA:
 
 # ---------------------------------------------------------------- data
 
-def _to_tensor(images: np.ndarray):
+def to_tensor(images: np.ndarray):
     import torch
 
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def _vae_batch(rng: np.random.Generator, batch: int, crop: int):
+def vae_batch(rng: np.random.Generator, batch: int, crop: int):
     """Crops around the shape (3 of 4) or anywhere (1 of 4), with each pixel's loss weight."""
     images, weights = [], []
     for _ in range(batch):
@@ -151,7 +151,7 @@ def _vae_batch(rng: np.random.Generator, batch: int, crop: int):
         images.append(image)
     import torch
 
-    return _to_tensor(np.stack(images)), torch.from_numpy(np.stack(weights)).float()[:, None]
+    return to_tensor(np.stack(images)), torch.from_numpy(np.stack(weights)).float()[:, None]
 
 
 def _reconstruction_check(vae, n: int = 48, seed: int = 4321) -> dict[str, int]:
@@ -164,7 +164,7 @@ def _reconstruction_check(vae, n: int = 48, seed: int = 4321) -> dict[str, int]:
     with torch.no_grad():
         recon = []
         for i in range(0, n, 16):
-            x = _to_tensor(images[i:i + 16])
+            x = to_tensor(images[i:i + 16])
             recon.append(vae.decode(vae.encode(x).latent_dist.mean).sample)
         recon = torch.cat(recon)
     pictures = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
@@ -184,8 +184,8 @@ def train_vae(vae, rng, seconds: float, max_steps: int | None, batch: int = 32, 
     vae.train()
     while not progress.done(step):
         for group in opt.param_groups:
-            group["lr"] = _lr(1e-3, _frac(progress, step))
-        x, w = _vae_batch(rng, batch, crop)
+            group["lr"] = lr_at(1e-3, fraction(progress, step))
+        x, w = vae_batch(rng, batch, crop)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample.float()
@@ -197,7 +197,7 @@ def train_vae(vae, rng, seconds: float, max_steps: int | None, batch: int = 32, 
         opt.step()
         step += 1
         progress.update(step, float(loss))
-        if max_steps is None and _frac(progress, step) >= next_check:
+        if max_steps is None and fraction(progress, step) >= next_check:
             next_check += 0.25
             vae.eval()
             right = _reconstruction_check(vae)
@@ -221,7 +221,7 @@ def encode_dataset(vae, rng, n: int):
     with torch.no_grad():
         for i in range(0, n, 64):
             chunk = [S.sample_scene(rng) for _ in range(min(64, n - i))]
-            x = _to_tensor(np.stack([S.render(s, rng)[0] for s in chunk]))
+            x = to_tensor(np.stack([S.render(s, rng)[0] for s in chunk]))
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 mean = vae.encode(x).latent_dist.mean
             latents.append(mean.float())
@@ -233,7 +233,7 @@ def encode_dataset(vae, rng, n: int):
     return scenes, latents * scale, scale
 
 
-def _encode_text(tokenizer, te1, te2, captions):
+def encode_text(tokenizer, te1, te2, captions):
     """What StableDiffusionXLPipeline.encode_prompt computes: both encoders' penultimate hidden states,
     concatenated, and text encoder 2's projected pooled output."""
     import torch
@@ -299,10 +299,10 @@ def train_base(tokenizer, te1, te2, unet, scenes, latents, alphas_cumprod, rng, 
         m.train()
     while not progress.done(step):
         for group in opt.param_groups:
-            group["lr"] = _lr(1e-3, _frac(progress, step))
+            group["lr"] = lr_at(1e-3, fraction(progress, step))
         idx = rng.integers(len(scenes), size=batch)
         captions, zero = _captions(scenes, rng, idx)
-        embeds, pooled = _encode_text(tokenizer, te1, te2, captions)
+        embeds, pooled = encode_text(tokenizer, te1, te2, captions)
         keep = torch.tensor([0.0 if z else 1.0 for z in zero])
         embeds, pooled = embeds * keep.view(-1, 1, 1), pooled * keep.view(-1, 1)
         t = torch.randint(0, 1000, (batch,), generator=gen)
@@ -317,7 +317,7 @@ def train_base(tokenizer, te1, te2, unet, scenes, latents, alphas_cumprod, rng, 
         ema.update()
         step += 1
         progress.update(step, float(loss))
-        if check is not None and max_steps is None and _frac(progress, step) >= next_check:
+        if check is not None and max_steps is None and fraction(progress, step) >= next_check:
             next_check += 0.33
             result = check(ema.shadow)
             checks.append({"step": step, **result})
@@ -340,7 +340,7 @@ def train_refiner(tokenizer, te2, refiner_unet, scenes, latents, alphas_cumprod,
     te2.eval()
     while not progress.done(step):
         for group in opt.param_groups:
-            group["lr"] = _lr(1e-3, _frac(progress, step))
+            group["lr"] = lr_at(1e-3, fraction(progress, step))
         idx = rng.integers(len(scenes), size=batch)
         captions, _ = _captions(scenes, rng, idx)
         with torch.no_grad():
@@ -426,7 +426,7 @@ def _vae_stage(vae, ckpt: Path, rng, budget: float, resume: bool, smoke: bool):
     return report, rng
 
 
-def _alphas_cumprod():
+def alphas_cumprod_of_demo():
     """The training noise schedule's cumulative alphas (the demo model's scheduler config, as DDPM reads it)."""
     from diffusers import DDPMScheduler
 
@@ -460,7 +460,7 @@ def train(out: str | Path, minutes: float = 75.0, seed: int = 0, resume: bool = 
     scenes, latents, scale = encode_dataset(vae, rng, 64 if smoke else 12288)
     vae.register_to_config(scaling_factor=round(scale, 5))
     report["scaling_factor"] = round(scale, 5)
-    alphas_cumprod = _alphas_cumprod()
+    alphas_cumprod = alphas_cumprod_of_demo()
 
     check_scenes = S.eval_scenes(16, seed=99)
 
