@@ -41,6 +41,12 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
                         "$SDXL_UI_LORA (comma-separated)")
     g.add_argument("--lora-dir", help="folder of LoRA .safetensors files the page lists for the operator "
                                       "(default ./loras)")
+    g.add_argument("--decoder", choices=["full", "tiny"],
+                   help="the final image's decoder: full (the VAE; default) or tiny (AutoencoderTiny: much faster, a "
+                        "slightly different picture); or $SDXL_UI_DECODER")
+    g.add_argument("--tiny-decoder", metavar="SOURCE",
+                   help="the tiny decoder (folder or hub id): auto (default) = a tiny-decoder/ folder beside the "
+                        "model, else madebyollin/taesdxl; it draws the live previews when present")
     g.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the UNet (minutes of warm-up, faster steps after; for long-running servers)")
 
@@ -55,7 +61,7 @@ def add_technique_args(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args) -> AppSettings:
     names = ["model", "refiner", "use_refiner", "device", "precision", "attention", "offload", "vae_tiling",
              "threads", "outputs", "local_files_only", "single_file_config", "compile", "profile",
-             "lora_dir"]
+             "lora_dir", "decoder", "tiny_decoder"]
     values = {n: getattr(args, n, None) for n in names}
     values["loras"] = tuple(args.lora) if getattr(args, "lora", None) else None
     return AppSettings.from_env(**values)

@@ -53,10 +53,16 @@ def profile_scheduler(profile, sampler: Scheduler, config, own: bool):
 _scheduler_for = scheduler_for  # the old private name, for bench.py until its rewrite lands
 
 
-def latent_preview(latents):
-    """(1, 4, h, w) latents -> small PIL image, by SDXL's linear latent->RGB map (no VAE decode)."""
+def latent_preview(latents, pipe=None):
+    """(1, 4, h, w) latents -> small PIL image: by the tiny decoder when one is attached to ``pipe``, else by SDXL's
+    linear latent->RGB map (no decode)."""
     import torch
     from PIL import Image
+
+    from .optimizations import tiny_decoder
+
+    if pipe is not None and tiny_decoder.attached(pipe) is not None:
+        return tiny_decoder.preview(pipe, latents)
 
     lat = latents[0].detach().float().cpu()
     factors = torch.tensor(LATENT_RGB)
@@ -74,6 +80,11 @@ def decode_latents(pipe, latents):
     has them (e.g. Playground v2.5), else by ``scaling_factor`` alone."""
     from diffusers.utils.torch_utils import get_module_execution_device
 
+    from .optimizations import tiny_decoder
+
+    tiny = tiny_decoder.attached(pipe)
+    if tiny is not None and tiny.final:
+        return pipe.image_processor.postprocess(tiny_decoder.decode(tiny.decoder, latents), output_type="pil")[0]
     vae = pipe.vae
     config = vae.config
     latents = latents.to(device=get_module_execution_device(vae), dtype=vae.dtype)

@@ -93,9 +93,9 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("turbo", "SDXL Turbo", (4, 1), 0.0, "EulerAncestralDiscreteScheduler", "Euler a", 512, False, False,
             TURBO_CARD, {"timestep_spacing": "trailing"}),
     *(_lightning(n) for n in (1, 2, 4, 8)),
-    # LCM: 8 steps (the top of the card's 2-8) for High quality, 4 (the card's example) for Fast; guidance 1.0
+    # LCM: 4 steps (the card's example) for High quality, 2 (the bottom of the card's 2-8) for Fast; guidance 1.0
     # (the card's range starts there; diffusers then runs no negative branch).
-    Profile("lcm", "LCM (LCM-LoRA / LCM-SDXL)", (8, 4), 1.0, "LCMScheduler", "LCM", None, False, False, LCM_CARD),
+    Profile("lcm", "LCM (LCM-LoRA / LCM-SDXL)", (4, 2), 1.0, "LCMScheduler", "LCM", None, False, False, LCM_CARD),
     *(_hyper(n) for n in (1, 2, 4, 8)),
     # TCD: 4 steps (the card's) for Fast, 8 for High quality (TCD's steps "can be freely adjusted"); eta 0.3.
     Profile("tcd", "TCD (TCD-SDXL-LoRA)", (8, 4), 0.0, "TCDScheduler", "TCD", None, False, False, TCD_CARD,

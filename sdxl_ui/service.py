@@ -23,7 +23,8 @@ from .jobs import SHUTTING_DOWN, Admission, CancelToken, new_job_id  # CancelTok
 from .failures import is_gpu_failure, is_out_of_memory, memory_advice  # noqa: F401
 from .metadata import ImageParameters
 from .saving import check_output_path, write_png_atomic  # noqa: F401 - re-exported (CLI, API)
-from .models import LoadedModels, ModelLoadError, ModelSource, check_source, load_models, resolve_source
+from .models import (LoadedModels, ModelLoadError, ModelSource, attach_tiny_decoder, check_source, load_models,
+                     resolve_source)
 from .optimizations.registry import Plan, parse_switches
 from .policy import PlanError, adjust_plan, make_plan
 from .profiles import profile_named
@@ -201,6 +202,7 @@ class GenerationService:
             if self.settings.loras:  # all or nothing; a failure leaves no model loaded (the next run reloads)
                 emit(LogEvent(f"Fusing LoRA {', '.join(map(str, self.settings.loras))}…"))
                 apply_loras(models.base, self.settings.loras, self.settings.local_files_only)
+            emit(LogEvent(attach_tiny_decoder(models, source, self.settings)))
         except (ModelLoadError, PlanError) as exc:
             self.load_error = str(exc)
             raise
@@ -557,7 +559,7 @@ def _step_callbacks(progress: dict, t_run: float, cancel: CancelToken, emit):
             remaining = progress["total"] - progress["done"]
             preview = None
             if progress["done"] % PREVIEW_EVERY == 0 or remaining == 0:
-                preview = latent_preview(kwargs["latents"])
+                preview = latent_preview(kwargs["latents"], pipe)
             emit(ProgressEvent(progress["done"], progress["total"], elapsed, rate * remaining, rate,
                                stage_label, preview))
             if cancel.cancelled:

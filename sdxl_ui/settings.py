@@ -19,6 +19,7 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
 TINY = "tiny"
 DEMO = "demo"
+DECODERS = ("full", "tiny")  # --decoder: the final image's decoder
 # The trained demo model shipped with the project (train-demo writes it; an ordinary diffusers folder).
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 
@@ -112,6 +113,8 @@ class AppSettings:
     profile: str = PROFILE_AUTO  # the model family (profiles.py); auto = detected from the model's files
     loras: tuple = ()  # LoraSpec per --lora SOURCE[@WEIGHT], in order (the base UNet and text encoders)
     lora_dir: Path = Path("loras")  # the page's Advanced lists its .safetensors files (the operator applies them)
+    decoder: str = "full"  # the final image's decoder: the full VAE, or the tiny decoder (AutoencoderTiny)
+    tiny_decoder: str = "auto"  # its source: auto = a tiny-decoder/ folder beside the model, else TAESDXL
 
     def __post_init__(self):
         object.__setattr__(self, "use_refiner", parse_choice(Toggle, "use_refiner", self.use_refiner))
@@ -128,6 +131,12 @@ class AppSettings:
         object.__setattr__(self, "profile", profile)
         loras = [self.loras] if isinstance(self.loras, (str, LoraSpec)) else list(self.loras or ())
         object.__setattr__(self, "loras", tuple(parse_lora(v) for v in loras))
+        decoder = str(self.decoder).strip().lower()
+        if decoder not in DECODERS:
+            raise ValidationError("decoder", self.decoder, f"must be one of {', '.join(DECODERS)}")
+        object.__setattr__(self, "decoder", decoder)
+        if not str(self.tiny_decoder).strip():
+            raise ValidationError("tiny_decoder", self.tiny_decoder, "must be auto, a folder or a hub id")
         if not str(self.model).strip():
             raise ValidationError("model", self.model, "must not be empty")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:

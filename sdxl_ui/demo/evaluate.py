@@ -134,6 +134,52 @@ def evaluate(service, quality: str = "high", steps: int | None = None, **request
             "wall_s": round(time.perf_counter() - start, 1)}
 
 
+STEP_SWEEP = (2, 4, 8)  # a few-step profile's adherence is reported at these steps
+FEW_STEP_TARGET_POINTS = 5.0  # 4 steps within 5 points of High quality (35 steps) on every attribute
+
+
+def sweep(service, baseline=None) -> dict:
+    """``eval-demo`` of a few-step profile (e.g. ``--lora`` of an LCM-LoRA): adherence at 2, 4 and 8 steps, each
+    attribute's difference in points to ``baseline`` (the same model without the LoRA, High quality)."""
+    out: dict = {"model": service.source.label, "profile": service.plan.profile, "device": service.plan.device,
+                 "dtype": service.plan.dtype, "decoder": service.plan.decoder, "steps": {}}
+    base = evaluate(baseline, "high") if baseline is not None else None
+    if base is not None:
+        out["baseline_high"] = base
+    for steps in STEP_SWEEP:
+        result = evaluate(service, "high", steps)
+        if base is not None:
+            result["points_vs_high"] = {a: round(100 * (result["adherence"]["rate"][a]
+                                                        - base["adherence"]["rate"][a]), 1) for a in S.ATTRIBUTES}
+        out["steps"][str(steps)] = result
+    four = out["steps"]["4"].get("points_vs_high")
+    out["four_steps_within_5_points"] = (None if four is None
+                                         else all(v >= -FEW_STEP_TARGET_POINTS for v in four.values()))
+    return out
+
+
+def print_sweep(out: dict) -> None:
+    def line(a: dict) -> str:
+        return ", ".join(f"{k} {a['right'][k]}/{a['n']}" for k in S.ATTRIBUTES)
+
+    print(f"eval-demo: model {out['model']}, profile {out['profile']}, decoder {out['decoder']}, on {out['device']} "
+          f"({out['dtype']})")
+    if "baseline_high" in out:
+        b = out["baseline_high"]
+        print(f"   without the LoRA, High quality: {line(b['adherence'])}; "
+              f"{b['adherence']['s_per_image_median']} s/image")
+    for steps, r in out["steps"].items():
+        points = r.get("points_vs_high")
+        diff = "" if points is None else " (points vs High quality: " + ", ".join(
+            f"{k} {v:+.1f}" for k, v in points.items()) + ")"
+        print(f"   {steps} steps: {line(r['adherence'])}{diff}; {r['adherence']['s_per_image_median']} s/image")
+        print(f"      held-out pairs: {line(r['held_out'])}")
+    verdict = out["four_steps_within_5_points"]
+    if verdict is not None:
+        print("4 steps within 5 points of High quality on every attribute: " + ("yes" if verdict else "NO"),
+              file=sys.stderr)
+
+
 def psnr(a, b) -> float:
     """PSNR in dB between two same-size images (99 for identical ones)."""
     import math
@@ -227,6 +273,12 @@ def cmd_eval_demo(args) -> int:
                 print(json.dumps(result, indent=1) if args.json else
                       "eval-demo --compare: " + ("every technique and preset within 3 points of exact"
                                                  if result["all_within_3_points"] else "NOT all within 3 points"))
+                return EXIT_OK
+            if args.steps is None and service.plan.profile != "sdxl" and args.grid is None:
+                baseline = GenerationService(settings.with_(loras=(), profile="auto", decoder="full"),
+                                             probe=service.probe) if settings.loras else None
+                result = sweep(service, baseline)
+                print(json.dumps(result, indent=1)) if args.json else print_sweep(result)
                 return EXIT_OK
             result = evaluate(service, args.quality, args.steps)
             if args.grid:

@@ -172,4 +172,34 @@ def _interval_words(interval) -> str:
             "2024, Castillo et al. 2023)")
 
 
-UNITS = (FeatureCache(), GuidanceIntervalUnit())
+class TinyDecoder(Unit):
+    """The final image's decoder: the full VAE, or with ``--decoder tiny`` the tiny decoder (AutoencoderTiny,
+    ``tiny_decoder.py``; loaded by ``models.attach_tiny_decoder``), which also draws the previews whenever present."""
+
+    key, rows = "decoder", ("tiny decoder",)
+    fields = {"decoder": "full"}
+    decide_at, row_at = 150, 65
+
+    def decide(self, ctx):
+        tiny = ctx.settings.decoder == "tiny"
+        ctx.values["decoder"] = ctx.settings.decoder
+        ctx.reasons["decoder"] = (
+            "--decoder tiny: the final image is decoded by the tiny decoder, a fraction of the VAE's decode time; "
+            "it changes the picture (an approximation of the full VAE: softer detail, slightly other colours)"
+            if tiny else "the full VAE decodes the final image (--decoder tiny: faster, a slightly different picture)")
+
+    def expected(self, plan, probe):
+        return [planned_row("tiny decoder", plan.decoder == "tiny", plan.reasons["decoder"])]
+
+    def live(self, live):
+        from . import tiny_decoder
+
+        found = tiny_decoder.attached(live.base)
+        final = found is not None and found.final
+        state = ("none loaded: previews by the latent approximation" if found is None else
+                 f"{found.source} ({type(found.decoder).__name__}) draws the previews"
+                 + (" and decodes the final image" if final else ""))
+        return [live_row("tiny decoder", final, live.plan.decoder == "tiny", live.plan.reasons["decoder"], state)]
+
+
+UNITS = (FeatureCache(), GuidanceIntervalUnit(), TinyDecoder())

@@ -66,7 +66,7 @@ def test_the_default_model_with_the_lcm_lora_from_the_hub_cache_runs_offline(hub
     assert proc.returncode == 0 and data["ok"], proc.stdout + proc.stderr[-3000:]
     assert data["model"] == BASE_ID and data["note"] is None  # the hub id, not a stand-in
     profile = _row(data, "model profile")
-    assert profile.startswith("lcm: ") and "8 (High quality) / 4 (Fast) steps" in profile, profile
+    assert profile.startswith("lcm: ") and "4 (High quality) / 2 (Fast) steps" in profile, profile
     assert f"LoRA {LCM_LORA_ID!r}" in profile and "LCMScheduler" in profile
     assert data["steps_requested"] == data["steps_run"] == 8  # the profile's High quality steps
     lora_hash = file_hash(lora)
@@ -76,7 +76,7 @@ def test_the_default_model_with_the_lcm_lora_from_the_hub_cache_runs_offline(hub
     with Image.open(path) as image:
         assert image.size == (128, 128)
         params = parse_parameters(image.info["parameters"])
-    assert params["Model"] == BASE_ID and params["Profile"] == "lcm" and params["Steps"] == "8"
+    assert params["Model"] == BASE_ID and params["Profile"] == "lcm" and params["Steps"] == "4"
     assert params["Lora hashes"] == f"lcm-lora-sdxl: {lora_hash}" and params["Lora weights"] == "lcm-lora-sdxl: 1"
 
 

@@ -97,11 +97,11 @@ def test_a_demo_copy_whose_scheduler_says_lcm_is_detected_and_runs_as_lcm(tmp_pa
     assert svc.plan.profile == "lcm" and "LCMScheduler" in svc.plan.reasons["profile"]
     out = generate(svc, quality="fast")
     call = calls[-1]
-    assert call["scheduler"] == "LCMScheduler" and call["num_inference_steps"] == 4 and call["guidance_scale"] == 1.0
+    assert call["scheduler"] == "LCMScheduler" and call["num_inference_steps"] == 2 and call["guidance_scale"] == 1.0
     assert call["width"] == 128 and len(calls) == 1  # the model's own size; no refiner pass for a few-step model
     assert not out["results"][0].refiner
     generate(svc, quality="high")
-    assert calls[-1]["num_inference_steps"] == 8
+    assert calls[-1]["num_inference_steps"] == 4
     status_rows = {r["name"]: r for r in svc.status()["rows"]}
     assert status_rows["model profile"]["status"] == "active" and "detected" in status_rows["model profile"]["detail"]
 

@@ -1,0 +1,92 @@
+"""The tiny decoder: diffusers' ``AutoencoderTiny`` (TAESD's architecture; TAESDXL's weights for SDXL,
+``madebyollin/taesdxl``) beside the pipeline's full VAE.
+
+It decodes the pipeline's latents directly (its config's scaling factor is 1.0) with a small conv net: a fraction of
+the full VAE's decode time, a slightly different picture. It draws the live previews whenever one is present (a
+real decode instead of the linear latent→RGB approximation), and the final image only when ``--decoder tiny`` asks
+(it changes the picture; the report's row says so).
+
+Where it comes from (``locate``): ``--tiny-decoder SOURCE`` (a folder or a hub id), else a ``tiny-decoder/`` folder
+beside the model (the demo model ships one, distilled from its VAE), else ``madebyollin/taesdxl`` — taken from the
+Hugging Face cache only, unless the final image needs it (``--decoder tiny``): previews never download.
+The loaded decoder hangs on the pipeline as ``sdxl_ui_tiny_decoder`` (what the report reads back).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+HUB_ID = "madebyollin/taesdxl"
+FOLDER = "tiny-decoder"  # beside a model folder
+ATTRIBUTE = "sdxl_ui_tiny_decoder"
+
+
+class TinyDecoderError(RuntimeError):
+    """The tiny decoder the settings ask for cannot be loaded; the message names the source and the reason."""
+
+
+@dataclass(frozen=True)
+class Attached:
+    decoder: object  # AutoencoderTiny
+    source: str
+    final: bool  # also decodes the final image (--decoder tiny)
+
+
+def locate(setting: str, model_location: str | None) -> tuple[str | None, str]:
+    """(source, where from) of the tiny decoder, or (None, why not): ``setting`` is ``--tiny-decoder`` ("auto":
+    a ``tiny-decoder/`` folder beside a model folder, else TAESDXL's hub id)."""
+    if setting and setting != "auto":
+        return setting, "set by --tiny-decoder"
+    if model_location:
+        beside = Path(model_location) / FOLDER
+        if (beside / "config.json").is_file():
+            return str(beside), "shipped beside the model"
+    return HUB_ID, "TAESDXL (madebyollin/taesdxl)"
+
+
+def load(source: str, dtype, device: str, local_files_only: bool):
+    """An AutoencoderTiny from a folder or a hub id (cache only with ``local_files_only``), or TinyDecoderError."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    try:
+        decoder = AutoencoderTiny.from_pretrained(source, torch_dtype=dtype, local_files_only=local_files_only)
+    except Exception as exc:  # noqa: BLE001 - missing folder, not in the cache, corrupt file, offline
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise TinyDecoderError(f"tiny_decoder: {source!r} cannot be loaded as an AutoencoderTiny ({first})") from None
+    if not isinstance(decoder, AutoencoderTiny):
+        raise TinyDecoderError(f"tiny_decoder: {source!r} is a {type(decoder).__name__}, not an AutoencoderTiny")
+    return decoder.to(device).eval().requires_grad_(False).to(torch.float32 if dtype is None else dtype)
+
+
+def attach(pipe, attached: Attached | None) -> None:
+    setattr(pipe, ATTRIBUTE, attached)
+
+
+def attached(pipe) -> Attached | None:
+    return getattr(pipe, ATTRIBUTE, None)
+
+
+def decode(decoder, latents):
+    """The pipeline's latents → images in -1…1 (as the VAE's ``decode(...).sample``)."""
+    import torch
+
+    with torch.inference_mode():
+        z = latents.to(device=decoder.device, dtype=decoder.dtype) / decoder.config.scaling_factor
+        return decoder.decode(z, return_dict=False)[0].float()
+
+
+def preview(pipe, latents, max_side: int = 512):
+    """A live preview of the first image's latents by the attached tiny decoder (PIL), or None when none is."""
+    found = attached(pipe)
+    if found is None:
+        return None
+    from PIL import Image
+
+    image = decode(found.decoder, latents[:1])[0]
+    rgb = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    picture = Image.fromarray(rgb, "RGB")
+    if max(picture.size) > max_side:
+        scale = max_side / max(picture.size)
+        picture = picture.resize((round(picture.width * scale), round(picture.height * scale)), Image.BILINEAR)
+    return picture
