@@ -65,20 +65,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="dtype of the stock-diffusers baseline (fp16 on a GPU = stock fp16 + SDPA)")
     bench.add_argument("--from-json", help="print the table of a saved `bench --json` result (no re-timing)")
 
-    train = sub.add_parser("train-demo", help="train the demo model from scratch on the scene world (CPU)")
-    train.add_argument("--out", required=True, help="folder to write (a diffusers pipeline; refiner in out/refiner)")
-    train.add_argument("--minutes", type=float, default=78.0, help="time budget for all stages (default 78)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
-    train.add_argument("--resume", action="store_true", help="skip stages whose checkpoint is in OUT/.train")
-    train.add_argument("--smoke", action="store_true", help="a few steps per stage on a tiny dataset (seconds)")
-    train.add_argument("--json", action="store_true", help="print the training report as JSON")
-    train.add_argument("--distill", choices=["lcm", "decoder"],
-                       help="instead of the demo model: an LCM-LoRA (lcm) or a tiny decoder (decoder) distilled "
-                            "from the model in --from, written to --out")
-    train.add_argument("--from", dest="source", default=None,
-                       help="the model to distil from (default: the shipped demo model)")
-    train.add_argument("--rank", type=int, default=24, help="LoRA rank of --distill lcm (default 24)")
+    _train_demo_args(sub)
 
     ev = sub.add_parser("eval-demo", help="prompt adherence of the demo model, read back by the scene reader")
     add_settings_args(ev)
@@ -261,9 +248,30 @@ def cmd_doctor(args) -> int:
     return EXIT_OK
 
 
+def _train_demo_args(sub) -> None:
+    train = sub.add_parser("train-demo", help="train the demo model from scratch on the scene world (CPU)")
+    train.add_argument("--out", required=True, help="folder to write (a diffusers pipeline; refiner in out/refiner)")
+    train.add_argument("--minutes", type=float, default=None,
+                       help="time budget (default: 78 for the demo model, 45 for --distill lcm, 8 for --distill "
+                            "decoder)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    train.add_argument("--resume", action="store_true", help="skip stages whose checkpoint is in OUT/.train")
+    train.add_argument("--smoke", action="store_true", help="a few steps per stage on a tiny dataset (seconds)")
+    train.add_argument("--json", action="store_true", help="print the training report as JSON")
+    train.add_argument("--distill", choices=["lcm", "decoder"],
+                       help="instead of the demo model: an LCM-LoRA (lcm) or a tiny decoder (decoder) distilled "
+                            "from the model in --from, written to --out")
+    train.add_argument("--from", dest="source", default=None,
+                       help="the model to distil from (default: the shipped demo model)")
+    train.add_argument("--rank", type=int, default=24, help="LoRA rank of --distill lcm (default 24)")
+
+
 def cmd_train_demo(args) -> int:
     from .demo.train import train
 
+    if args.minutes is None:
+        args.minutes = {"lcm": 45.0, "decoder": 8.0}.get(args.distill, 78.0)
     if not args.minutes > 0:
         return fail(f"minutes: must be more than 0 (got {args.minutes!r})", EXIT_BAD_INPUT, args.json, "validation")
     out = Path(args.out).expanduser()

@@ -47,6 +47,7 @@ class ImageParameters:
     note: str | None = None
     profile: str | None = None  # the model profile (profiles.py) when it is not plain SDXL
     loras: tuple = ()  # (name, weight, hash) per fused LoRA: A1111's "Lora hashes" field, and their weights
+    vae: str | None = None  # A1111's "VAE" field: the decoder of the final image when not the model's own VAE
 
     def __post_init__(self):
         object.__setattr__(self, "loras", tuple((str(n), float(w), str(h)) for n, w, h in self.loras))
@@ -62,6 +63,8 @@ class ImageParameters:
         if self.loras:  # as AUTOMATIC1111 writes them: Lora hashes: "name: hash, name: hash"
             fields.append(("Lora hashes", ", ".join(f"{_lora_name(n)}: {h}" for n, _, h in self.loras)))
             fields.append(("Lora weights", ", ".join(f"{_lora_name(n)}: {w:g}" for n, w, _ in self.loras)))
+        if self.vae:
+            fields.append(("VAE", self.vae))
         if self.note:
             fields.append(("Note", self.note))
         tail = ", ".join(f"{k}: {_quote(_clean(v).replace(chr(10), ' '))}" for k, v in fields)

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .adapters import LoraError, apply_loras, check_files, fused, profile_evidence
-from .denoise import (REFINER_SPLIT, decode_latents, latent_preview, profile_scheduler, run_stages,  # noqa: F401
-                      scheduler_for)
+from .denoise import (REFINER_SPLIT, decode_latents, final_decoder, latent_preview,  # noqa: F401
+                      profile_scheduler, run_stages, scheduler_for)
 from .jobs import SHUTTING_DOWN, Admission, CancelToken, new_job_id  # CancelToken: still importable from here
 from .failures import is_gpu_failure, is_out_of_memory, memory_advice  # noqa: F401
 from .metadata import ImageParameters
@@ -471,14 +471,14 @@ class GenerationService:
                 raise Cancelled()
             t_decode = time.perf_counter()
             image = decode_latents(models.base, latents)
-        emit(LogEvent(f"VAE decode {time.perf_counter() - t_decode:.1f} s"))
+        emit(LogEvent(f"{final_decoder(models.base) or 'VAE'} decode {time.perf_counter() - t_decode:.1f} s"))
         steps_run = progress["done"] - done_before
         rep = report(models, plan, self.probe, use_refiner=use_refiner)  # with this run's cache/guidance counts
         params = ImageParameters(
             prompt=request.prompt, negative_prompt=request.negative_prompt, steps=steps,
             sampler=run.sampler, cfg_scale=run.guidance, seed=seed, width=run.width,
             height=run.height, model=models.source.label, device=plan.device, dtype=plan.dtype, refiner=use_refiner,
-            note=models.note, profile=plan.profile if plan.profile != "sdxl" else None,
+            note=models.note, profile=plan.profile if plan.profile != "sdxl" else None, vae=final_decoder(models.base),
             loras=tuple((lora.name, lora.weight, lora.hash) for lora in fused(models.base)),
         )
         generate_s = time.perf_counter() - t_image

@@ -1,6 +1,6 @@
 """The default hub path on real files, offline (issue 18, item 7): the shipped demo model laid out as a Hugging Face
 cache under the default base and refiner ids (the fp16-variant file names the SDXL repos ship, float16 tensors in
-them, as a download on a GPU leaves them), a test LoRA for the demo UNet under ``latent-consistency/lcm-lora-sdxl``,
+them, as a download on a GPU leaves them), the demo's own LCM-LoRA under ``latent-consistency/lcm-lora-sdxl``,
 and ``python -m sdxl_ui generate`` with ``HF_HOME`` pointing at it and ``HF_HUB_OFFLINE=1``: the loading code users
 hit (variant choice, the default refiner id, a LoRA from a hub id, profile detection) runs without a network."""
 from __future__ import annotations
@@ -32,12 +32,8 @@ def _cache(home: Path, refiner: bool = True, lora: Path | None = None) -> Path:
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     """(HF_HOME, the LoRA's file in the cache): base, refiner and the LoRA, fp16 files only."""
-    from diffusers import UNet2DConditionModel
-    from tests.helpers.loras import make_lora
-
     root = tmp_path_factory.mktemp("hub")
-    lora = make_lora(UNet2DConditionModel.from_pretrained(str(DEMO / "unet")), root / "lora")
-    home = _cache(root / "home", lora=lora)
+    home = _cache(root / "home", lora=DEMO / "lcm-lora" / "pytorch_lora_weights.safetensors")
     return home, snapshot(home, LCM_LORA_ID) / "pytorch_lora_weights.safetensors"
 
 
@@ -59,6 +55,7 @@ def _row(data: dict, name: str) -> str:
 def test_the_default_model_with_the_lcm_lora_from_the_hub_cache_runs_offline(hub, tmp_path):
     from PIL import Image
     from sdxl_ui.adapters import file_hash
+    from sdxl_ui.demo.scenes import read_scene
     from sdxl_ui.metadata import parse_parameters
 
     home, lora = hub
@@ -68,7 +65,7 @@ def test_the_default_model_with_the_lcm_lora_from_the_hub_cache_runs_offline(hub
     profile = _row(data, "model profile")
     assert profile.startswith("lcm: ") and "4 (High quality) / 2 (Fast) steps" in profile, profile
     assert f"LoRA {LCM_LORA_ID!r}" in profile and "LCMScheduler" in profile
-    assert data["steps_requested"] == data["steps_run"] == 8  # the profile's High quality steps
+    assert data["steps_requested"] == data["steps_run"] == 4  # the profile's High quality steps
     lora_hash = file_hash(lora)
     assert f"lcm-lora-sdxl × 1 (hash {lora_hash})" in _row(data, "LoRA adapters")
     path = Path(data["path"])
@@ -76,6 +73,9 @@ def test_the_default_model_with_the_lcm_lora_from_the_hub_cache_runs_offline(hub
     with Image.open(path) as image:
         assert image.size == (128, 128)
         params = parse_parameters(image.info["parameters"])
+        reading = read_scene(image.convert("RGB"))
+    # The demo's LCM-LoRA through the hub id draws the prompt in 4 steps without guidance.
+    assert (reading.color, reading.shape, reading.background) == ("red", "circle", "blue")
     assert params["Model"] == BASE_ID and params["Profile"] == "lcm" and params["Steps"] == "4"
     assert params["Lora hashes"] == f"lcm-lora-sdxl: {lora_hash}" and params["Lora weights"] == "lcm-lora-sdxl: 1"
 
