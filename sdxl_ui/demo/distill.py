@@ -314,6 +314,7 @@ def distill(kind: str, source, out, minutes: float, seed: int = 0, smoke: bool =
     out.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # tiny optimizer states must not fall into slow denormal arithmetic on a CPU
     torch.manual_seed(seed)
     start = time.perf_counter()
     report: dict = {"distill": kind, "from": str(source), "seed": seed, "minutes": minutes, "smoke": smoke,
