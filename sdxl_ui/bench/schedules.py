@@ -40,41 +40,57 @@ def schedule_calls(unet, rows: list[int]) -> list[str]:
     return [f"{'C' if t == 'C' else 'F'}{r}" for t, r in zip(trace, rows)]
 
 
-def preset_schedule(probe, settings, quality: str, requested_steps: int | None = None) -> dict:
+def preset_schedule(probe, settings, quality: str, requested_steps: int | None = None,
+                    profile: str | None = None) -> dict:
     """The real schedule of a preset's image on this device: the tiny model run through the service's own path
     (``apply`` + ``run_stages``) with the preset's plan (steps policy, sampler, feature cache, guidance interval),
-    each UNet call recorded. Returns steps, sampler and the calls ("F2", "C1", … see KIND_NAMES)."""
+    each UNet call recorded. Returns steps, sampler and the calls ("F2", "C1", … see KIND_NAMES).
+
+    ``profile``: a model family (profiles.py, e.g. "lcm") taken as detected, as the service takes it: its steps for
+    the quality, its guidance, its own scheduler (with its overrides and call options) and what its plan turns off
+    (feature cache, guidance interval, refiner)."""
     import torch
 
-    from ..denoise import run_stages, scheduler_for
+    from ..denoise import profile_scheduler, run_stages
     from ..models import load_models, resolve_source
     from ..optimize import apply
     from ..policy import make_plan
+    from ..profiles import profile_named
     from ..schema import PRESETS, Quality
 
     q = Quality(quality)
-    preset = PRESETS[q]
-    plan = make_plan(probe, settings, "sdxl", 1024, 1024, q is Quality.HIGH)
-    steps = plan.steps_for(requested_steps or preset.steps)
+    preset, high = PRESETS[q], q is Quality.HIGH
+    family = profile_named(profile or "sdxl")
+    detected = (family.name, "bench: this profile's schedule") if profile else None
+    if profile:
+        settings = settings.with_(profile=family.name)
+    plan = make_plan(probe, settings, "sdxl", 1024, 1024, high, profile=detected)
+    steps = plan.steps_for(requested_steps or family.steps_for(high) or preset.steps)
+    guidance = preset.guidance if family.guidance is None else family.guidance
     tiny = make_plan(probe, settings.with_(model="tiny", device="cpu", precision="fp32", compile=False), "tiny",
-                     64, 64, q is Quality.HIGH)
+                     64, 64, high, profile=detected)
     tiny = dataclasses.replace(tiny, feature_cache=plan.feature_cache, guidance_interval=plan.guidance_interval,
                                refiner=False)
     models = load_models(resolve_source("tiny"), None, "float32", "float32", False)
     apply(tiny, models)
-    models.base.scheduler = scheduler_for(preset.scheduler, models.scheduler_config)
+    # As the service: the family's own scheduler (the sampler left on auto), else the preset's sampler.
+    models.base.scheduler = profile_scheduler(family, preset.scheduler, models.scheduler_config, own=True)
+    options = dict(family.options) if family.scheduler else {}
     recorder = CallRecorder(models.base.unet)
     try:
         with torch.inference_mode():
             run_stages(models, False, 64, 64, dict(prompt="a fox", num_inference_steps=steps,
-                                                   guidance_scale=preset.guidance, output_type="latent",
-                                                   generator=torch.Generator().manual_seed(0)))
+                                                   guidance_scale=guidance, output_type="latent",
+                                                   generator=torch.Generator().manual_seed(0), **options))
     finally:
         recorder.close()
     calls = schedule_calls(models.base.unet, recorder.rows)
-    return {"steps": steps, "sampler": preset.scheduler.value, "feature_cache": plan.feature_cache,
-            "guidance_interval": list(plan.guidance_interval), "calls": calls,
-            "counts": {KIND_NAMES[c]: calls.count(c) for c in sorted(set(calls))}}
+    out = {"steps": steps, "sampler": family.sampler_label if family.scheduler else preset.scheduler.value,
+           "feature_cache": plan.feature_cache, "guidance_interval": list(plan.guidance_interval), "calls": calls,
+           "counts": {KIND_NAMES[c]: calls.count(c) for c in sorted(set(calls))}}
+    if profile:
+        out.update(profile=plan.profile, guidance=guidance, scheduler=type(models.base.scheduler).__name__)
+    return out
 
 
 def schedule_seconds(calls, kinds: dict, scale: float = 1.0) -> float:
