@@ -136,8 +136,10 @@ def summarize(results: dict, arch: str, res: int, steps: int, device: str, machi
             summary["hq_ratio"] = round(base["hq"]["total_s"] / plan["hq"]["total_s"], 2)
     if dtype_peaks:
         summary["dtype_peaks"] = dtype_peaks
+    if "plan" in results:
+        summary["decode_1024"] = decodes = decode_seconds(results["plan"], vae_scale, res)
     if "baseline" in results and "plan" in results and "kinds" in results["plan"] and schedules:
-        summary["presets"] = per_image(results, schedules, unet_tf_1024 / unet_tf, vae_scale)
+        summary["presets"] = per_image(results, schedules, unet_tf_1024 / unet_tf, vae_scale, decodes)
         if "check" in results["plan"]:
             summary["check"] = check_figures(results["plan"])
     if "baseline" in results and "int8" in results:
@@ -152,23 +154,52 @@ def summarize(results: dict, arch: str, res: int, steps: int, device: str, machi
 STOCK_STEPS = 50  # stock diffusers' default: Euler, 50 steps, CFG on every step, fp32 on a CPU
 
 
-def per_image(results: dict, schedules: dict, unet_scale: float, vae_scale: float) -> dict:
+def decode_seconds(plan: dict, vae_scale: float, res: int) -> dict:
+    """The decode of one 1024² image: the full VAE's (FLOP-scaled) and, where the plan's child timed it, the tiny
+    decoder's (AutoencoderTiny; scaled by the pixel ratio: its cost is linear in pixels)."""
+    out = {"full_vae_s": round(plan["vae_decode_s"] * vae_scale, 4)}
+    if "tiny_decode_s" in plan:
+        out["tiny_decoder_s"] = round(plan["tiny_decode_s"] * (1024 / res) ** 2, 4)
+    return out
+
+
+def per_image(results: dict, schedules: dict, unet_scale: float, vae_scale: float, decodes: dict | None = None) -> dict:
     """Seconds per 1024² image: stock diffusers (its fp32 guided step × 50) and each preset from its real schedule
     (per-kind step times × the calls of each kind), both with the UNet times scaled by the 1024²/res² FLOP ratio,
-    plus text encoding and the FLOP-scaled VAE decode of that configuration."""
+    plus text encoding and the FLOP-scaled VAE decode of that configuration. A few-step profile's schedule also
+    gets a row with the tiny decoder's decode in place of the full VAE's (``decodes``: see decode_seconds)."""
     base, plan = results["baseline"], results["plan"]
-    stock = (STOCK_STEPS * base["s_per_step"] * unet_scale + base["text_encode_s"] + base["vae_decode_s"] * vae_scale)
-    out = {"stock": {"image_s": round(stock, 1), "steps": STOCK_STEPS, "dtype": base["dtype"],
+    decodes = decodes or {"full_vae_s": plan["vae_decode_s"] * vae_scale}
+    stock = round(STOCK_STEPS * base["s_per_step"] * unet_scale + base["text_encode_s"]
+                  + base["vae_decode_s"] * vae_scale, 2)
+    out = {"stock": {"image_s": stock, "steps": STOCK_STEPS, "dtype": base["dtype"],
                      "what": "stock diffusers: fp32, Euler, 50 steps, CFG on every step"}}
     for name, sched in schedules.items():
         unet_s = schedule_seconds(sched["calls"], plan["kinds"], unet_scale)
-        image = unet_s + plan["text_encode_s"] + plan["vae_decode_s"] * vae_scale
-        # The ratio of the figures as printed (rounded), so that the JSON agrees with itself.
-        out[name] = {"image_s": round(image, 1), "ratio": round(round(stock, 1) / round(image, 1), 2),
-                     "unet_s": round(unet_s, 1),
-                     "steps": sched["steps"], "sampler": sched["sampler"], "counts": sched["counts"],
-                     "dtype": plan["dtype"], "schedule": sched}
+        out[name] = _preset_row(stock, unet_s, plan, decodes["full_vae_s"], sched)
+        if sched.get("profile") and "tiny_decoder_s" in decodes:
+            out[f"{name} tiny"] = _preset_row(stock, unet_s, plan, decodes["tiny_decoder_s"], sched, of=name)
     return out
+
+
+def _preset_row(stock: float, unet_s: float, plan: dict, decode_s: float, sched: dict, of: str | None = None):
+    """One preset's figures per 1024² image (``of``: the tiny decoder's row of that preset's schedule)."""
+    image = round(unet_s + plan["text_encode_s"] + decode_s, 2)
+    # The ratio of the figures as stored (rounded), so that the JSON agrees with itself.
+    row = {"image_s": image, "ratio": round(stock / image, 2), "unet_s": round(unet_s, 2),
+           "text_encode_s": plan["text_encode_s"], "decode_s": round(decode_s, 4),
+           "decoder": "tiny" if of else "full", "steps": sched["steps"], "sampler": sched["sampler"],
+           "counts": sched["counts"], "dtype": plan["dtype"]}
+    if sched.get("profile"):
+        counts = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sched["counts"].items())
+        row["what"] = (f"{sched['profile']} profile: {sched['steps']} steps {sched['scheduler']}, guidance "
+                       f"{sched['guidance']:g}, {counts}, "
+                       + ("tiny decoder (AutoencoderTiny)" if of else "full VAE decode"))
+    if of:
+        row["schedule_of"] = of  # the schedule is that row's (a replay re-derives this row from it)
+    else:
+        row["schedule"] = sched
+    return row
 
 
 def check_figures(plan: dict) -> dict:
