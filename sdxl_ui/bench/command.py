@@ -72,6 +72,10 @@ def cmd_bench(args) -> int:
     if "plan" in results and "kinds" in results["plan"]:
         for quality in ("high", "fast"):
             schedules[quality] = preset_schedule(probe, plan_settings, quality)
+        # A few-step profile (LCM, its High-quality steps: 4), as the service runs it; per_image adds its row with
+        # the tiny decoder.
+        lcm = preset_schedule(probe, plan_settings, "high", profile="lcm")
+        schedules[f"lcm-{lcm['steps']}"] = lcm
     summary = summarize(results, args.arch, args.res, args.steps, device, machine_label(probe, device),
                         probe.torch_version, hq_steps=plan.steps_for(50), schedules=schedules,
                         dtype_peaks={"gflops": dict(probe.cpu.gemm_gflops), "how": probe.cpu.gemm_note}
@@ -94,7 +98,7 @@ def _replay(args) -> int:
     plan_steps = round(50 * 0.7) if saved["device"] == "cpu" else 50
     summary = summarize(results, saved["arch"], saved["res"], saved["timed_steps"], saved["device"],
                         saved["machine"], saved["torch"], hq_steps=plan_steps, day=saved["date"],
-                        schedules={k: v["schedule"] for k, v in saved.get("presets", {}).items() if k != "stock"},
+                        schedules={k: v["schedule"] for k, v in saved.get("presets", {}).items() if "schedule" in v},
                         dtype_peaks=saved.get("dtype_peaks"))
     print(json.dumps(summary, indent=1) if args.json else format_table(summary))
     return 0

@@ -55,8 +55,12 @@ def format_table(s: dict) -> str:
         for name, p in s["presets"].items():
             what = p.get("what") or (f"{p['steps']} steps {p['sampler']}, "
                                      + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in p["counts"].items()))
-            lines.append(f"   {name:<6} {p['image_s']:>9.1f} s" + (f"  {p['ratio']:>5.2f}× stock" if "ratio" in p
-                                                                     else "         ") + f"  ({what})")
+            lines.append(f"   {name:<10} {p['image_s']:>9.2f} s" + (f"  {p['ratio']:>6.2f}× stock" if "ratio" in p
+                                                                       else "          ") + f"  ({what})")
+    if "decode_1024" in s:
+        d = s["decode_1024"]
+        lines.append(f"decode per 1024² image: full VAE {d['full_vae_s']:.3f} s"
+                     + (f", tiny decoder {d['tiny_decoder_s']:.3f} s" if "tiny_decoder_s" in d else ""))
     if "check" in s:
         c = s["check"]
         lines.append(f"Check: one real Fast image at {c['res']}², {c['steps']} steps: measured {c['measured_s']} s, "
@@ -69,5 +73,9 @@ def format_table(s: dict) -> str:
                      + f"; noise prediction {100 * i['noise_pred_rel_rms_diff']:.2f} % RMS from exact")
     lines.append("HQ 1024² = steps (stock: 50; plan: its steps policy) × FLOP-scaled step time + text encoding + "
                  "FLOP-scaled decode")
+    if "tiny_decoder_s" in s.get("decode_1024", {}):
+        lines.append("tiny decoder = diffusers' AutoencoderTiny, default config (TAESDXL's architecture), random "
+                     "weights, in the plan's dtype; its decode at the bench size scaled to 1024² by the pixel ratio "
+                     "(its cost is linear in pixels)")
     lines.append("RSS step = peak RSS through text encoding and UNet steps; RSS all = including the VAE decode")
     return "\n".join(lines)

@@ -40,41 +40,57 @@ def schedule_calls(unet, rows: list[int]) -> list[str]:
     return [f"{'C' if t == 'C' else 'F'}{r}" for t, r in zip(trace, rows)]
 
 
-def preset_schedule(probe, settings, quality: str, requested_steps: int | None = None) -> dict:
+def preset_schedule(probe, settings, quality: str, requested_steps: int | None = None,
+                    profile: str | None = None) -> dict:
     """The real schedule of a preset's image on this device: the tiny model run through the service's own path
     (``apply`` + ``run_stages``) with the preset's plan (steps policy, sampler, feature cache, guidance interval),
-    each UNet call recorded. Returns steps, sampler and the calls ("F2", "C1", … see KIND_NAMES)."""
+    each UNet call recorded. Returns steps, sampler and the calls ("F2", "C1", … see KIND_NAMES).
+
+    ``profile``: a model family (profiles.py, e.g. "lcm") taken as detected, as the service takes it: its steps for
+    the quality, its guidance, its own scheduler (with its overrides and call options) and what its plan turns off
+    (feature cache, guidance interval, refiner)."""
     import torch
 
-    from ..denoise import run_stages, scheduler_for
+    from ..denoise import profile_scheduler, run_stages
     from ..models import load_models, resolve_source
     from ..optimize import apply
     from ..policy import make_plan
+    from ..profiles import profile_named
     from ..schema import PRESETS, Quality
 
     q = Quality(quality)
-    preset = PRESETS[q]
-    plan = make_plan(probe, settings, "sdxl", 1024, 1024, q is Quality.HIGH)
-    steps = plan.steps_for(requested_steps or preset.steps)
+    preset, high = PRESETS[q], q is Quality.HIGH
+    family = profile_named(profile or "sdxl")
+    detected = (family.name, "bench: this profile's schedule") if profile else None
+    if profile:
+        settings = settings.with_(profile=family.name)
+    plan = make_plan(probe, settings, "sdxl", 1024, 1024, high, profile=detected)
+    steps = plan.steps_for(requested_steps or family.steps_for(high) or preset.steps)
+    guidance = preset.guidance if family.guidance is None else family.guidance
     tiny = make_plan(probe, settings.with_(model="tiny", device="cpu", precision="fp32", compile=False), "tiny",
-                     64, 64, q is Quality.HIGH)
+                     64, 64, high, profile=detected)
     tiny = dataclasses.replace(tiny, feature_cache=plan.feature_cache, guidance_interval=plan.guidance_interval,
                                refiner=False)
     models = load_models(resolve_source("tiny"), None, "float32", "float32", False)
     apply(tiny, models)
-    models.base.scheduler = scheduler_for(preset.scheduler, models.scheduler_config)
+    # As the service: the family's own scheduler (the sampler left on auto), else the preset's sampler.
+    models.base.scheduler = profile_scheduler(family, preset.scheduler, models.scheduler_config, own=True)
+    options = dict(family.options) if family.scheduler else {}
     recorder = CallRecorder(models.base.unet)
     try:
         with torch.inference_mode():
             run_stages(models, False, 64, 64, dict(prompt="a fox", num_inference_steps=steps,
-                                                   guidance_scale=preset.guidance, output_type="latent",
-                                                   generator=torch.Generator().manual_seed(0)))
+                                                   guidance_scale=guidance, output_type="latent",
+                                                   generator=torch.Generator().manual_seed(0), **options))
     finally:
         recorder.close()
     calls = schedule_calls(models.base.unet, recorder.rows)
-    return {"steps": steps, "sampler": preset.scheduler.value, "feature_cache": plan.feature_cache,
-            "guidance_interval": list(plan.guidance_interval), "calls": calls,
-            "counts": {KIND_NAMES[c]: calls.count(c) for c in sorted(set(calls))}}
+    out = {"steps": steps, "sampler": family.sampler_label if family.scheduler else preset.scheduler.value,
+           "feature_cache": plan.feature_cache, "guidance_interval": list(plan.guidance_interval), "calls": calls,
+           "counts": {KIND_NAMES[c]: calls.count(c) for c in sorted(set(calls))}}
+    if profile:
+        out.update(profile=plan.profile, guidance=guidance, scheduler=type(models.base.scheduler).__name__)
+    return out
 
 
 def schedule_seconds(calls, kinds: dict, scale: float = 1.0) -> float:
@@ -120,8 +136,10 @@ def summarize(results: dict, arch: str, res: int, steps: int, device: str, machi
             summary["hq_ratio"] = round(base["hq"]["total_s"] / plan["hq"]["total_s"], 2)
     if dtype_peaks:
         summary["dtype_peaks"] = dtype_peaks
+    if "plan" in results:
+        summary["decode_1024"] = decodes = decode_seconds(results["plan"], vae_scale, res)
     if "baseline" in results and "plan" in results and "kinds" in results["plan"] and schedules:
-        summary["presets"] = per_image(results, schedules, unet_tf_1024 / unet_tf, vae_scale)
+        summary["presets"] = per_image(results, schedules, unet_tf_1024 / unet_tf, vae_scale, decodes)
         if "check" in results["plan"]:
             summary["check"] = check_figures(results["plan"])
     if "baseline" in results and "int8" in results:
@@ -136,23 +154,52 @@ def summarize(results: dict, arch: str, res: int, steps: int, device: str, machi
 STOCK_STEPS = 50  # stock diffusers' default: Euler, 50 steps, CFG on every step, fp32 on a CPU
 
 
-def per_image(results: dict, schedules: dict, unet_scale: float, vae_scale: float) -> dict:
+def decode_seconds(plan: dict, vae_scale: float, res: int) -> dict:
+    """The decode of one 1024² image: the full VAE's (FLOP-scaled) and, where the plan's child timed it, the tiny
+    decoder's (AutoencoderTiny; scaled by the pixel ratio: its cost is linear in pixels)."""
+    out = {"full_vae_s": round(plan["vae_decode_s"] * vae_scale, 4)}
+    if "tiny_decode_s" in plan:
+        out["tiny_decoder_s"] = round(plan["tiny_decode_s"] * (1024 / res) ** 2, 4)
+    return out
+
+
+def per_image(results: dict, schedules: dict, unet_scale: float, vae_scale: float, decodes: dict | None = None) -> dict:
     """Seconds per 1024² image: stock diffusers (its fp32 guided step × 50) and each preset from its real schedule
     (per-kind step times × the calls of each kind), both with the UNet times scaled by the 1024²/res² FLOP ratio,
-    plus text encoding and the FLOP-scaled VAE decode of that configuration."""
+    plus text encoding and the FLOP-scaled VAE decode of that configuration. A few-step profile's schedule also
+    gets a row with the tiny decoder's decode in place of the full VAE's (``decodes``: see decode_seconds)."""
     base, plan = results["baseline"], results["plan"]
-    stock = (STOCK_STEPS * base["s_per_step"] * unet_scale + base["text_encode_s"] + base["vae_decode_s"] * vae_scale)
-    out = {"stock": {"image_s": round(stock, 1), "steps": STOCK_STEPS, "dtype": base["dtype"],
+    decodes = decodes or {"full_vae_s": plan["vae_decode_s"] * vae_scale}
+    stock = round(STOCK_STEPS * base["s_per_step"] * unet_scale + base["text_encode_s"]
+                  + base["vae_decode_s"] * vae_scale, 2)
+    out = {"stock": {"image_s": stock, "steps": STOCK_STEPS, "dtype": base["dtype"],
                      "what": "stock diffusers: fp32, Euler, 50 steps, CFG on every step"}}
     for name, sched in schedules.items():
         unet_s = schedule_seconds(sched["calls"], plan["kinds"], unet_scale)
-        image = unet_s + plan["text_encode_s"] + plan["vae_decode_s"] * vae_scale
-        # The ratio of the figures as printed (rounded), so that the JSON agrees with itself.
-        out[name] = {"image_s": round(image, 1), "ratio": round(round(stock, 1) / round(image, 1), 2),
-                     "unet_s": round(unet_s, 1),
-                     "steps": sched["steps"], "sampler": sched["sampler"], "counts": sched["counts"],
-                     "dtype": plan["dtype"], "schedule": sched}
+        out[name] = _preset_row(stock, unet_s, plan, decodes["full_vae_s"], sched)
+        if sched.get("profile") and "tiny_decoder_s" in decodes:
+            out[f"{name} tiny"] = _preset_row(stock, unet_s, plan, decodes["tiny_decoder_s"], sched, of=name)
     return out
+
+
+def _preset_row(stock: float, unet_s: float, plan: dict, decode_s: float, sched: dict, of: str | None = None):
+    """One preset's figures per 1024² image (``of``: the tiny decoder's row of that preset's schedule)."""
+    image = round(unet_s + plan["text_encode_s"] + decode_s, 2)
+    # The ratio of the figures as stored (rounded), so that the JSON agrees with itself.
+    row = {"image_s": image, "ratio": round(stock / image, 2), "unet_s": round(unet_s, 2),
+           "text_encode_s": plan["text_encode_s"], "decode_s": round(decode_s, 4),
+           "decoder": "tiny" if of else "full", "steps": sched["steps"], "sampler": sched["sampler"],
+           "counts": sched["counts"], "dtype": plan["dtype"]}
+    if sched.get("profile"):
+        counts = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sched["counts"].items())
+        row["what"] = (f"{sched['profile']} profile: {sched['steps']} steps {sched['scheduler']}, guidance "
+                       f"{sched['guidance']:g}, {counts}, "
+                       + ("tiny decoder (AutoencoderTiny)" if of else "full VAE decode"))
+    if of:
+        row["schedule_of"] = of  # the schedule is that row's (a replay re-derives this row from it)
+    else:
+        row["schedule"] = sched
+    return row
 
 
 def check_figures(plan: dict) -> dict:

@@ -44,6 +44,8 @@ def run_configuration(spec: dict) -> dict:
         if kind == "int8":
             out["int8"] = _int8_difference(torch, pipe.unet, x, inputs, reference)
         _time_decode(torch, spec, pipe, dtype, out)
+        if kind == "plan" and not spec.get("compile"):
+            _time_tiny_decode(torch, spec, dtype, out)
     if kind == "plan" and spec.get("check_steps"):
         out["check"] = _end_to_end_check(torch, spec, models, probe)
     if spec.get("hq"):
@@ -148,6 +150,25 @@ def _time_decode(torch, spec: dict, pipe, dtype, out: dict) -> None:
     out["vae_output_ok"] = image.size == (res, res)
     if spec.get("vae_check") and dtype != torch.float32:
         out["vae_check"] = _vae_precision_check(torch, pipe.vae, latents.to(device))
+
+
+def _time_tiny_decode(torch, spec: dict, dtype, out: dict) -> None:
+    """The tiny decoder's decode of one image's latents, timed as ``_time_decode`` times the full VAE (one call):
+    diffusers' AutoencoderTiny with its default config (TAESDXL's architecture, madebyollin/taesdxl), random
+    weights, built here in the plan's dtype on its device. Its scaling factor is 1.0: it takes the pipeline's
+    latents as they are."""
+    from diffusers import AutoencoderTiny
+
+    res, device = spec["res"], spec["device"]
+    decoder = AutoencoderTiny().to(device, dtype).eval()
+    latents = torch.randn(1, 4, res // 8, res // 8, generator=torch.Generator("cpu").manual_seed(0)).to(device, dtype)
+    sync(torch, device)
+    t = time.perf_counter()
+    image = decoder.decode(latents).sample
+    sync(torch, device)
+    out["tiny_decode_s"] = round(time.perf_counter() - t, 4)
+    out["tiny_decode_ok"] = tuple(image.shape) == (1, 3, res, res)
+    del decoder
 
 
 def _vae_precision_check(torch, vae, latents) -> dict:

@@ -1,8 +1,9 @@
 """The benchmark command's plumbing, on the tiny architecture (its timings are checked by running it, not here)."""
 import json
 
+import pytest
 import torch
-from tests.helpers import cli
+from tests.helpers import ROOT, cli
 
 from sdxl_ui import bench
 from sdxl_ui.assembly import build_full
@@ -46,12 +47,44 @@ def test_bench_runs_end_to_end_with_the_high_quality_path(tmp_path):
     assert set(data["dtype_peaks"]["gflops"]) >= {"fp32"}
     if "int8" in data["dtype_peaks"]["gflops"]:
         assert data["int8_step"]["s_per_step"] > 0 and 0 < data["int8_step"]["noise_pred_rel_rms_diff"] < 0.1
+    # The LCM profile at its High-quality 4 steps, recorded through the same path: its own LCMScheduler, guidance
+    # 1.0 (no negative branch: conditional-only calls), no feature cache.
+    lcm = presets["lcm-4"]["schedule"]
+    assert lcm["calls"] == ["F1"] * 4 and lcm["scheduler"] == "LCMScheduler" and lcm["guidance"] == 1.0
+    assert lcm["profile"] == "lcm" and lcm["feature_cache"] == 1 and lcm["steps"] == 4
+    # Its tiny-decoder row: the same UNet and text seconds, the decode swapped for AutoencoderTiny's (pixel-scaled).
+    full, tiny, decodes = presets["lcm-4"], presets["lcm-4 tiny"], data["decode_1024"]
+    assert data["plan"]["tiny_decode_s"] > 0 and data["plan"]["tiny_decode_ok"]
+    assert decodes["tiny_decoder_s"] == pytest.approx(data["plan"]["tiny_decode_s"] * (1024 / 128) ** 2, rel=1e-3)
+    assert decodes["full_vae_s"] == pytest.approx(data["plan"]["vae_decode_s"] * (1024 / 128) ** 2, rel=1e-3)
+    assert tiny["unet_s"] == full["unet_s"] and tiny["decoder"] == "tiny" and full["decoder"] == "full"
+    assert full["decode_s"] - tiny["decode_s"] == pytest.approx(decodes["full_vae_s"] - decodes["tiny_decoder_s"])
+    assert full["image_s"] - tiny["image_s"] == pytest.approx(decodes["full_vae_s"] - decodes["tiny_decoder_s"],
+                                                              abs=0.011)  # each image_s is rounded to 0.01 s
+    assert tiny["ratio"] == round(presets["stock"]["image_s"] / tiny["image_s"], 2)
     saved = tmp_path / "bench.json"
     saved.write_text(proc.stdout)
     table = cli("bench", "--from-json", str(saved))
     assert table.returncode == 0 and "per guided step, plan vs stock diffusers" in table.stdout
     assert "High-quality image, stock ÷ plan" in table.stdout and "refiner + decode" in table.stdout
     assert "Per 1024² image" in table.stdout and "Check: one real Fast image" in table.stdout
+    lines = table.stdout.splitlines()
+    full_row = [line for line in lines if line.startswith("   lcm-4 ") and not line.startswith("   lcm-4 tiny")]
+    tiny_row = [line for line in lines if line.startswith("   lcm-4 tiny ")]
+    assert len(full_row) == 1 and len(tiny_row) == 1, table.stdout
+    assert f"{tiny['image_s']:.2f} s" in tiny_row[0] and f"{tiny['ratio']:.2f}× stock" in tiny_row[0]
+    assert f"{full['image_s']:.2f} s" in full_row[0] and "LCMScheduler" in full_row[0]
+    assert (f"decode per 1024² image: full VAE {decodes['full_vae_s']:.3f} s, tiny decoder "
+            f"{decodes['tiny_decoder_s']:.3f} s") in table.stdout
+
+
+def test_replay_of_a_result_saved_before_the_few_step_presets():
+    """The saved EPYC result has no few-step schedule and no tiny decoder: its table prints what it has."""
+    table = cli("bench", "--from-json", str(ROOT / "assets" / "bench-epyc-512.json"))
+    assert table.returncode == 0, table.stderr
+    assert "Per 1024² image" in table.stdout and "   high " in table.stdout and "   fast " in table.stdout
+    assert "lcm" not in table.stdout and "tiny decoder" not in table.stdout
+    assert "decode per 1024² image: full VAE " in table.stdout
 
 
 def test_full_architecture_matches_the_published_parameter_counts():
