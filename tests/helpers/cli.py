@@ -11,5 +11,5 @@ from tests.helpers.common import ROOT
 def cli(*args, check_json=True):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "sdxl_ui", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=300)
+                          cwd=ROOT, timeout=600)
     return proc
