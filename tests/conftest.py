@@ -101,6 +101,9 @@ MARKED = {
         "frontends/test_lora_flags.py::test_cli_refuses_a_lora_for_another_architecture_with_exit_2",  # loads tiny
         "frontends/test_security_round3.py",  # each test launches app.py (issue 21's attacks)
         "tools/test_demo_train.py",
+        "tools/test_demo_distill.py",  # smoke distillations, then the demo model generating with each
+        "tools/test_demo_few_step.py",  # the shipped LCM-LoRA and tiny decoder, pictures judged
+        "pipeline/test_tiny_decoder.py",  # tiny-model generations with a tiny decoder, and the CLI
         "pipeline/test_hub_cache.py",  # the demo model as an offline hub cache: a generating CLI subprocess each
         "tools/test_selftest.py::test_selftest_on_cpu_passes_every_cpu_configuration",
         "tools/test_bench.py::test_bench_runs_end_to_end_with_the_high_quality_path",

@@ -38,6 +38,8 @@ LCM_FILE = "pytorch_lora_weights.safetensors"
 SKIP = 20  # k: 1000 train timesteps / LCMScheduler's original_inference_steps (50)
 GUIDANCE = (6.0, 8.0)  # the teacher's classifier-free guidance (the Fast and High-quality presets')
 HUBER_C = 0.001
+LCM_LR = 3e-4
+CHECK_EVERY = 0.125  # of the budget: the student is judged (16 prompts, 4 steps) and the best one is kept
 EMA_DECAY = 0.95
 TIMESTEP_SCALING, SIGMA_DATA = 10.0, 0.5  # LCMScheduler's boundary-condition constants
 # The layers diffusers' train_lcm_distill_lora_sdxl.py puts the LoRA on.
@@ -173,12 +175,13 @@ def distill_lcm(source, out: Path, seconds: float, seed: int, smoke: bool, rank:
     target = copy.deepcopy(student).eval().requires_grad_(False)
     alphas = _alphas_cumprod(pipe.scheduler)
     step_fn = LcmStep(pipe.unet, student, target, alphas, batch, gen)
-    opt = torch.optim.AdamW(step_fn.params, lr=5e-4, betas=(0.9, 0.99), weight_decay=0.0)
-    check_scenes = S.eval_scenes(16, seed=99)
-    progress, step, checks, next_check = Progress("lcm", seconds, 2 if smoke else None), 0, [], 0.25
+    opt = torch.optim.AdamW(step_fn.params, lr=LCM_LR, betas=(0.9, 0.99), weight_decay=0.0)
+    check_scenes = S.eval_scenes(16, seed=99)  # not the eval-demo prompt set (seed 1234)
+    progress, step, checks, next_check = Progress("lcm", seconds, 2 if smoke else None), 0, [], CHECK_EVERY
+    best = Best()
     while not progress.done(step):
         for group in opt.param_groups:
-            group["lr"] = lr_at(5e-4, fraction(progress, step))
+            group["lr"] = lr_at(LCM_LR, fraction(progress, step))
         idx = rng.integers(len(scenes), size=batch)
         with torch.no_grad():
             embeds, pooled = encode_text(pipe.tokenizer, pipe.text_encoder, pipe.text_encoder_2,
@@ -192,12 +195,15 @@ def distill_lcm(source, out: Path, seconds: float, seed: int, smoke: bool, rank:
         step += 1
         progress.update(step, float(loss.detach()))
         if not smoke and fraction(progress, step) >= next_check:
-            next_check += 0.25
-            checks.append(_lcm_check(pipe, student, check_scenes, step, out))
+            next_check += CHECK_EVERY
+            checks.append(_lcm_check(pipe, student, check_scenes, step, out, best))
     progress.close()
     report = {"steps": step, "seconds": round(progress.elapsed(), 1), "loss": round(progress.loss or 0, 5),
-              "rank": rank, "batch": batch, "checks": checks}
+              "rank": rank, "batch": batch, "lr": LCM_LR, "checks": checks}
     if not smoke:
+        checks.append(_lcm_check(pipe, student, check_scenes, step, out, best))
+        student = best.student
+        report["kept_step"] = best.step
         student.eval()
         report["final_check_16"] = {n: adherence(lcm_pipeline(pipe, student), check_scenes, steps=n, guidance=1.0)
                                     for n in (2, 4, 8)}
@@ -205,14 +211,27 @@ def distill_lcm(source, out: Path, seconds: float, seed: int, smoke: bool, rank:
     return report | {"lora": student}
 
 
-def _lcm_check(pipe, student, scenes, step: int, out: Path) -> dict:
-    """Adherence of the student at 4 steps, and a checkpoint of its LoRA (the run can be cut any time after)."""
+class Best:
+    """The best student so far by its check (early stopping on the 16 check prompts: the consistency loss does not
+    say when the pictures stop improving)."""
+
+    def __init__(self):
+        self.score, self.step, self.student = -1, 0, None
+
+
+def _lcm_check(pipe, student, scenes, step: int, out: Path, best: Best) -> dict:
+    """Adherence of the student at 4 steps; a better one than any before is kept and written (the run can be cut
+    any time after its first check)."""
     student.eval()
     right = adherence(lcm_pipeline(pipe, student), scenes, steps=4, guidance=1.0)
     student.train()
-    save_lora(student, out, {"step": step})
-    log.info("LCM step %d, 4 steps guidance 1: %s (checkpoint written)", step, right)
-    return {"step": step, **right}
+    score = sum(int(v.split("/")[0]) for v in right.values())
+    kept = score >= best.score
+    if kept:
+        best.score, best.step, best.student = score, step, copy.deepcopy(student).eval()
+        save_lora(student, out, {"step": step})
+    log.info("LCM step %d, 4 steps guidance 1: %s%s", step, right, " (best so far: kept and written)" if kept else "")
+    return {"step": step, "kept": kept, **right}
 
 
 def save_lora(student, out: Path, extra: dict) -> int:
