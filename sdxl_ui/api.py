@@ -10,7 +10,7 @@ gives False and ``last_error`` naming the field and the value (``high_quality`` 
 a .png path, relative to the current folder like the CLI's ``--out``). ``ImageService(model="demo")`` or SDXL_UI_MODEL=demo selects the
 offline demo model (simple shapes and colours); ``model="tiny"`` the random-weight test model. Any setting can be
 given by name: ``ImageService(loras=["style.safetensors@0.8"], profile="auto")`` fuses LoRA adapters into the model
-(README: LoRA adapters and model profiles).
+(README: Few-step models and LoRAs).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class ImageService:
                              seed: int | None = None, width: int | None = None, height: int | None = None) -> bool:
         """Generate one image to ``output_path``. True on success; False (and ``last_error``) otherwise.
         ``num_inference_steps=None`` (or ``guidance_scale=None``): the quality preset's, or a few-step model
-        profile's own (README: LoRA adapters and model profiles)."""
+        profile's own (README: Few-step models and LoRAs)."""
         return await asyncio.to_thread(self._generate, prompt, output_path, num_inference_steps, high_quality,
                                        negative_prompt, guidance_scale, seed, width, height)
 

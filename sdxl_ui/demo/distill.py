@@ -39,6 +39,7 @@ SKIP = 20  # k: 1000 train timesteps / LCMScheduler's original_inference_steps (
 GUIDANCE = (6.0, 8.0)  # the teacher's classifier-free guidance (the Fast and High-quality presets')
 HUBER_C = 0.001
 LCM_LR = 3e-4
+DECODER_SCENES = 4096
 CHECK_EVERY = 0.125  # of the budget: the student is judged (16 prompts, 4 steps) and the best one is kept
 EMA_DECAY = 0.95
 TIMESTEP_SCALING, SIGMA_DATA = 10.0, 0.5  # LCMScheduler's boundary-condition constants
@@ -255,24 +256,21 @@ def distill_decoder(source, out: Path, seconds: float, seed: int, smoke: bool, b
     import torch
     from diffusers import AutoencoderTiny
 
-    from .train import vae_batch
-
     pipe, rng = load_demo(source), np.random.default_rng(seed)
-    vae, scale = pipe.vae, pipe.vae.config.scaling_factor
+    vae = pipe.vae
     torch.manual_seed(seed)
     tiny = AutoencoderTiny(**TINY_DECODER)
     opt = torch.optim.AdamW(tiny.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
+    start = time.perf_counter()
+    data = decoder_dataset(vae, rng, 8 if smoke else DECODER_SCENES)
+    log.info("the VAE's pictures of %d latents in %.0f s", len(data[0]), time.perf_counter() - start)
     progress, step, checks, next_check = Progress("decoder", seconds, 2 if smoke else None), 0, [], 0.25
     tiny.train()
     while not progress.done(step):
         for group in opt.param_groups:
             group["lr"] = lr_at(1e-3, fraction(progress, step))
-        x, weight = vae_batch(rng, batch, S.SIZE)
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.mean * scale
-            # half the batch a little off the data's latents, as a few-step sample can be
-            z_in = z + 0.1 * torch.randn_like(z) * (torch.rand(z.shape[0], 1, 1, 1) < 0.5)
-            target = vae.decode(z_in / scale).sample.clamp(-1, 1)
+        idx = torch.from_numpy(rng.integers(len(data[0]), size=batch))
+        x, z, z_in, target, weight = (t[idx].float() for t in data)
         err = tiny.decoder(z_in) - target
         loss = ((err.abs() + err.pow(2)) * weight).sum() / (weight.sum() * 3)
         loss = loss + (tiny.encoder(x) - z).pow(2).mean()
@@ -293,6 +291,27 @@ def distill_decoder(source, out: Path, seconds: float, seed: int, smoke: bool, b
     copy.deepcopy(tiny).to(torch.float16).save_pretrained(out, safe_serialization=True)
     report["parameters"] = sum(p.numel() for p in tiny.parameters())
     return report
+
+
+def decoder_dataset(vae, rng, n: int) -> tuple:
+    """The VAE's own pictures to learn from, computed once: n scenes (pixel weights as in the VAE's training), their
+    pipeline latents, the latents the decoder gets (half of them a little off the data's, as a few-step sample can
+    be) and the VAE's decode of those; fp16 to keep it small."""
+    import torch
+
+    from .train import vae_batch
+
+    parts: list[list] = [[], [], [], [], []]
+    scale = vae.config.scaling_factor
+    with torch.no_grad():
+        for i in range(0, n, 64):
+            x, weight = vae_batch(rng, min(64, n - i), S.SIZE)
+            z = vae.encode(x).latent_dist.mean * scale
+            z_in = z + 0.1 * torch.randn(z.shape) * (torch.rand(z.shape[0], 1, 1, 1) < 0.5)
+            target = vae.decode(z_in / scale).sample.clamp(-1, 1)
+            for part, t in zip(parts, (x, z, z_in, target, weight)):
+                part.append(t.half())
+    return tuple(torch.cat(p) for p in parts)
 
 
 def decoder_check(vae, tiny, n: int = 48, seed: int = 4321) -> dict:
@@ -344,7 +363,7 @@ def distill(kind: str, source, out, minutes: float, seed: int = 0, smoke: bool =
         report["lcm"] = result
         save_lora(student, out, {"steps": result["steps"], "seconds": result["seconds"]})
     else:
-        report["decoder"] = distill_decoder(source, out, minutes * 60, seed, smoke, batch=4 if smoke else 16)
+        report["decoder"] = distill_decoder(source, out, minutes * 60, seed, smoke, batch=4 if smoke else 32)
     report["bytes"] = sum(p.stat().st_size for p in out.iterdir() if p.is_file() and p.suffix == ".safetensors")
     report["total_s"] = round(time.perf_counter() - start, 1)
     (out / "training.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
