@@ -76,12 +76,10 @@ def latent_preview(latents, pipe=None):
 def final_decoder(pipe) -> str | None:
     """The tiny decoder's name when it decodes the final image (``--decoder tiny``; the PNG's ``VAE`` field), else
     None (the model's own VAE)."""
-    from pathlib import PurePath
-
     from .optimizations import tiny_decoder
 
     tiny = tiny_decoder.attached(pipe)
-    return f"tiny decoder {PurePath(tiny.source).name}" if tiny is not None and tiny.final else None
+    return f"tiny decoder {tiny_decoder.label(tiny.source)}" if tiny is not None and tiny.final else None
 
 
 def decode_latents(pipe, latents):

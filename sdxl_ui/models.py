@@ -452,9 +452,10 @@ def attach_tiny_decoder(models: LoadedModels, source: ModelSource, settings) -> 
     except tiny_decoder.TinyDecoderError as exc:
         if required:
             raise ModelLoadError(f"{exc}; --decoder full decodes with the model's own VAE") from None
-        return f"tiny decoder: none on disk ({where}: not found), previews use the latent approximation"
+        return (f"tiny decoder: none on disk ({tiny_decoder.label(where)}: not found), previews use the latent "
+                "approximation")
     for pipe in (models.base, models.refiner):
         if pipe is not None:
             tiny_decoder.attach(pipe, tiny_decoder.Attached(decoder, where, final))
     use = "previews and the final image" if final else "previews (the final image: the full VAE)"
-    return f"tiny decoder {where} ({why}) for the {use}"
+    return f"tiny decoder {tiny_decoder.label(where)} ({why}) for the {use}"

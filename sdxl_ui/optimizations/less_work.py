@@ -197,7 +197,7 @@ class TinyDecoder(Unit):
         found = tiny_decoder.attached(live.base)
         final = found is not None and found.final
         state = ("none loaded: previews by the latent approximation" if found is None else
-                 f"{found.source} ({type(found.decoder).__name__}) draws the previews"
+                 f"{tiny_decoder.label(found.source)} ({type(found.decoder).__name__}) draws the previews"
                  + (" and decodes the final image" if final else ""))
         return [live_row("tiny decoder", final, live.plan.decoder == "tiny", live.plan.reasons["decoder"], state)]
 

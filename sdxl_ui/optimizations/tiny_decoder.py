@@ -59,6 +59,12 @@ def load(source: str, dtype, device: str, local_files_only: bool):
     return decoder.to(device).eval().requires_grad_(False).to(torch.float32 if dtype is None else dtype)
 
 
+def label(source: str) -> str:
+    """What the page, the log and the PNG call it: a folder by its name (never a server path), a hub id as it is."""
+    path = Path(source)
+    return path.name if path.is_absolute() or path.exists() else source
+
+
 def attach(pipe, attached: Attached | None) -> None:
     setattr(pipe, ATTRIBUTE, attached)
 

@@ -54,7 +54,9 @@ def test_decoder_tiny_decodes_the_final_image_and_its_last_preview_is_that_image
     row = rows(svc)["tiny decoder"]
     assert row.status.value == "active" and "decodes the final image" in row.detail
     assert "changes the picture" in row.detail
-    assert any(str(tiny_folder) in line and "previews and the final image" in line for line in out["logs"])
+    assert any(f"tiny decoder {tiny_folder.name} " in line and "previews and the final image" in line
+               for line in out["logs"])
+    assert not any(str(tiny_folder) in line for line in out["logs"] + [row.detail])  # no server path on the page
 
 
 def test_a_present_tiny_decoder_draws_the_previews_and_leaves_the_vaes_image_untouched(tmp_path, tiny_folder):

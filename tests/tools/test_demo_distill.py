@@ -51,7 +51,8 @@ def test_the_smoke_tiny_decoder_is_an_autoencoder_tiny_that_decodes_the_final_im
     assert not out["errors"], out["errors"]
     assert out["results"][0].image.size == (128, 128)
     row = {r.name: r for r in svc.current_report().rows}["tiny decoder"]
-    assert row.status.value == "active" and str(folder) in row.detail and "decodes the final image" in row.detail
+    assert row.status.value == "active" and "small (AutoencoderTiny)" in row.detail
+    assert "decodes the final image" in row.detail and str(folder) not in row.detail  # no server path
 
 
 def test_distill_rejects_bad_input(tmp_path):
