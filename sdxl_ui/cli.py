@@ -200,7 +200,7 @@ def cmd_doctor(args) -> int:
         return fail(str(exc), EXIT_BAD_INPUT, args.json, "model")
     from .adapters import profile_evidence
 
-    model_kind, size = source.model_kind, source.native_size
+    model_kind, size = source.size(settings.refiner_source), source.native_size
     detected = profile_evidence(source, settings.loras)  # the family the model's and the LoRAs' files name
     try:
         plan = make_plan(probe, settings, model_kind, size, size, True, profile=detected)

@@ -20,6 +20,22 @@ INTERESTING_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx51
                          "amx_tile", "amx_int8")
 
 
+FORCED_DTYPE_ENV = "SDXL_UI_CPU_DTYPE"
+FORCED_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def forced_cpu_dtype(env=None) -> str:
+    """``SDXL_UI_CPU_DTYPE``: the exact dtype the plan takes on this CPU instead of the measured fastest one
+    (fp32, bf16 or fp16; unset or empty: by measurement). CI runs the suite under fp32 and bf16 this way, so a
+    bf16 host also catches what fails on an fp32-plan host and the reverse."""
+    from .schema import ValidationError
+
+    value = (os.environ if env is None else env).get(FORCED_DTYPE_ENV, "").strip().lower()
+    if value and value not in FORCED_DTYPES:
+        raise ValidationError(FORCED_DTYPE_ENV, value, f"must be one of {', '.join(FORCED_DTYPES)} or empty")
+    return value
+
+
 def _gb(n_bytes: float) -> float:
     return round(n_bytes / 1024**3, 2)
 
@@ -43,6 +59,7 @@ def _cpu_info(torch=None) -> CpuInfo:
     logical = os.cpu_count() or 1
     gemm, note = _gemm_speeds(torch) if torch is not None else ({}, "")
     return CpuInfo(
+        forced_dtype=forced_cpu_dtype(),
         physical_cores=psutil.cpu_count(logical=False) or logical,
         logical_cores=logical,
         model_name=model,

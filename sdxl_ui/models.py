@@ -19,6 +19,7 @@ from .assembly import assemble, build_modules, clip_tokenizer
 from .optimizations import tiny_decoder
 from .schema import DEMO_MODEL_NOTE, DEMO_NOTE
 from .settings import DEFAULT_MODEL, DEMO, DEMO_MODEL_DIR, TINY
+from .weights import ModelSize, model_size
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,10 @@ class ModelSource:
     location: str
     name: str = ""  # "demo" for the shipped demo model (a folder, loaded like any other)
 
-    @property
-    def model_kind(self) -> str:
-        """For the memory estimate: 'tiny' or 'sdxl' (anything real is assumed SDXL-sized)."""
-        return "tiny" if self.kind == "tiny" or self.name == DEMO else "sdxl"
+    def size(self, refiner_source: str | None) -> ModelSize:
+        """For the memory estimate: the parameters counted from the model's own files (and the refiner's UNet,
+        ``settings.refiner_source``); SDXL 1.0's counts where there are no files to read."""
+        return model_size(self.kind, self.location, refiner_source)
 
     @property
     def native_size(self) -> int:

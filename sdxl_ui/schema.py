@@ -328,6 +328,9 @@ class CpuInfo:
     # torch._int_mm) with torch's thread count at probe time. Empty in probes recorded before it was measured.
     gemm_gflops: Mapping[str, float] = field(default_factory=dict)
     gemm_note: str = ""  # how it was measured, e.g. "512² matmul, 2 threads, best of 3"
+    # The CPU's fastest exact dtype as named by SDXL_UI_CPU_DTYPE ("fp32", "bf16", "fp16"; "" = by measurement):
+    # for an operator whose short measurement misleads, and for CI, which runs the suite under each plan dtype.
+    forced_dtype: str = ""
 
     @property
     def has_fast_bf16(self) -> bool:

@@ -28,22 +28,8 @@ from .models import (LoadedModels, ModelLoadError, ModelSource, attach_tiny_deco
 from .optimizations.registry import Plan, parse_switches
 from .policy import PlanError, adjust_plan, make_plan
 from .profiles import profile_named
-from .schema import (
-    MAX_SEED,
-    PRESETS,
-    SAMPLER_LABELS,
-    ErrorEvent,
-    GenerationRequest,
-    HardwareProbe,
-    LogEvent,
-    OptimizationReport,
-    ProgressEvent,
-    Quality,
-    ResultEvent,
-    Scheduler,
-    Timings,
-    ValidationError,
-)
+from .schema import (MAX_SEED, PRESETS, SAMPLER_LABELS, ErrorEvent, GenerationRequest, HardwareProbe, LogEvent,
+                     OptimizationReport, ProgressEvent, Quality, ResultEvent, Scheduler, Timings, ValidationError)
 from .settings import AppSettings, Toggle
 
 log = logging.getLogger("sdxl_ui")
@@ -66,9 +52,7 @@ class GenerationService:
         """``source`` and ``loader`` (same arguments as ``load_models``) replace the model from the settings, e.g.
         the selftest's full SDXL architecture with random weights."""
         self.settings = settings or AppSettings.from_env()
-        self._probe = probe
-        self._probe_fn = probe_fn
-        self._source = source
+        self._probe, self._probe_fn, self._source = probe, probe_fn, source
         self._loader = loader or load_models
         self._models: LoadedModels | None = None
         self._plan: Plan | None = None
@@ -94,6 +78,10 @@ class GenerationService:
         return self._source or resolve_source(self.settings.model)
 
     @property
+    def model_size(self):  # the memory estimate's parameter counts, read from the model's own files
+        return self.source.size(self.settings.refiner_source)
+
+    @property
     def loaded(self) -> bool:
         return self._models is not None
 
@@ -103,7 +91,7 @@ class GenerationService:
         if self._plan is None:
             profile = self.profile_evidence
             size = self._size(profile_named(profile[0] if self.settings.profile == "auto" else self.settings.profile))
-            self._plan = make_plan(self.probe, self.settings, self.source.model_kind, size, size, True,
+            self._plan = make_plan(self.probe, self.settings, self.model_size, size, size, True,
                                    profile=profile)
         return self._plan
 
@@ -402,7 +390,7 @@ class GenerationService:
         size = self._size(profile)
         width, height = request.width or size, request.height or size
         high = request.quality is Quality.HIGH
-        plan = adjust_plan(self.plan, make_plan(self.probe, self.settings, models.source.model_kind,
+        plan = adjust_plan(self.plan, make_plan(self.probe, self.settings, self.model_size,
                                                 width, height, high, request.techniques,
                                                 profile=self.profile_evidence))
         use_refiner = plan.refiner and models.refiner is not None

@@ -66,13 +66,16 @@ def pytest_terminal_summary(terminalreporter):
 
 TESTS = Path(__file__).resolve().parent
 
-# What each marker means (`python -m pytest tests -m "not slow and not ray and not browser"` is the fast part).
+# What each marker means (`python -m pytest tests -m "not slow and not ray and not browser"` is the fast part;
+# `-m "dtype or not (slow or ray or browser)"` is what .ci/run repeats under each forced plan dtype).
 MARKERS = {
     "slow": "takes more than about 5 s on the 2-core dev machine: starts app.py or a generating CLI subprocess, "
             "loads or trains the demo model, runs selftest or the benchmark, or runs the tiny pipelines for many "
             "steps and images",
     "ray": "starts Ray instances or clusters (pip install -r requirements-serve.txt)",
     "browser": "drives Debian's Chromium through Playwright (apt-get install -y chromium)",
+    "dtype": "depends on the plan's dtype on this CPU (precision, LoRA fusing, the memory preflight, the bench): "
+             ".ci/run runs these, with the fast part, again under SDXL_UI_CPU_DTYPE=fp32 and =bf16",
 }
 
 # Which tests carry them. Marked here rather than in the test files, so that a test file holds its tests only.
@@ -132,6 +135,15 @@ MARKED = {
     ],
     "browser": [
         "fixture:browser",  # Chromium (test_app, test_screenshot)
+    ],
+    "dtype": [  # the slow ones among them (the fast ones run in the fast part anyway)
+        "frontends/test_cli.py::test_doctor_json_on_this_machine",
+        "pipeline/test_loras.py",
+        "pipeline/test_weights.py",
+        "tools/test_bench.py::test_bench_runs_end_to_end_with_the_high_quality_path",
+        "tools/test_demo_train.py::test_smoke_training_writes_a_loadable_sdxl_folder",
+        "tools/test_demo_few_step.py::test_taking_the_lcm_lora_off_gives_the_base_weights_bit_for_bit_and_its_pictures",
+        "hardware/test_int8.py::test_quantized_bf16_unet_runs_in_bf16",
     ],
 }
 

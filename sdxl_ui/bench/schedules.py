@@ -64,7 +64,9 @@ def preset_schedule(probe, settings, quality: str, requested_steps: int | None =
     detected = (family.name, "bench: this profile's schedule") if profile else None
     if profile:
         settings = settings.with_(profile=family.name)
-    plan = make_plan(probe, settings, "sdxl", 1024, 1024, high, profile=detected)
+    # The schedule is the base's calls alone (its run below has no refiner): planned without one, so that a
+    # --use-refiner on that would not fit at 1024² in this host's dtype does not refuse a schedule that needs none.
+    plan = make_plan(probe, settings.with_(use_refiner="off"), "sdxl", 1024, 1024, high, profile=detected)
     steps = plan.steps_for(requested_steps or family.steps_for(high) or preset.steps)
     guidance = preset.guidance if family.guidance is None else family.guidance
     tiny = make_plan(probe, settings.with_(model="tiny", device="cpu", precision="fp32", compile=False), "tiny",

@@ -3,6 +3,7 @@ and the fp32 baseline's memory is gone before the plan is built): text encoding,
 of UNet call a schedule is made of, the VAE decode, the end-to-end check and the whole High-quality image."""
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -255,7 +256,7 @@ def _end_to_end_check(torch, spec, models, probe) -> dict:
     from ..schema import PRESETS, Quality
 
     res, steps, device = spec["res"], spec["check_steps"], spec["device"]
-    fast = make_plan(probe, _settings(spec), "sdxl", res, res, False)
+    fast = make_plan(probe, _settings(spec), "tiny" if spec["arch"] == "tiny" else "sdxl", res, res, False)
     apply(fast, models)
     pipe = models.base
     preset = PRESETS[Quality.FAST]
@@ -346,6 +347,9 @@ def _settings(spec):
                        device=spec["device_choice"], **spec.get("plan_settings", {}))
 
 
+ERROR_TAIL_LINES = 30  # a failed child's stderr lines shown with the error (a traceback's tail)
+
+
 def run_child(spec: dict) -> dict:
     """Run one configuration in a child process (``python -m sdxl_ui.bench SPEC.json``: its peak RSS is its own),
     stream its progress lines to stderr, and return its figures."""
@@ -355,18 +359,21 @@ def run_child(spec: dict) -> dict:
     try:
         proc = subprocess.Popen([sys.executable, "-m", "sdxl_ui.bench", path], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-        result_line = None
-        for line in proc.stderr:  # stream progress lines
+        result_line, errors = None, collections.deque(maxlen=ERROR_TAIL_LINES)
+        for line in proc.stderr:  # stream progress lines; keep the tail of the rest (the child's own error)
             if line.startswith("PROGRESS "):
                 print(f"   {line[9:].rstrip()}", file=sys.stderr, flush=True)
+            elif line.strip():
+                errors.append(line.rstrip())
         stdout = proc.stdout.read()
         proc.wait()
         for line in stdout.splitlines():
             if line.startswith("RESULT "):
                 result_line = line[7:]
         if proc.returncode != 0 or result_line is None:
-            raise RuntimeError(f"bench child for {spec['kind']} failed (exit {proc.returncode}); "
-                               f"output: {stdout[-500:]}")
+            said = "\n".join(errors) or stdout[-500:].strip() or "(nothing)"
+            raise RuntimeError(f"bench child for {spec['kind']} ({spec.get('label', spec['kind'])}) failed "
+                               f"(exit {proc.returncode}); its last output:\n{said}")
         return json.loads(result_line)
     finally:
         os.unlink(path)

@@ -6,7 +6,7 @@ from ..schema import HardwareProbe, OptimizationRow, Status
 from ..settings import AppSettings, AttentionChoice, OffloadChoice, Toggle
 from .profile import family
 from .base import REQUIRED, PlanError, Unit, live_row, offload_kind, pipes, planned_row, short
-from .memory import DTYPE_BYTES, OFFLOAD_MARGIN, SDXL_PARAMS, VAE_TILE_PX, MemoryEstimate
+from .memory import DTYPE_BYTES, OFFLOAD_MARGIN, VAE_TILE_PX, MemoryEstimate, as_size
 
 
 # ---------------------------------------------------------------- attention
@@ -197,7 +197,7 @@ class Offload(Unit):
             offload, why = s.offload.value, f"forced by --offload {s.offload.value}"
         else:
             full_need = est.total_gb
-            biggest = (SDXL_PARAMS["unet"] if ctx.model_kind != "tiny" else 1e6) * DTYPE_BYTES[ctx.values["dtype"]] / 1e9
+            biggest = as_size(ctx.model_kind).unet_params * DTYPE_BYTES[ctx.values["dtype"]] / 1e9
             model_need = biggest + est.step_gb + 0.5
             if full_need * OFFLOAD_MARGIN <= ctx.available:
                 why = f"none: everything fits (~{full_need:.1f} GB needed, {ctx.where})"
@@ -338,7 +338,8 @@ class MemoryCheck(Unit):
         v["memory_needed_gb"], v["memory_available_gb"] = round(est.total_gb, 2), ctx.available
         ctx.reasons["memory"] = (
             f"~{est.total_gb:.1f} GB needed (weights {est.weights_gb:.1f}, refiner {est.refiner_gb:.1f}, "
-            f"step {est.step_gb:.1f}, decode {est.decode_gb:.1f}, overhead {est.overhead_gb:.1f}), {ctx.where}")
+            f"step {est.step_gb:.1f}, decode {est.decode_gb:.1f}, overhead {est.overhead_gb:.1f}; sizes: "
+            f"{as_size(ctx.model_kind).how}), {ctx.where}")
 
 
 class VaeSlicing(Unit):

@@ -75,10 +75,14 @@ def _gemm_figures(gemm, keys=("fp32", "bf16", "fp16", "int8")) -> str:
 def _cpu_dtype_by_measurement(probe: HardwareProbe) -> tuple[str, str] | None:
     """(dtype, reason) from the probe's measured GEMM speeds, or None when the probe has none (older probes)."""
     gemm = probe.cpu.gemm_gflops
+    how = f"measured {probe.cpu.gemm_note or 'matmul'}: {_gemm_figures(gemm, ('fp32', 'bf16', 'fp16'))} GFLOP/s"
+    if probe.cpu.forced_dtype:
+        key = probe.cpu.forced_dtype
+        return PRECISION_DTYPES[Precision(key)], (f"SDXL_UI_CPU_DTYPE={key}: {key} is taken as this CPU's fastest "
+                                                  f"exact dtype, whatever was {how if gemm else 'measured'}")
     if "fp32" not in gemm:
         return None
     fp32 = gemm["fp32"]
-    how = f"measured {probe.cpu.gemm_note or 'matmul'}: {_gemm_figures(gemm, ('fp32', 'bf16', 'fp16'))} GFLOP/s"
     candidates = [(gemm[k], k, name) for k, name in EXACT_CPU_DTYPES if k in gemm]
     speed, key, name = max(candidates, default=(0.0, "", ""))
     flags = [f for f in HARDWARE_FLAGS.get(key, ()) if f in probe.cpu.flags]

@@ -117,10 +117,18 @@ def test_doctor_json_on_this_machine():
         assert rows["attention slicing"]["status"] == "off" and rows["attention slicing"]["detail"]
         expected_xf = "not_applicable" if probe["xformers"]["version"] else "unavailable"
         assert rows["xformers"]["status"] == expected_xf and rows["xformers"]["detail"]
-        if {"avx512_bf16", "amx_bf16"} & set(probe["cpu"]["flags"]):
-            assert plan["dtype"] == "bfloat16" and "bf16" in plan["reasons"]["dtype"]
-        else:  # a CPU without fast bf16 (the dev machine of issue 12)
-            assert plan["dtype"] == "float32" and "neither avx512_bf16 nor AMX" in plan["reasons"]["dtype"]
+        dtype, why = plan["dtype"], plan["reasons"]["dtype"]
+        cpu, gemm = probe["cpu"], probe["cpu"]["gemm_gflops"]
+        if cpu["forced_dtype"]:  # SDXL_UI_CPU_DTYPE (CI runs the suite under each plan dtype)
+            assert dtype == {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cpu["forced_dtype"]]
+            assert f"SDXL_UI_CPU_DTYPE={cpu['forced_dtype']}" in why
+        else:  # by the measured speed, never by the flags alone (a bf16 Xeon without AMX runs bf16 at ½ fp32)
+            best, key = max((gemm.get(k, 0.0), k) for k in ("bf16", "fp16"))
+            assert "measured" in why and f"fp32 {gemm['fp32']:g}" in why
+            if best >= 1.3 * gemm["fp32"]:
+                assert dtype == {"bf16": "bfloat16", "fp16": "float16"}[key] and f"→ {key}" in why
+            elif best < 0.8 * gemm["fp32"]:
+                assert dtype == "float32" and "→ fp32" in why
 
 
 EXPECTED = {  # probe file -> (device, dtype, offload, refiner)
@@ -132,6 +140,7 @@ EXPECTED = {  # probe file -> (device, dtype, offload, refiner)
     "apple_m2_pro": ("mps", "float16", "none", True),
     "cpu_avx2_no_bf16": ("cpu", "float32", "none", False),
     "cpu_epyc_avx512_bf16": ("cpu", "bfloat16", "none", False),
+    "cpu_xeon_avx512_bf16_no_amx": ("cpu", "float32", "none", False),  # by its measured GEMM, not its flags
 }
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from tests.helpers.app import ARGS, App, free_port, launched
 from tests.helpers.cli import cli
-from tests.helpers.common import PROBES, RELIABILITY, ROOT, load_probe, run
+from tests.helpers.common import (PROBES, RELIABILITY, ROOT, assert_other_picture, assert_same_picture,
+                                 assert_same_weights, load_probe, run, weights)
 
-__all__ = ["ARGS", "App", "PROBES", "RELIABILITY", "ROOT", "cli", "free_port", "launched", "load_probe", "run"]
+__all__ = ["ARGS", "App", "PROBES", "RELIABILITY", "ROOT", "assert_other_picture", "assert_same_picture",
+           "assert_same_weights", "cli", "free_port", "launched", "load_probe", "run", "weights"]

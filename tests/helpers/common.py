@@ -35,3 +35,46 @@ def run(service, request, **kwargs):
         elif isinstance(event, ProgressEvent):
             out["progress"].append(event)
     return out
+
+
+# Restored weights give the same picture up to the CPU kernels' rounding: on an Intel Xeon with AVX512-BF16 and no
+# AMX, oneDNN's fp32 path differs by 1 in a few pixel values once the weight tensors are re-allocated (bit-identical
+# weights, the same module tree), while repeated plain runs match exactly. The promise tested is: weights restored
+# bit for bit (asserted beside this), the picture within 2 of 255 on at most 1 % of its values.
+SAME_PICTURE_MAX_DIFF, SAME_PICTURE_SHARE = 2, 0.01
+
+
+def picture_difference(a, b) -> tuple[int, float]:
+    """(largest difference of a pixel value, share of values that differ) between two pictures."""
+    import numpy as np
+
+    diff = np.abs(np.asarray(a).astype(np.int16) - np.asarray(b).astype(np.int16))
+    return int(diff.max()), float((diff > 0).mean())
+
+
+def assert_same_picture(a, b) -> None:
+    """The same picture within the kernels' rounding (SAME_PICTURE_MAX_DIFF, SAME_PICTURE_SHARE)."""
+    largest, share = picture_difference(a, b)
+    assert largest <= SAME_PICTURE_MAX_DIFF and share <= SAME_PICTURE_SHARE, \
+        f"pictures differ by up to {largest} of 255 in {share:.2%} of their values"
+
+
+def assert_other_picture(a, b) -> None:
+    """A different picture: beyond what kernel rounding could make."""
+    largest, share = picture_difference(a, b)
+    assert largest > SAME_PICTURE_MAX_DIFF or share > SAME_PICTURE_SHARE, "the pictures are the same"
+
+
+def weights(module) -> dict:
+    """A copy of a module's weights, to compare bit for bit later."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_weights(before: dict, module) -> None:
+    """The module tree and every weight as ``before``, bit for bit."""
+    import torch
+
+    after = module.state_dict()
+    assert set(after) == set(before), sorted(set(after) ^ set(before))[:5]
+    changed = [k for k in before if not torch.equal(after[k], before[k])]
+    assert not changed, f"{len(changed)} weights differ, e.g. {changed[:3]}"

@@ -50,8 +50,7 @@ def test_local_diffusers_folder_loads_through_the_real_code_path(tmp_path):
     models = load_models(resolve_source(str(folder)), None, "float32", "float32", want_refiner=False)
     assert type(models.base).__name__ == "StableDiffusionXLPipeline"
     # Same weights -> same pixels as the in-memory tiny model.
-    # A recorded CPU probe with room for an SDXL-sized plan (a local folder is assumed SDXL-sized): the memory
-    # preflight must not depend on the RAM this host happens to have free.
+    # A recorded CPU probe: the plan must not depend on the RAM this host happens to have free.
     probe = load_probe("cpu_epyc_avx512_bf16")
     service_folder = GenerationService(AppSettings(model=str(folder), outputs=tmp_path, precision="fp32",
                                                    refiner="none"), probe=probe)
