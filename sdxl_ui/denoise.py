@@ -3,7 +3,8 @@ model's own scheduler config, the base (then the refiner) pipeline call with wha
 pipeline (feature cache, guidance interval), latent previews and the VAE decode."""
 from __future__ import annotations
 
-from .schema import Scheduler
+from .samplers import plan_sampler, schedule_sigmas
+from .schema import Schedule, Scheduler
 
 REFINER_SPLIT = 0.8  # base denoises to 80 %, the refiner does the last 20 % (SDXL's "ensemble of experts")
 # SDXL latent -> RGB linear approximation (ComfyUI latent_formats.SDXL), for previews without a VAE decode.
@@ -12,34 +13,38 @@ LATENT_RGB = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1
 LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
 
 
-def scheduler_for(sampler: Scheduler, config):
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-        UniPCMultistepScheduler,
-    )
+def scheduler_for(sampler: Scheduler, config, schedule: Schedule = Schedule.AUTOMATIC):
+    """The diffusers scheduler for a sampler and schedule type (``samplers.plan_sampler`` says which and how)."""
+    import diffusers
 
-    table = {
-        Scheduler.EULER: (EulerDiscreteScheduler, {}),
-        Scheduler.EULER_A: (EulerAncestralDiscreteScheduler, {}),
-        Scheduler.DPMPP_2M: (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-        Scheduler.DPMPP_2M_KARRAS: (DPMSolverMultistepScheduler,
-                                    {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-        Scheduler.DDIM: (DDIMScheduler, {}),
-        Scheduler.UNIPC: (UniPCMultistepScheduler, {}),
-    }
-    cls, options = table[sampler]
+    planned = plan_sampler(sampler, schedule)
+    options = dict(planned.options)
     if options.get("use_karras_sigmas") and config.get("rescale_betas_zero_snr"):
         # A zero-terminal-SNR model (the demo model) has sigma_max = 4096: Karras spacing would spend most steps
         # above sigma 50, where the picture is still pure noise (14 steps: 9 of them). Its trailing timesteps
         # already start at pure noise, so plain DPM++ 2M is used (demo model, 8 Fast prompts: 21 → 29 of 32).
         options = {k: v for k, v in options.items() if k != "use_karras_sigmas"}
+    cls = getattr(diffusers, planned.cls)
+    if planned.custom is not None:
+        cls = _computed_sigmas(cls, planned.custom)
     return cls.from_config(config, **options)
 
 
-def profile_scheduler(profile, sampler: Scheduler, config, own: bool):
+def _computed_sigmas(cls, kind: Schedule):
+    """``cls`` whose set_timesteps(n) runs A1111's computed schedule ``kind`` (KL Optimal, Align Your Steps) through
+    its own ``sigmas=`` argument; the class keeps its name (the report and the PNG name the diffusers class)."""
+    def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+        if num_inference_steps is None or kwargs.get("sigmas") is not None or kwargs.get("timesteps") is not None:
+            return cls.set_timesteps(self, num_inference_steps, device=device, **kwargs)
+        sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        low, high = float(sigmas[0]), float(sigmas[-1])
+        return cls.set_timesteps(self, device=device, sigmas=schedule_sigmas(kind, num_inference_steps, low, high))
+
+    return type(cls.__name__, (cls,), {"set_timesteps": set_timesteps, "computed_schedule": kind.value,
+                                       "__module__": cls.__module__})
+
+
+def profile_scheduler(profile, sampler: Scheduler, config, own: bool, schedule: Schedule = Schedule.AUTOMATIC):
     """The scheduler a model profile runs: its own class (``own``: the request left the sampler on auto) or the
     request's sampler, either way with the profile's config overrides (e.g. Lightning's trailing timesteps)."""
     config = {**dict(config), **dict(profile.overrides)}
@@ -47,7 +52,7 @@ def profile_scheduler(profile, sampler: Scheduler, config, own: bool):
         import diffusers
 
         return getattr(diffusers, profile.scheduler).from_config(config)
-    return scheduler_for(sampler, config)
+    return scheduler_for(sampler, config, schedule)
 
 
 _scheduler_for = scheduler_for  # the old private name, for bench.py until its rewrite lands

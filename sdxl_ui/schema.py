@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 MAX_SEED = 2**32 - 1
 MIN_SIDE, MAX_SIDE = 64, 2048
+MAX_CLIP_SKIP = 10  # SDXL's CLIP-L has 12 layers; its penultimate one is the default
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_IMAGES = 4
@@ -40,26 +41,50 @@ class Quality(str, enum.Enum):
 
 
 class Scheduler(str, enum.Enum):
-    """Samplers offered to the user. ``auto`` = the quality preset's choice."""
+    """Samplers offered to the user (AUTOMATIC1111's, in its order; how each runs: ``samplers.py``). ``auto`` = the
+    quality preset's choice. ``dpmpp_2m_karras`` is the pre-1.9 combined name: DPM++ 2M with the Karras schedule."""
 
     AUTO = "auto"
-    EULER = "euler"
-    EULER_A = "euler_a"
     DPMPP_2M = "dpmpp_2m"
-    DPMPP_2M_KARRAS = "dpmpp_2m_karras"
+    DPMPP_SDE = "dpmpp_sde"
+    DPMPP_2M_SDE = "dpmpp_2m_sde"
+    DPMPP_2M_SDE_HEUN = "dpmpp_2m_sde_heun"
+    DPMPP_2S_A = "dpmpp_2s_a"
+    DPMPP_3M_SDE = "dpmpp_3m_sde"
+    EULER_A = "euler_a"
+    EULER = "euler"
+    LMS = "lms"
+    HEUN = "heun"
+    DPM2 = "dpm2"
+    DPM2_A = "dpm2_a"
+    DPM_FAST = "dpm_fast"
+    DPM_ADAPTIVE = "dpm_adaptive"
+    RESTART = "restart"
     DDIM = "ddim"
+    DDIM_CFGPP = "ddim_cfgpp"
+    PLMS = "plms"
     UNIPC = "unipc"
+    LCM = "lcm"
+    DDPM = "ddpm"
+    DPMPP_2M_KARRAS = "dpmpp_2m_karras"
 
 
-# A1111 sampler names, for the PNG `parameters` chunk.
-SAMPLER_LABELS = {
-    Scheduler.EULER: "Euler",
-    Scheduler.EULER_A: "Euler a",
-    Scheduler.DPMPP_2M: "DPM++ 2M",
-    Scheduler.DPMPP_2M_KARRAS: "DPM++ 2M Karras",
-    Scheduler.DDIM: "DDIM",
-    Scheduler.UNIPC: "UniPC",
-}
+class Schedule(str, enum.Enum):
+    """AUTOMATIC1111's schedule types (``modules/sd_schedulers.py``, in its order). ``automatic`` = the sampler's own
+    (Karras for DPM++ 2M, exponential for the DPM++ SDE family, else the model's spacing)."""
+
+    AUTOMATIC = "automatic"
+    UNIFORM = "uniform"
+    KARRAS = "karras"
+    EXPONENTIAL = "exponential"
+    POLYEXPONENTIAL = "polyexponential"
+    SGM_UNIFORM = "sgm_uniform"
+    KL_OPTIMAL = "kl_optimal"
+    ALIGN_YOUR_STEPS = "align_your_steps"
+    SIMPLE = "simple"
+    NORMAL = "normal"
+    DDIM = "ddim"
+    BETA = "beta"
 
 
 class Toggle(str, enum.Enum):
@@ -177,6 +202,9 @@ class GenerationRequest:
     seed: int | None = None  # None = random; the used seed is always reported
     scheduler: Scheduler = Scheduler.AUTO
     images: int = 1
+    schedule: Schedule = Schedule.AUTOMATIC  # the schedule type (AUTOMATIC1111's "Schedule type")
+    clip_skip: int = 0  # text-encoder layers skipped beyond SDXL's penultimate one (diffusers' clip_skip; A1111's N-1)
+    allow_empty_prompt: bool = False  # AUTOMATIC1111's API draws an empty prompt (an unconditioned picture)
     # Per-request technique switches by name (e.g. {"feature_cache": "off"}; auto = the quality preset's choice):
     # the names are the units' switches (``optimizations/registry.SWITCHES``), checked when the request is planned.
     techniques: Mapping[str, Toggle] = field(default_factory=dict)
@@ -187,13 +215,14 @@ class GenerationRequest:
         # Control characters (NUL, escape sequences, …) are removed: they mean nothing to the text encoders and
         # must not reach the PNG metadata. Tabs and line feeds stay (whitespace, as typed).
         object.__setattr__(self, "prompt", strip_controls(self.prompt))
-        if not self.prompt.strip():
+        if not self.prompt.strip() and not (self.allow_empty_prompt is True and not prompt_as_given.strip()):
             removed = " once control characters are removed" if prompt_as_given.strip() else ""
             raise ValidationError("prompt", prompt_as_given, f"must not be empty{removed}")
         _text("negative_prompt", self.negative_prompt)
         object.__setattr__(self, "negative_prompt", strip_controls(self.negative_prompt))
         object.__setattr__(self, "quality", parse_choice(Quality, "quality", self.quality))
         object.__setattr__(self, "scheduler", parse_choice(Scheduler, "scheduler", self.scheduler))
+        object.__setattr__(self, "schedule", parse_choice(Schedule, "schedule", self.schedule))
         if not isinstance(self.techniques, Mapping):
             raise ValidationError("techniques", self.techniques, "must be a mapping of switch names to auto/on/off")
         object.__setattr__(self, "techniques", {str(k): parse_choice(Toggle, str(k), v if v is not None else "auto")
@@ -212,6 +241,8 @@ class GenerationRequest:
             object.__setattr__(self, name, side)
         if self.seed is not None:
             object.__setattr__(self, "seed", _in_range("seed", _int("seed", self.seed), 0, MAX_SEED))
+        clip_skip = _in_range("clip_skip", _int("clip_skip", self.clip_skip), 0, MAX_CLIP_SKIP)
+        object.__setattr__(self, "clip_skip", clip_skip)
         object.__setattr__(self, "images", _in_range("images", _int("images", self.images), 1, MAX_IMAGES))
 
     @classmethod

@@ -28,8 +28,10 @@ from .models import (LoadedModels, ModelLoadError, ModelSource, attach_tiny_deco
 from .optimizations.registry import Plan, parse_switches
 from .policy import PlanError, adjust_plan, make_plan
 from .profiles import profile_named
-from .schema import (MAX_SEED, PRESETS, SAMPLER_LABELS, ErrorEvent, GenerationRequest, HardwareProbe, LogEvent,
-                     OptimizationReport, ProgressEvent, Quality, ResultEvent, Scheduler, Timings, ValidationError)
+from .samplers import SAMPLER_LABELS, SCHEDULE_BY_KEY, plan_sampler
+from .schema import (MAX_SEED, PRESETS, ErrorEvent, GenerationRequest, HardwareProbe, LogEvent,
+                     OptimizationReport, ProgressEvent, Quality, ResultEvent, Schedule, Scheduler, Timings,
+                     ValidationError)
 from .settings import AppSettings, Toggle
 
 log = logging.getLogger("sdxl_ui")
@@ -420,10 +422,15 @@ class GenerationService:
         # Always from the model's original config: a previous sampler's options (e.g. Karras sigmas) must not leak.
         # A few-step profile's own scheduler when the request leaves the sampler on auto.
         own = request.scheduler is Scheduler.AUTO and profile.scheduler is not None
-        models.base.scheduler = profile_scheduler(profile, request.sampler, models.scheduler_config, own)
+        models.base.scheduler = profile_scheduler(profile, request.sampler, models.scheduler_config, own,
+                                                  request.schedule)
         if models.refiner is not None:
-            models.refiner.scheduler = scheduler_for(request.sampler, models.scheduler_config)
+            models.refiner.scheduler = scheduler_for(request.sampler, models.scheduler_config, request.schedule)
         label = profile.sampler_label if own else SAMPLER_LABELS[request.sampler]
+        if not own and request.schedule is not Schedule.AUTOMATIC:  # A1111's infotext field, by its label
+            label += f", Schedule type: {SCHEDULE_BY_KEY[request.schedule].label}"
+        for note in () if own else plan_sampler(request.sampler, request.schedule).notes:
+            emit(LogEvent(f"sampler: {note}", "warning"))
         return _RunPlan(plan, width, height, steps, guidance, use_refiner, label, dict(profile.options) if own else {},
                         wanted)
 
@@ -442,7 +449,8 @@ class GenerationService:
         generator = torch.Generator("cpu").manual_seed(seed)
         common = dict(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
                       num_inference_steps=steps, guidance_scale=run.guidance, generator=generator,
-                      output_type="latent", **(run.options or {}))
+                      output_type="latent", **(run.options or {}),
+                      **({"clip_skip": request.clip_skip} if request.clip_skip else {}))
         stages = 2 if use_refiner else 1
         emit(LogEvent(f"⏱️ Stage 1/{stages}: Base generation "
                       f"(image {index + 1}/{request.images}, seed {seed})…"))

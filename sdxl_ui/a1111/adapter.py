@@ -15,70 +15,64 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..schema import MAX_IMAGES, MAX_SEED, PRESETS, GenerationRequest, Quality, Scheduler, Toggle, ValidationError, parse_choice
+from ..metadata import parse_parameters
+from ..samplers import SAMPLER_LABELS, SCHEDULE_BY_KEY, parse_sampler, parse_schedule, plan_sampler
+from ..samplers import SAMPLERS as ALL_SAMPLERS
+from ..samplers import SCHEDULES as ALL_SCHEDULES
+from ..schema import (MAX_CLIP_SKIP, MAX_IMAGES, MAX_SEED, MIN_SIDE, PRESETS, GenerationRequest, Quality, Schedule, Scheduler, Toggle,
+                      ValidationError, parse_choice)
 
 MAX_ITER = 8  # n_iter: sequential batches of one request (each up to MAX_IMAGES images)
 
-# AUTOMATIC1111's sampler names (and k-diffusion aliases) → ours. "DPM++ 2M Karras" is the pre-1.9 combined name.
-_SAMPLERS = {
-    "euler": Scheduler.EULER, "k_euler": Scheduler.EULER,
-    "euler a": Scheduler.EULER_A, "k_euler_a": Scheduler.EULER_A,
-    "dpm++ 2m": Scheduler.DPMPP_2M, "k_dpmpp_2m": Scheduler.DPMPP_2M,
-    "dpm++ 2m karras": Scheduler.DPMPP_2M_KARRAS, "k_dpmpp_2m_ka": Scheduler.DPMPP_2M_KARRAS,
-    "ddim": Scheduler.DDIM, "unipc": Scheduler.UNIPC,
-}
-SAMPLERS = [  # GET /samplers, in AUTOMATIC1111's shape
-    {"name": "DPM++ 2M", "aliases": ["k_dpmpp_2m"], "options": {"scheduler": "karras"}},
-    {"name": "Euler a", "aliases": ["k_euler_a", "k_euler_ancestral"], "options": {"uses_ensd": "True"}},
-    {"name": "Euler", "aliases": ["k_euler"], "options": {}},
-    {"name": "DDIM", "aliases": ["ddim"], "options": {}},
-    {"name": "UniPC", "aliases": ["unipc"], "options": {}},
-]
-SCHEDULERS = [  # GET /schedulers: the ones that map (Karras only with DPM++ 2M)
-    {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False},
-    {"name": "uniform", "label": "Uniform", "aliases": None, "default_rho": -1, "need_inner_model": False},
-    {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False},
-]
-# Ours → (AUTOMATIC1111 sampler, scheduler label), for `info`.
-A1111_NAMES = {
-    Scheduler.EULER: ("Euler", "Automatic"), Scheduler.EULER_A: ("Euler a", "Automatic"),
-    Scheduler.DPMPP_2M: ("DPM++ 2M", "Uniform"), Scheduler.DPMPP_2M_KARRAS: ("DPM++ 2M", "Karras"),
-    Scheduler.DDIM: ("DDIM", "Automatic"), Scheduler.UNIPC: ("UniPC", "Automatic"),
-}
-# The request fields this adapter reads; anything else a client sends (eta, s_churn, restore_faces, …) is ignored.
+SAMPLERS = [{"name": s.name, "aliases": list(s.aliases), "options": dict(s.options)} for s in ALL_SAMPLERS]
+SCHEDULERS = [{"name": s.key.value, "label": s.label, "aliases": list(s.aliases) if s.aliases else None,
+               "default_rho": s.default_rho, "need_inner_model": s.need_inner_model} for s in ALL_SCHEDULES]
+# The request fields this adapter reads (A1111's StableDiffusionTxt2ImgProcessingAPI and our extension); the
+# fields of A1111's own that it cannot honour are listed in `info` as ignored, with the reason (IGNORED).
 MAPPED = frozenset({
     "prompt", "negative_prompt", "steps", "cfg_scale", "width", "height", "seed", "sampler_name", "sampler_index",
     "scheduler", "batch_size", "n_iter", "send_images", "save_images", "override_settings",
     "override_settings_restore_afterwards", "sdxl_ui", "enable_hr", "alwayson_scripts", "script_name",
-    "script_args"})
+    "script_args", "styles"})
+# A1111's fields that change the picture and that sdxl_ui does not do, with what the client gets instead. Fields at
+# their A1111 default (false, 0, -1, empty, null) are not listed: they ask for nothing.
+IGNORED = {
+    "restore_faces": "no face restoration model here: the picture as drawn",
+    "tiling": "tiling is not done here: an ordinary picture",
+    "subseed": "no variation seeds here: the seed alone", "subseed_strength": "no variation seeds here",
+    "seed_resize_from_w": "no seed resize here", "seed_resize_from_h": "no seed resize here",
+    "eta": "the sampler's own noise", "s_churn": "the sampler's own noise", "s_tmin": "the sampler's own noise",
+    "s_tmax": "the sampler's own noise", "s_noise": "the sampler's own noise",
+    "s_min_uncond": "guidance runs on every step the plan guides",
+    "refiner_checkpoint": "the server's refiner, as its operator set it",
+    "refiner_switch_at": "the refiner switches at 0.8",
+    "denoising_strength": "no second pass in a txt2img without enable_hr",
+    "firstpass_image": "no hires second pass here", "infotext": "the request's own fields",
+    "alwayson_scripts": "this server has no extension scripts (ADetailer, ControlNet, …): the picture without them",
+}
+OVERRIDES_READ = frozenset({"CLIP_stop_at_last_layers", "sd_vae", "sd_model_checkpoint", "sdxl_ui_quality"})
 # Our field names in a GenerationRequest's errors → the AUTOMATIC1111 field the client sent.
 _FIELD_NAMES = {"guidance": "cfg_scale", "images": "batch_size", "scheduler": "sampler_name"}
 
 
-def map_sampler(sampler_name: Any, scheduler: Any) -> Scheduler:
-    """AUTOMATIC1111's sampler + scheduler → ours; an unknown or unsupported one is refused by name."""
-    sched = "automatic" if scheduler is None or (isinstance(scheduler, str) and not scheduler.strip()) else scheduler
-    if not isinstance(sched, str):
-        raise ValidationError("scheduler", scheduler, "must be text")
-    sched = sched.strip().lower()
-    if sched not in {s["name"] for s in SCHEDULERS}:
-        raise ValidationError("scheduler", scheduler, "unknown scheduler; supported: Automatic, Uniform, Karras "
-                                                      "(Karras with DPM++ 2M only)")
+def map_sampler(sampler_name: Any, scheduler: Any) -> tuple[Scheduler, Schedule]:
+    """AUTOMATIC1111's sampler + schedule type → ours (``samplers.parse_sampler``: names, aliases, any case, the
+    legacy "X Karras" names). No sampler: the quality preset's (High quality: Euler, A1111's API default), or a
+    few-step profile's own scheduler."""
     if sampler_name is None or (isinstance(sampler_name, str) and not sampler_name.strip()):
-        if sched != "automatic":
-            raise ValidationError("scheduler", scheduler, "needs a sampler_name")
-        return Scheduler.AUTO  # the quality preset's choice
-    ours = _SAMPLERS.get(sampler_name.strip().lower()) if isinstance(sampler_name, str) else None
-    if ours is None:
-        names = ", ".join(s["name"] for s in SAMPLERS)
-        raise ValidationError("sampler_name", sampler_name, f"unknown sampler; supported: {names}")
-    if ours is Scheduler.DPMPP_2M:
-        return Scheduler.DPMPP_2M if sched == "uniform" else Scheduler.DPMPP_2M_KARRAS  # Automatic = Karras
-    if sched == "karras" and ours is not Scheduler.DPMPP_2M_KARRAS or sched == "uniform" and ours is \
-            Scheduler.DPMPP_2M_KARRAS:
-        raise ValidationError("scheduler", scheduler, f"is not supported with sampler {sampler_name!r} "
-                                                      "(Karras: DPM++ 2M only)")
-    return ours
+        schedule = parse_schedule(scheduler)
+        if schedule is Schedule.AUTOMATIC:
+            return Scheduler.AUTO, schedule  # the quality preset's sampler (Euler for High quality), or the profile's
+        return Scheduler.EULER, schedule  # a schedule type alone: A1111's default sampler with it
+    return parse_sampler(sampler_name, scheduler)
+
+
+def a1111_names(req: GenerationRequest) -> tuple[str, str]:
+    """(A1111's sampler name, schedule-type label) of a request, for `info`."""
+    sampler = req.sampler
+    if sampler is Scheduler.DPMPP_2M_KARRAS:
+        return "DPM++ 2M", "Karras"
+    return SAMPLER_LABELS[sampler], SCHEDULE_BY_KEY[req.schedule].label
 
 
 @dataclass(frozen=True)
@@ -91,6 +85,8 @@ class Txt2Img:
     save_images: bool = False
     ignored: tuple[str, ...] = ()  # request fields that were ignored (logged in one line)
     echo: dict = field(default_factory=dict)  # the `parameters` of the response
+    reasons: dict = field(default_factory=dict)  # ignored field → what the client gets instead (`info`)
+    notes: tuple[str, ...] = ()  # where the sampler or schedule type runs as the nearest diffusers can (`info`)
 
     @property
     def seed(self) -> int:
@@ -150,11 +146,8 @@ def _extension(body: dict, switches) -> tuple[Quality | None, dict]:
 def _refuse_unsupported(body: dict, model: str) -> None:
     if body.get("enable_hr"):
         raise ValidationError("enable_hr", body["enable_hr"], "hires fix is not supported by sdxl_ui")
-    if body.get("alwayson_scripts"):
-        raise ValidationError("alwayson_scripts", sorted(body["alwayson_scripts"]) if isinstance(
-            body["alwayson_scripts"], dict) else body["alwayson_scripts"], "scripts are not supported by sdxl_ui")
     if body.get("script_name"):
-        raise ValidationError("script_name", body["script_name"], "scripts are not supported by sdxl_ui")
+        raise ValidationError("script_name", body["script_name"], "script not found (sdxl_ui has no scripts)")
     overrides = body.get("override_settings") or {}
     if not isinstance(overrides, dict):
         raise ValidationError("override_settings", overrides, "must be an object")
@@ -165,8 +158,44 @@ def _refuse_unsupported(body: dict, model: str) -> None:
                               "switches it with POST /sdapi/v1/options)")
 
 
-def parse_txt2img(body: Any, native: int, model: str, switches=()) -> Txt2Img:
-    """Validate an AUTOMATIC1111 txt2img body completely (nothing reaches the device before this passes)."""
+def _side(body: dict, name: str, native: int) -> int:
+    """A1111 rounds a size down to a multiple of 8."""
+    value = body.get(name)
+    if value is None:
+        return native
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
+            float("inf"), float("-inf")):
+        raise ValidationError(name, value, "must be a whole number")
+    side = int(value)
+    return side - side % 8 if side >= MIN_SIDE else side  # below the minimum: refused by the request, as given
+
+
+def _asked(body: dict, name: str) -> bool:
+    """The client asked for something with this field (a value other than A1111's "nothing" defaults)."""
+    value = body.get(name)
+    return value not in (None, False, 0, -1, "", [], {}) and not (name == "s_noise" and value == 1) and not (
+        name == "eta" and value in (0, 1)) and not (name == "s_tmax" and value == 0)
+
+
+def _overrides(body: dict, ignored: dict) -> int:
+    """The clip skip of ``override_settings`` (A1111's CLIP_stop_at_last_layers N: diffusers' N − 1); the other
+    settings that change a picture and that sdxl_ui cannot honour are listed in ``ignored``."""
+    overrides = body.get("override_settings") or {}
+    clip = overrides.get("CLIP_stop_at_last_layers", body.get("clip_skip", 1))
+    clip = 1 if clip is None else _whole("override_settings.CLIP_stop_at_last_layers", clip, 1, MAX_CLIP_SKIP + 1)
+    vae = overrides.get("sd_vae")
+    if vae not in (None, "", "Automatic", "None"):
+        ignored["override_settings.sd_vae"] = f"{str(vae)[:60]!r} is not a VAE of this server: the model's own"
+    for key in sorted(set(overrides) - OVERRIDES_READ):
+        ignored[f"override_settings.{str(key)[:60]}"] = "not a setting sdxl_ui has"
+    return clip - 1
+
+
+def parse_txt2img(body: Any, native: int, model: str, switches=(), steps_policy: bool = False,
+                  styles: dict | None = None) -> Txt2Img:
+    """Validate an AUTOMATIC1111 txt2img body completely (nothing reaches the device before this passes).
+    ``steps_policy``: the operator applies the CPU steps policy to the steps clients name too; ``styles``: the
+    operator's styles.csv (name → (prompt, negative prompt))."""
     if not isinstance(body, dict):
         raise ValidationError("body", type(body).__name__, "must be a JSON object")
     _refuse_unsupported(body, model)
@@ -178,30 +207,63 @@ def parse_txt2img(body: Any, native: int, model: str, switches=()) -> Txt2Img:
     n_iter = _whole("n_iter", body.get("n_iter", 1) if body.get("n_iter") is not None else 1, 1, MAX_ITER)
     batch = body.get("batch_size", 1)
     batch = 1 if batch is None else _whole("batch_size", batch, 1, MAX_IMAGES)
-    fields = dict(prompt=body.get("prompt", ""), negative_prompt=body.get("negative_prompt") or "", seed=seed,
-                  images=batch, techniques=techniques,
-                  width=native if body.get("width") is None else body["width"],
-                  height=native if body.get("height") is None else body["height"])
+    ignored = {k: v for k, v in IGNORED.items() if k in body and _asked(body, k)}
+    prompt, negative = apply_styles(body, styles or {}, ignored)
+    fields = dict(prompt=prompt, negative_prompt=negative, seed=seed, images=batch, techniques=dict(techniques),
+                  width=_side(body, "width", native), height=_side(body, "height", native),
+                  clip_skip=_overrides(body, ignored), allow_empty_prompt=True)
     if quality is not None:  # the preset's steps, guidance and sampler (clients send their own defaults always)
         fields.update(quality=quality)
     else:
+        sampler, schedule = map_sampler(body.get("sampler_name") or body.get("sampler_index"), body.get("scheduler"))
         fields.update(steps=body.get("steps", 50) if body.get("steps") is not None else 50,
                       guidance=body.get("cfg_scale", 7.0) if body.get("cfg_scale") is not None else 7.0,
-                      scheduler=map_sampler(body.get("sampler_name") or body.get("sampler_index"),
-                                            body.get("scheduler")))
-    for name in ("steps", "width", "height"):
-        if name in fields and (isinstance(fields[name], bool) or not isinstance(fields[name], (int, float))):
-            raise ValidationError(name, fields[name], "must be a whole number")
+                      scheduler=sampler, schedule=schedule)
+        if body.get("steps") is not None and not steps_policy:  # a client that names its steps gets them
+            fields["techniques"].setdefault("steps_policy", "off")
+    if isinstance(fields.get("steps"), bool) or "steps" in fields and not isinstance(fields["steps"], (int, float)):
+        raise ValidationError("steps", fields["steps"], "must be a whole number")
     try:
         request = GenerationRequest(**fields)
     except ValidationError as exc:
         raise ValidationError(_FIELD_NAMES.get(exc.field, exc.field), exc.value, exc.problem) from None
+    notes = plan_sampler(request.sampler, request.schedule).notes if request.scheduler is not Scheduler.AUTO else ()
     echo = {k: v for k, v in body.items() if k != "sdxl_ui"}
     echo.update(steps=request.requested_steps, cfg_scale=request.guidance_scale, width=request.width,
                 height=request.height, batch_size=batch, n_iter=n_iter, seed=body.get("seed", -1))
-    ignored = tuple(sorted(k for k in body if k not in MAPPED))
     return Txt2Img(request, n_iter, _flag("send_images", body.get("send_images"), True),
-                   _flag("save_images", body.get("save_images"), False), ignored, echo)
+                   _flag("save_images", body.get("save_images"), False),
+                   tuple(sorted(set(ignored) | {k for k in body if k not in MAPPED and k not in IGNORED})), echo,
+                   ignored, notes)
+
+
+def apply_styles(body: dict, styles: dict, ignored: dict) -> tuple[str, str]:
+    """The prompt and negative prompt with the request's ``styles`` applied as A1111 does: a style's text replaces
+    its ``{prompt}`` placeholder with the prompt, or is appended after a comma."""
+    prompt, negative = body.get("prompt", ""), body.get("negative_prompt") or ""
+    if prompt is None:
+        prompt = ""
+    names = body.get("styles") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValidationError("styles", names, "must be a list of style names")
+    for name in names:
+        if name not in styles:
+            ignored[f"styles.{name[:60]}"] = "no such style in this server's styles.csv"
+            continue
+        style_prompt, style_negative = styles[name]
+        if isinstance(prompt, str):
+            prompt = _merge(prompt, style_prompt)
+        if isinstance(negative, str):
+            negative = _merge(negative, style_negative)
+    return prompt, negative
+
+
+def _merge(text: str, style: str) -> str:
+    if not style:
+        return text
+    if "{prompt}" in style:
+        return style.replace("{prompt}", text)
+    return f"{text}, {style}" if text.strip() else style
 
 
 def detail_422(exc: ValidationError) -> dict:
@@ -241,24 +303,38 @@ def preview_base64(image) -> str | None:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _planned_steps(results: list, job: Txt2Img) -> int:
+    """The steps the pictures were made with, as their infotext says (the CPU steps policy may have applied)."""
+    for r in results:
+        steps = parse_parameters(r.parameters).get("Steps")
+        if str(steps).isdigit():
+            return int(steps)
+    return job.request.requested_steps
+
+
 def info_json(job: Txt2Img, results: list, model: str) -> str:
-    """The response's `info`: a JSON string in AUTOMATIC1111's shape."""
+    """The response's `info`: a JSON string in AUTOMATIC1111's shape; its fields agree with the PNG infotext."""
     req = job.request
-    sampler, scheduler = A1111_NAMES[req.sampler]
+    sampler, scheduler = a1111_names(req) if req.scheduler is not Scheduler.AUTO else a1111_names(
+        dataclasses.replace(req, scheduler=req.sampler))
     seeds = [r.seed for r in results] or job.all_seeds
     n = len(seeds)
+    extra = {"sdxl_ui quality": req.quality.value, "sdxl_ui steps run": [r.steps_run for r in results]}
+    if job.reasons:
+        extra["sdxl_ui ignored"] = dict(job.reasons)
+    if job.notes:
+        extra["sdxl_ui sampler"] = list(job.notes)
     info = {
         "prompt": req.prompt, "all_prompts": [req.prompt] * n, "negative_prompt": req.negative_prompt,
         "all_negative_prompts": [req.negative_prompt] * n, "seed": seeds[0], "all_seeds": seeds,
         "subseed": seeds[0], "all_subseeds": seeds, "subseed_strength": 0, "width": req.width,
         "height": req.height, "sampler_name": sampler, "scheduler": scheduler, "cfg_scale": req.guidance_scale,
-        "steps": req.requested_steps, "batch_size": job.batch_size, "restore_faces": False,
+        "steps": _planned_steps(results, job), "batch_size": job.batch_size, "restore_faces": False,
         "face_restoration_model": None, "sd_model_name": model, "sd_model_hash": None, "sd_vae_name": None,
         "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": None,
-        "extra_generation_params": {"sdxl_ui quality": req.quality.value,
-                                    "sdxl_ui steps run": [r.steps_run for r in results]},
-        "index_of_first_image": 0, "infotexts": [r.parameters for r in results], "styles": [],
-        "job_timestamp": "", "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": "sdxl_ui",
+        "extra_generation_params": extra, "index_of_first_image": 0, "infotexts": [r.parameters for r in results],
+        "styles": list(job.echo.get("styles") or []), "job_timestamp": "", "clip_skip": req.clip_skip + 1,
+        "is_using_inpainting_conditioning": False, "version": "sdxl_ui",
     }
     return json.dumps(info, ensure_ascii=False)
 
@@ -270,5 +346,6 @@ def txt2img_response(job: Txt2Img, results: list, model: str) -> dict:
 
 def quality_presets() -> dict:
     """The presets an `sdxl_ui.quality` selects (GET /options shows them)."""
-    return {q.value: {"steps": p.steps, "cfg_scale": p.guidance, "sampler_name": A1111_NAMES[p.scheduler][0],
-                      "scheduler": A1111_NAMES[p.scheduler][1]} for q, p in PRESETS.items()}
+    names = {q: a1111_names(GenerationRequest(prompt="x", scheduler=p.scheduler)) for q, p in PRESETS.items()}
+    return {q.value: {"steps": p.steps, "cfg_scale": p.guidance, "sampler_name": names[q][0],
+                      "scheduler": names[q][1]} for q, p in PRESETS.items()}

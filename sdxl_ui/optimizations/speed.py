@@ -3,9 +3,11 @@ picks the sampler)."""
 from __future__ import annotations
 
 from ..profiles import profile_named
-from ..schema import PRESETS, SAMPLER_LABELS, OptimizationRow, Status
+from ..samplers import SAMPLER_LABELS
+from ..schema import PRESETS, OptimizationRow, Status
 from .profile import family
-from .base import REQUIRED, Unit, is_compiled, live_row, planned_row
+from ..settings import Toggle
+from .base import REQUIRED, Switch, Unit, is_compiled, live_row, planned_row
 
 CPU_STEPS_FACTOR = 0.7  # the seed: 50 -> 35 on CPU
 
@@ -56,12 +58,19 @@ class SchedulerRow(Unit):
 
 class Steps(Unit):
     key, rows = "steps_factor", ("steps policy",)
-    fields = {"steps_factor": REQUIRED}
+    fields = {"steps_factor": REQUIRED, "steps_policy": REQUIRED}  # steps_policy: the request's switch, as decided
     decide_at, row_at = 90, 110
+    switch = Switch("steps_policy", "Steps policy (auto: × 0.7 on CPU; off: the steps as asked)",
+                    "the CPU steps policy, × 0.7 (auto: on CPU; off: run the steps as asked)")
+    per_request = ("steps_factor", "steps_policy")
 
     def decide(self, ctx):
         prof = family(ctx)
-        if ctx.device == "cpu" and prof.few_step:
+        ctx.values["steps_policy"] = ctx.switch("steps_policy").value
+        if ctx.switch("steps_policy") is Toggle.OFF:
+            ctx.values["steps_factor"] = 1.0
+            ctx.reasons["steps_factor"] = "off for this request: its steps as asked"
+        elif ctx.device == "cpu" and prof.few_step:
             # A distilled schedule is its step count: Lightning-4 has 4 trailing timesteps, × 0.7 would run 3 of a
             # schedule no checkpoint was distilled for; Turbo/LCM at 1-8 steps have nothing left to cut.
             ctx.values["steps_factor"] = 1.0

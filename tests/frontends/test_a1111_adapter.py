@@ -11,7 +11,7 @@ import pytest
 from sdxl_ui.a1111.adapter import MAX_ITER, detail_422, info_json, map_sampler, parse_txt2img
 from sdxl_ui.a1111.jobs import CallerJobs, DeviceQueue, QueuedBackend
 from sdxl_ui.optimizations.registry import SWITCHES
-from sdxl_ui.schema import ErrorEvent, LogEvent, ProgressEvent, ResultEvent, Scheduler, ValidationError
+from sdxl_ui.schema import ErrorEvent, LogEvent, ProgressEvent, ResultEvent, Schedule, Scheduler, ValidationError
 
 
 def until(condition, timeout: float = 10.0) -> None:
@@ -25,31 +25,83 @@ def parse(**body):
     return parse_txt2img({"prompt": "a red circle", **body}, native=128, model="demo", switches=SWITCHES)
 
 
+S, K = Scheduler, Schedule
+
+
 @pytest.mark.parametrize("sampler, scheduler, ours", [
-    ("Euler", None, Scheduler.EULER), ("Euler a", "Automatic", Scheduler.EULER_A),
-    ("DPM++ 2M", "Karras", Scheduler.DPMPP_2M_KARRAS), ("DPM++ 2M", "automatic", Scheduler.DPMPP_2M_KARRAS),
-    ("DPM++ 2M", "Uniform", Scheduler.DPMPP_2M), ("DPM++ 2M Karras", None, Scheduler.DPMPP_2M_KARRAS),
-    ("DDIM", None, Scheduler.DDIM), ("UniPC", "", Scheduler.UNIPC), ("k_euler_a", None, Scheduler.EULER_A),
-    (None, None, Scheduler.AUTO)])
+    ("Euler", None, (S.EULER, K.AUTOMATIC)), ("Euler a", "Automatic", (S.EULER_A, K.AUTOMATIC)),
+    ("DPM++ 2M", "Karras", (S.DPMPP_2M, K.KARRAS)), ("DPM++ 2M", "automatic", (S.DPMPP_2M, K.AUTOMATIC)),
+    ("DPM++ 2M", "Uniform", (S.DPMPP_2M, K.UNIFORM)), ("DPM++ 2M Karras", None, (S.DPMPP_2M, K.KARRAS)),
+    ("DDIM", None, (S.DDIM, K.AUTOMATIC)), ("UniPC", "", (S.UNIPC, K.AUTOMATIC)),
+    ("k_euler_a", None, (S.EULER_A, K.AUTOMATIC)), (None, None, (S.AUTO, K.AUTOMATIC)),
+    ("DDIM", "normal", (S.DDIM, K.NORMAL)),  # SillyTavern's defaults
+    ("Euler a", "Karras", (S.EULER_A, K.KARRAS)),  # Open WebUI's suggestion
+    ("DPM++ 2M SDE Exponential", None, (S.DPMPP_2M_SDE, K.EXPONENTIAL)),  # a pre-1.9 combined name
+    ("DPM++ 2M SDE Heun", None, (S.DPMPP_2M_SDE_HEUN, K.AUTOMATIC)), ("euler a sgmuniform", None,
+                                                                      (S.EULER_A, K.SGM_UNIFORM)),
+    ("LMS", "SGM Uniform", (S.LMS, K.SGM_UNIFORM)), ("Heun", "sgm_uniform", (S.HEUN, K.SGM_UNIFORM)),
+    ("PLMS", "Align Your Steps", (S.PLMS, K.ALIGN_YOUR_STEPS)), ("LCM", "beta", (S.LCM, K.BETA)),
+    (None, "Karras", (S.EULER, K.KARRAS))])  # a schedule type alone: A1111's default sampler with it
 def test_samplers_map_to_ours(sampler, scheduler, ours):
-    assert map_sampler(sampler, scheduler) is ours
+    assert map_sampler(sampler, scheduler) == ours
+
+
+def test_every_sampler_and_schedule_type_a1111_lists_is_accepted_by_its_name_label_and_aliases():
+    from sdxl_ui.a1111.adapter import SAMPLERS, SCHEDULERS
+
+    for sampler in SAMPLERS:
+        for name in (sampler["name"], *sampler["aliases"]):
+            for schedule in SCHEDULERS:
+                for kind in (schedule["name"], schedule["label"], *(schedule["aliases"] or ())):
+                    assert map_sampler(name, kind)[1].value == schedule["name"]
+    assert len(SAMPLERS) == 21 and len(SCHEDULERS) == 12
 
 
 @pytest.mark.parametrize("sampler, scheduler, field", [
-    ("LMS", None, "sampler_name"), ("Euler", "Karras", "scheduler"), ("Euler", "Exponential", "scheduler"),
-    ("DPM++ 2M Karras", "Uniform", "scheduler"), (3, None, "sampler_name")])
-def test_an_unknown_or_unsupported_sampler_is_refused_by_name(sampler, scheduler, field):
+    ("Nonexistent", None, "sampler_name"), ("Euler", "bogus", "scheduler"), (3, None, "sampler_name"),
+    ("Euler", 5, "scheduler")])
+def test_an_unknown_sampler_or_schedule_type_is_refused_by_name(sampler, scheduler, field):
     with pytest.raises(ValidationError) as err:
         map_sampler(sampler, scheduler)
     assert err.value.field == field
 
 
+def test_a1111_field_semantics():
+    job = parse(width=515, height=1023, prompt="")  # sizes rounded down to a multiple of 8; an empty prompt
+    assert (job.request.width, job.request.height, job.request.prompt) == (512, 1016, "")
+    named = parse(steps=22)
+    assert named.request.techniques["steps_policy"].value == "off"  # a client that names its steps gets them
+    assert "steps_policy" not in parse().request.techniques  # no steps: A1111's 50, under the host's policy
+    operator = parse_txt2img({"prompt": "x", "steps": 22}, 128, "demo", SWITCHES, steps_policy=True)
+    assert "steps_policy" not in operator.request.techniques  # the operator applies the policy to the API too
+    clip = parse(override_settings={"CLIP_stop_at_last_layers": 2, "sd_vae": "other.safetensors"})
+    assert clip.request.clip_skip == 1 and "override_settings.sd_vae" in clip.reasons
+    sillytavern = parse(restore_faces=False, tiling=False, subseed=-1, eta=1.0, s_noise=1, url="http://x",
+                        auth="user:secret", alwayson_scripts={"ADetailer": {"args": [True]}})
+    assert set(sillytavern.reasons) == {"alwayson_scripts"}  # defaults ask for nothing; the script is listed
+    info = json.loads(info_json(sillytavern, [], "demo"))
+    assert "alwayson_scripts" in info["extra_generation_params"]["sdxl_ui ignored"]
+    nearest = parse(sampler_name="DPM++ 2S a", scheduler="sgm_uniform")
+    assert any("DPM++ 2S" in n for n in nearest.notes) and any("timestep spacing" in n for n in nearest.notes)
+    assert "DPM++ 2S" in json.loads(info_json(nearest, [], "demo"))["extra_generation_params"]["sdxl_ui sampler"][0]
+
+
+def test_styles_apply_as_a1111_does():
+    styles = {"photo": ("a photo of {prompt}, sharp", "blurry"), "tail": ("film grain", "")}
+    job = parse_txt2img({"prompt": "a fox", "negative_prompt": "text", "styles": ["photo", "tail", "none"]},
+                        128, "demo", SWITCHES, styles=styles)
+    assert job.request.prompt == "a photo of a fox, sharp, film grain"
+    assert job.request.negative_prompt == "text, blurry" and "styles.none" in job.reasons
+
+
 @pytest.mark.parametrize("body, field", [
-    ({"steps": 0}, "steps"), ({"steps": 10**9}, "steps"), ({"width": 100}, "width"), ({"height": 4096}, "height"),
+    ({"steps": 0}, "steps"), ({"steps": 10**9}, "steps"), ({"width": 60}, "width"), ({"height": 4096}, "height"),
     ({"batch_size": -1}, "batch_size"), ({"n_iter": MAX_ITER + 1}, "n_iter"), ({"seed": -2}, "seed"),
-    ({"cfg_scale": 99}, "cfg_scale"), ({"prompt": "\ud800"}, "prompt"), ({"prompt": ""}, "prompt"),
-    ({"sampler_name": "Heun"}, "sampler_name"), ({"enable_hr": True}, "enable_hr"),
-    ({"alwayson_scripts": {"ControlNet": {}}}, "alwayson_scripts"), ({"send_images": "yes"}, "send_images"),
+    ({"cfg_scale": 99}, "cfg_scale"), ({"prompt": "\ud800"}, "prompt"), ({"prompt": 5}, "prompt"),
+    ({"sampler_name": "Heunn"}, "sampler_name"), ({"enable_hr": True}, "enable_hr"),
+    ({"script_name": "x/y/z plot"}, "script_name"), ({"send_images": "yes"}, "send_images"),
+    ({"styles": "photo"}, "styles"), ({"override_settings": {"CLIP_stop_at_last_layers": 99}},
+                                      "override_settings.CLIP_stop_at_last_layers"),
     ({"override_settings": {"sd_model_checkpoint": "other"}}, "override_settings.sd_model_checkpoint"),
     ({"sdxl_ui": {"quality": "best"}}, "sdxl_ui.quality"), ({"sdxl_ui": {"techniques": {"x": "on"}}},
                                                             "sdxl_ui.techniques")])
@@ -69,7 +121,7 @@ def test_a_request_maps_to_ours_with_seeds_per_iteration():
     assert (req.steps, req.guidance, req.width, req.height, req.images, req.scheduler) == (
         12, 5.0, 64, 96, 2, Scheduler.EULER_A)
     assert [job.iteration(k).seed for k in range(3)] == [7, 9, 11] and job.all_seeds == [7, 8, 9, 10, 11, 12]
-    assert job.ignored == ("eta", "s_churn") and job.send_images is False and job.save_images is False
+    assert job.reasons == {} and job.send_images is False and job.save_images is False  # eta 1, s_churn 0: defaults
     assert parse().request.width == 128  # no size: the model's native size
 
 
