@@ -78,7 +78,7 @@ def load(source: str, dtype, device: str, local_files_only: bool):
     if is_path(source):
         problem = check_source(source)
         if problem:
-            raise TinyDecoderError(f"tiny_decoder: {label(source)!r} {problem}")
+            raise TinyDecoderError(f"tiny_decoder: {source!r} {problem}")
         local_files_only = True
     try:
         decoder = AutoencoderTiny.from_pretrained(source, torch_dtype=dtype, local_files_only=local_files_only)
