@@ -238,6 +238,7 @@ def _launch(demo, args, auth, forwarded: str, api=None) -> bool:
     """Serve the page. False (after one error line) when the port cannot be had."""
     from starlette.middleware import Middleware
 
+    from sdxl_ui.a1111.limits import BodyLimitMiddleware
     from sdxl_ui.ui.access import LoginThrottle, LoginThrottleMiddleware
     from sdxl_ui.ui.guard import SessionGuardMiddleware
     from sdxl_ui.ui.render import CSS
@@ -245,11 +246,14 @@ def _launch(demo, args, auth, forwarded: str, api=None) -> bool:
     # uvicorn believes X-Forwarded-For from FORWARDED_ALLOW_IPS (default: this machine). Only the proxies named
     # by --forwarded-allow-ips may name the client; otherwise the client is the connecting address.
     os.environ["FORWARDED_ALLOW_IPS"] = forwarded
-    middleware = [Middleware(SessionGuardMiddleware, login=auth is not None)]
+    # Every route: no body over MAX_BODY is read; then gradio's own routes behind the session guard.
+    middleware = [Middleware(BodyLimitMiddleware), Middleware(SessionGuardMiddleware, login=auth is not None)]
     throttle = LoginThrottle()  # one count of failed logins for the page and the API
     if auth:
         middleware.append(Middleware(LoginThrottleMiddleware, throttle=throttle))
     app_kwargs = {"middleware": middleware}
+    if auth or api and api.config.logins:  # FastAPI's own schema of every route (gradio's needs the page's login)
+        app_kwargs["openapi_url"] = None
     if api:  # --api: AUTOMATIC1111's /sdapi/v1 on this port (sdxl_ui/a1111)
         api.config.throttle = throttle
         app_kwargs["routes"] = api.routes()

@@ -164,6 +164,7 @@ def check(pipe, spec: LoraSpec, state: dict) -> None:
     if unknown:
         raise LoraError(f"lora: {spec.source!r} has {len(unknown)} keys that are not LoRA weights this app reads "
                         f"(first: {unknown[0]!r})")
+    _check_values(spec, state)
     missing = []
     for (component, name), shapes in pairs.items():
         module = _layer(pipe, component, name)
@@ -175,6 +176,38 @@ def check(pipe, spec: LoraSpec, state: dict) -> None:
         what = "none of its layers" if len(missing) == len(pairs) else f"{len(missing)} of its {len(pairs)} layers"
         raise LoraError(f"lora: {spec.source!r} does not fit this model: {what} exist here (first: {missing[0]}); "
                         "is it a LoRA for another architecture (e.g. SD 1.5)?")
+
+
+FP16_MAX = 65504.0  # the largest half-precision number: a LoRA weight beyond it is inf on a GPU in fp16
+
+
+def _check_values(spec: LoraSpec, state: dict) -> None:
+    """Every weight a finite number that half precision holds: a NaN or an infinity (or a weight that overflows
+    fp16) fused into the model turns every later picture black, for every user."""
+    import torch
+
+    for key, tensor in state.items():
+        if not torch.is_tensor(tensor) or not tensor.is_floating_point() or not tensor.numel():
+            continue
+        values = tensor.detach().float()
+        if not bool(torch.isfinite(values).all()):
+            raise LoraError(f"lora: {spec.source!r}: {key} holds NaN or infinite weights (a broken file); the "
+                            "model is unchanged")
+        largest = float(values.abs().max())
+        if largest > FP16_MAX:
+            raise LoraError(f"lora: {spec.source!r}: {key} holds a weight of {largest:.3g}, beyond half "
+                            f"precision's {FP16_MAX:g} (a broken file); the model is unchanged")
+
+
+def _check_fused(pipe) -> None:
+    """After fusing: every layer the LoRAs changed still finite (their product can overflow fp16 where each factor
+    did not). Raises RuntimeError, which apply_loras turns into a LoraError with the model restored."""
+    import torch
+
+    for module, _weight, _bias in getattr(pipe, "sdxl_ui_lora_originals", ()):
+        if not bool(torch.isfinite(module.weight).all()):
+            raise RuntimeError(f"the fused weights of a {type(module).__name__} are NaN or infinite in "
+                               f"{module.weight.dtype} (the LoRA's weights are too large for this precision)")
 
 
 def _normalize(key: str) -> str:
@@ -283,6 +316,7 @@ def _fuse(pipe, prepared) -> None:
     components = [c for c in COMPONENTS if getattr(pipe, c, None) is not None]
     pipe.fuse_lora(components=components, lora_scale=1.0, adapter_names=names)
     pipe.unload_lora_weights()  # the LoRA layers go; the fused weights stay
+    _check_fused(pipe)
     pipe.sdxl_ui_loras = tuple(lora for lora, _ in prepared)
 
 

@@ -11,6 +11,7 @@ import logging
 import sys
 
 from .optimizations.registry import SWITCHES
+from .schema import ValidationError
 from .settings import AppSettings, AttentionChoice, DeviceChoice, OffloadChoice, Precision, Toggle
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
@@ -64,7 +65,21 @@ def settings_from_args(args) -> AppSettings:
              "lora_dir", "decoder", "tiny_decoder"]
     values = {n: getattr(args, n, None) for n in names}
     values["loras"] = tuple(args.lora) if getattr(args, "lora", None) else None
-    return AppSettings.from_env(**values)
+    return check_paths(AppSettings.from_env(**values))
+
+
+def check_paths(settings: AppSettings) -> AppSettings:
+    """The settings' local paths that cannot work, refused at start-up (ValidationError naming the setting): a
+    --tiny-decoder folder that does not exist or is a file (never looked up on the hub), a --lora-dir that is a
+    file."""
+    from .optimizations.tiny_decoder import check_source
+
+    problem = check_source(settings.tiny_decoder)
+    if problem:
+        raise ValidationError("tiny_decoder", settings.tiny_decoder, problem)
+    if settings.lora_dir.exists() and not settings.lora_dir.is_dir():
+        raise ValidationError("lora_dir", str(settings.lora_dir), "is a file, not a folder")
+    return settings
 
 
 def fail(message: str, code: int, as_json: bool, kind: str) -> int:

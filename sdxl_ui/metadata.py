@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-KEY_VALUE = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+# The last line's fields: what AUTOMATIC1111's regex ``\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)`` finds,
+# found by one scan (``_fields``): that regex, tried at every position of a long line without a colon, backtracks
+# over the whole run at each one (quadratic: 12 s for a 53 KB line).
+KEY_CHAR = re.compile(r"[\w \-/]")
+WORD_CHAR = re.compile(r"\w")
+SPACES = re.compile(r"\s*")
+QUOTED = re.compile(r'\s*("(?:\\.|[^\\"])*")(?:,|$)')
 # Control characters never go into the chunk (the request already refuses or removes them in prompts; this also
 # covers any other text, e.g. a model name): C0 and C1 (carriage return included) and DEL; tab and line feed stay.
 CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -86,11 +92,41 @@ def parse_parameters(text: str) -> dict:
             line = line[len("Negative prompt:"):].lstrip()
         (negative_lines if in_negative else prompt_lines).append(line)
     out = {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines)}
-    for key, value in KEY_VALUE.findall(last):
+    for key, value in _fields(last):
         value = value.strip()
         if value.startswith('"'):
-            value = json.loads(value)
+            try:
+                value = json.loads(value)
+            except ValueError:  # an invalid escape, an unterminated quote: the text as it is (A1111's unquote)
+                pass
         out[key.strip()] = value
+    return out
+
+
+def _fields(line: str) -> list[tuple[str, str]]:
+    """(key, raw value) pairs of a fields line, in linear time; the same pairs as A1111's regex's findall."""
+    out, pos, end = [], 0, len(line)
+    while pos < end:
+        colon = line.find(":", pos)
+        if colon < 0:
+            break
+        start = colon  # the key: the run of key characters before the colon, from its first word character
+        while start > pos and KEY_CHAR.match(line, start - 1):
+            start -= 1
+        while start < colon and not WORD_CHAR.match(line, start):
+            start += 1
+        if start == colon:  # no key before this colon: a match can only start after it
+            pos = colon + 1
+            continue
+        quoted = QUOTED.match(line, colon + 1)
+        if quoted:
+            value, pos = quoted.group(1), quoted.end()
+        else:
+            begin = SPACES.match(line, colon + 1).end()
+            comma = line.find(",", begin)
+            stop = end if comma < 0 else comma
+            value, pos = line[begin:stop], stop + 1
+        out.append((line[start:colon], value))
     return out
 
 

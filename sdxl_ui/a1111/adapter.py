@@ -11,7 +11,9 @@ import base64
 import dataclasses
 import io
 import json
+import math
 import random
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +53,18 @@ IGNORED = {
     "alwayson_scripts": "this server has no extension scripts (ADetailer, ControlNet, …): the picture without them",
 }
 OVERRIDES_READ = frozenset({"CLIP_stop_at_last_layers", "sd_vae", "sd_model_checkpoint", "sdxl_ui_quality"})
+# AUTOMATIC1111's own txt2img request fields (StableDiffusionTxt2ImgProcessingAPI): the only ones its reply's
+# `parameters` echoes. Anything else a client sends (SillyTavern's `url` and `auth`, with a password) is not echoed.
+A1111_FIELDS = MAPPED | frozenset({
+    "styles", "subseed", "subseed_strength", "seed_resize_from_h", "seed_resize_from_w", "restore_faces", "tiling",
+    "do_not_save_samples", "do_not_save_grid", "eta", "denoising_strength", "s_min_uncond", "s_churn", "s_tmax",
+    "s_tmin", "s_noise", "refiner_checkpoint", "refiner_switch_at", "disable_extra_networks", "firstpass_image",
+    "comments", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps",
+    "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_additional_modules", "hr_sampler_name", "hr_scheduler",
+    "hr_prompt", "hr_negative_prompt", "hr_cfg", "hr_distilled_cfg", "force_task_id", "infotext",
+    "distilled_cfg_scale"}) - {"sdxl_ui"}
+MAX_DIGITS = 100  # a whole number in a body (Python refuses to read one of more than 4,300 digits: a 500)
+SHOWN_NAMES = 20  # ignored field names a log line lists (each escaped, at most 64 characters)
 # Our field names in a GenerationRequest's errors → the AUTOMATIC1111 field the client sent.
 _FIELD_NAMES = {"guidance": "cfg_scale", "images": "batch_size", "scheduler": "sampler_name"}
 
@@ -113,7 +127,8 @@ def _flag(name: str, value: Any, default: bool) -> bool:
 
 
 def _whole(name: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value):
         raise ValidationError(name, value, "must be a whole number")
     if not low <= value <= high:
         raise ValidationError(name, value, f"must be between {low} and {high}")
@@ -228,7 +243,7 @@ def parse_txt2img(body: Any, native: int, model: str, switches=(), steps_policy:
     except ValidationError as exc:
         raise ValidationError(_FIELD_NAMES.get(exc.field, exc.field), exc.value, exc.problem) from None
     notes = plan_sampler(request.sampler, request.schedule).notes if request.scheduler is not Scheduler.AUTO else ()
-    echo = {k: v for k, v in body.items() if k != "sdxl_ui"}
+    echo = {k: v for k, v in body.items() if k in A1111_FIELDS}
     echo.update(steps=request.requested_steps, cfg_scale=request.guidance_scale, width=request.width,
                 height=request.height, batch_size=batch, n_iter=n_iter, seed=body.get("seed", -1))
     return Txt2Img(request, n_iter, _flag("send_images", body.get("send_images"), True),
@@ -266,12 +281,76 @@ def _merge(text: str, style: str) -> str:
     return f"{text}, {style}" if text.strip() else style
 
 
+class _NotJson:
+    """What ``parse_json`` reads a number JSON does not have as (NaN, Infinity, 1e400, 5,000 digits), to name the
+    field it stands in before refusing the body."""
+
+    def __init__(self, token: str, problem: str):
+        self.token, self.problem = token if len(token) <= 40 else token[:37] + "...", problem
+
+
+def parse_json(text: str):
+    """A request body as strict JSON (RFC 8259): NaN, Infinity, a number out of range or of more than MAX_DIGITS
+    digits is refused naming its field (``seed: ...``), a body nested too deeply naming the body; never a 500."""
+    bad: list[_NotJson] = []
+
+    def constant(token):
+        bad.append(_NotJson(token, "must be a number; NaN and Infinity are not JSON numbers"))
+        return bad[-1]
+
+    def real(token):
+        value = float(token)
+        if math.isfinite(value):
+            return value
+        bad.append(_NotJson(token, "is a number out of range"))
+        return bad[-1]
+
+    def whole(token):
+        if len(token) > MAX_DIGITS + 1:
+            bad.append(_NotJson(token, f"is a number of more than {MAX_DIGITS} digits"))
+            return bad[-1]
+        return int(token)
+
+    if not text.strip():
+        return {}
+    try:
+        body = json.loads(text, parse_constant=constant, parse_float=real, parse_int=whole)
+    except RecursionError:
+        raise ValidationError("body", text[:40], "is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise ValidationError("body", text[:80], f"is not valid JSON ({exc.msg} at character {exc.pos + 1})") \
+            from None
+    if bad:
+        raise ValidationError(_where(body, bad[0]) or "body", bad[0].token, bad[0].problem)
+    return body
+
+
+def _where(body, target) -> str | None:
+    """The dotted path of ``target`` in ``body`` (breadth first, without recursion)."""
+    todo = deque([(body, "")])
+    while todo:
+        value, path = todo.popleft()
+        if value is target:
+            return path or None
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        todo.extend((v, f"{path}.{k}" if path else str(k)) for k, v in items)
+    return None
+
+
+def field_names(names) -> str:
+    """Field names a client chose, as one log line may show them: escaped (a newline cannot forge a line) and
+    truncated, at most SHOWN_NAMES of them."""
+    names = list(names)
+    shown = ", ".join(repr(str(name)[:64]) for name in names[:SHOWN_NAMES])
+    return shown + (f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else "")
+
+
 def detail_422(exc: ValidationError) -> dict:
-    """FastAPI's validation-error shape, naming the field and the value."""
+    """FastAPI's validation-error shape, naming the field and the value (always valid JSON)."""
     value = exc.value
     try:
-        json.dumps(value)
-    except (TypeError, ValueError):
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
         value = repr(value)
     if isinstance(value, str) and len(value) > 200:
         value = value[:197] + "..."

@@ -218,7 +218,15 @@ class ApiJob:
             elif isinstance(event, ErrorEvent):
                 if event.kind == "cancelled" and self.skipped and not self.interrupted:
                     return False  # skip: the next batch goes on
-                if event.kind != "cancelled" or not self.interrupted:  # e.g. the app shutting down
+                if event.kind == "cancelled" and not self.interrupted or event.kind == "busy" and self.results:
+                    # The app is stopping (SIGTERM): the images finished so far are the answer, as after an
+                    # interrupt; without any, the caller is told so.
+                    self.textinfo = "The app is stopping"
+                    if not self.results:
+                        self.error = ErrorEvent(f"the app is stopping ({event.message}); try again later",
+                                                "cancelled")
+                    return True
+                if event.kind != "cancelled":
                     self.error = event
                 return True
             elif isinstance(event, LogEvent) and event.level != "info":

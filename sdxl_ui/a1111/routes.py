@@ -22,12 +22,13 @@ from ..metadata import parse_parameters
 from ..optimizations.registry import SWITCHES
 from ..schema import ValidationError
 from ..ui.access import LOOPBACK, LoginThrottle
-from .adapter import SAMPLERS, SCHEDULERS, detail_422, error_body, parse_txt2img, preview_base64, \
-    quality_presets, txt2img_response
+from .adapter import SAMPLERS, SCHEDULERS, detail_422, error_body, field_names, parse_json, parse_txt2img, \
+    preview_base64, quality_presets, txt2img_response
 
 log = logging.getLogger("sdxl_ui")
 
 RETRY_AFTER_S = 30
+MAX_PIXELS = 8192 * 8192  # png-info: larger images are refused (their pixels are never decoded either way)
 ERROR_STATUS = {"validation": 422, "busy": 503, "cancelled": 503, "memory": 500, "model": 500, "runtime": 500}
 SUPPORTED = ("txt2img, progress, interrupt, skip, sd-models, samplers, schedulers, options, loras, memory, "
              "scripts, png-info")
@@ -49,7 +50,7 @@ def _basic(header: str | None) -> tuple[str | None, str | None]:
         return None, None
     try:
         user, _, password = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8").partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII (a header read as Latin-1), not UTF-8 inside
         return None, None
     return user, password
 
@@ -94,17 +95,9 @@ def make_auth(config):
 
 
 async def read_json(request: Request):
+    """The request's JSON body (parsed off the event loop), or ValidationError naming what is wrong with it."""
     raw = await request.body()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValidationError("body", raw[max(0, exc.start - 10):exc.start + 10].decode("latin-1"),
-                              f"is not valid UTF-8 text (byte {exc.start + 1})") from None
-    try:
-        return json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError as exc:
-        raise ValidationError("body", text[:80], f"is not valid JSON ({exc.msg} at character {exc.pos + 1})") \
-            from None
+    return await asyncio.to_thread(_parse_body, raw) if len(raw) > 65536 else _parse_body(raw)
 
 
 def build_router(api) -> APIRouter:
@@ -134,7 +127,7 @@ def add_txt2img(router, api, caller_of) -> None:
             log.info("api: refused a txt2img from %s: %s", caller, exc)
             return reply(detail_422(exc), 422)
         if spec.ignored:
-            log.info("api: txt2img from %s: ignored fields %s", caller, ", ".join(spec.ignored))
+            log.info("api: txt2img from %s: ignored fields %s", caller, field_names(spec.ignored))
         refused = api.limit.check(caller, time.monotonic())
         if refused:
             return reply(error_body("HTTPException", refused), 429, {"Retry-After": "60"})
@@ -237,16 +230,33 @@ def add_info(router, api, caller_of) -> None:
 
     @router.post("/png-info")
     async def png_info(request: Request, caller: str = Depends(caller_of)):
+        raw = await request.body()  # at most MAX_BODY (limits.BodyLimitMiddleware); the work is off the event loop
         try:
-            text = await asyncio.to_thread(read_png_parameters, await read_json(request))
+            return reply(await asyncio.to_thread(png_info_reply, raw))
         except ValidationError as exc:
             return reply(detail_422(exc), 422)
-        return reply({"info": text or "", "items": {"parameters": text} if text else {},
-                      "parameters": parse_parameters(text) if text else {}})
+
+
+def png_info_reply(raw: bytes) -> dict:
+    """The png-info answer for a request body: its image's ``parameters`` text, as text and parsed."""
+    text = read_png_parameters(_parse_body(raw))
+    return {"info": text or "", "items": {"parameters": text} if text else {},
+            "parameters": parse_parameters(text) if text else {}}
+
+
+def _parse_body(raw: bytes):
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValidationError("body", raw[max(0, exc.start - 10):exc.start + 10].decode("latin-1"),
+                              f"is not valid UTF-8 text (byte {exc.start + 1})") from None
+    return parse_json(text)
 
 
 def read_png_parameters(body) -> str | None:
-    from PIL import Image, UnidentifiedImageError
+    """The ``parameters`` text chunk, read from the chunks before the pixels (as AUTOMATIC1111 reads
+    ``image.info``): the pixels are never decoded, and an image of more than MAX_PIXELS is refused."""
+    from PIL import Image
 
     data = body.get("image") if isinstance(body, dict) else None
     if not isinstance(data, str) or not data:
@@ -258,10 +268,20 @@ def read_png_parameters(body) -> str | None:
         raise ValidationError("image", data, "is not valid base64") from None
     try:
         with Image.open(io.BytesIO(raw)) as image:
-            image.load()
-            return image.text.get("parameters") if hasattr(image, "text") else None
-    except (UnidentifiedImageError, OSError):
-        raise ValidationError("image", data, "is not an image") from None
+            width, height = image.size
+            text = image.info.get("parameters")
+    except Image.DecompressionBombError:
+        raise ValidationError("image", data, f"has more than {MAX_PIXELS} pixels") from None
+    except Exception as exc:  # noqa: BLE001 - not an image, a broken chunk, a text chunk over PIL's limits
+        raise ValidationError("image", data, f"is not an image this app reads ({_first_line(exc)})") from None
+    if width * height > MAX_PIXELS:
+        raise ValidationError("image", f"{width}x{height}", f"has more than {MAX_PIXELS} pixels")
+    return text if isinstance(text, str) else None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 async def change_options(api, request: Request, caller: str) -> Response:
@@ -276,7 +296,7 @@ async def change_options(api, request: Request, caller: str) -> Response:
         return reply(detail_422(exc), 422)
     other = sorted(k for k in body if k != "sd_model_checkpoint")
     if other:
-        log.info("api: options from %s: ignored settings %s", caller, ", ".join(other))
+        log.info("api: options from %s: ignored settings %s", caller, field_names(other))
     if wanted is None or wanted == public_model(api.backend.settings):
         return reply(None)
     config = api.config

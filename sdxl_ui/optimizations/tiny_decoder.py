@@ -13,10 +13,12 @@ The loaded decoder hangs on the pipeline as ``sdxl_ui_tiny_decoder`` (what the r
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 HUB_ID = "madebyollin/taesdxl"
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")  # org/name (models.HUB_ID's rule)
 FOLDER = "tiny-decoder"  # beside a model folder
 ATTRIBUTE = "sdxl_ui_tiny_decoder"
 
@@ -44,11 +46,40 @@ def locate(setting: str, model_location: str | None) -> tuple[str | None, str]:
     return HUB_ID, "TAESDXL (madebyollin/taesdxl)"
 
 
+def is_path(source: str) -> bool:
+    """A source that names a place on this machine (never asked of the hub): it exists, or it looks like a path
+    (./x, ../x, /x, ~/x, a backslash, more than org/name), or it is no hub id at all."""
+    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or "\\" in source \
+        or not HUB_NAME.match(source)
+
+
+def check_source(setting: str) -> str | None:
+    """What is wrong with ``--tiny-decoder SOURCE`` (the problem, to be named with the flag), or None; no network:
+    a folder must exist and hold a diffusers config.json, anything path-like that does not is refused."""
+    if setting == "auto":
+        return None
+    path = Path(setting).expanduser()
+    if path.is_dir():
+        return None if (path / "config.json").is_file() else "is a folder without a config.json (not a diffusers " \
+                                                              "AutoencoderTiny folder)"
+    if path.exists():
+        return "is a file, not a folder"
+    if is_path(setting):
+        return "no such folder (a hub id is org/name)"
+    return None  # a hub id: fetched (or found in the cache) when the model loads
+
+
 def load(source: str, dtype, device: str, local_files_only: bool):
-    """An AutoencoderTiny from a folder or a hub id (cache only with ``local_files_only``), or TinyDecoderError."""
+    """An AutoencoderTiny from a folder or a hub id (cache only with ``local_files_only``), or TinyDecoderError.
+    A path-like source is only ever read from disk."""
     import torch
     from diffusers import AutoencoderTiny
 
+    if is_path(source):
+        problem = check_source(source)
+        if problem:
+            raise TinyDecoderError(f"tiny_decoder: {source!r} {problem}")
+        local_files_only = True
     try:
         decoder = AutoencoderTiny.from_pretrained(source, torch_dtype=dtype, local_files_only=local_files_only)
     except Exception as exc:  # noqa: BLE001 - missing folder, not in the cache, corrupt file, offline

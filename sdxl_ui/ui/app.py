@@ -144,6 +144,11 @@ def _public_text(text: str, settings) -> str:
     if model.startswith(("/", "~", ".")):
         replacements[str(Path(model).expanduser().resolve())] = Path(model).name or model
         replacements[model] = Path(model).name or model
+    # The LoRA folder and the LoRA files on this machine: by their names (a hub id stays as it is).
+    local = [str(settings.lora_dir)] + [spec.source for spec in getattr(settings, "loras", ())]
+    for path in (Path(p).expanduser() for p in local if p.startswith(("/", "~", ".")) or Path(p).exists()):
+        for long in {str(path), str(path.absolute()), str(path.resolve())}:
+            replacements[long] = path.name or long
     for long, short in sorted(replacements.items(), key=lambda kv: -len(kv[0])):
         if long and long not in (".", "/"):
             text = text.replace(long, short)
@@ -160,6 +165,8 @@ def _status_renderer(service, config: UIConfig):
         for replica in status.get("replicas") or []:  # several workers (Ray backend): each one's own message
             if isinstance(replica.get("message"), str):
                 replica["message"] = _public_text(replica["message"], service.settings)
+        status["rows"] = [{**row, "detail": _public_text(str(row.get("detail", "")), service.settings)}
+                          for row in status.get("rows") or []]
         status["share"] = config.share_message
         return status_html(status)
 

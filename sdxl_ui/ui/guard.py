@@ -14,7 +14,10 @@ read its queue messages, and /cancel any event id. So, for every caller:
   the named event's generator without stopping its task, and the queue then restarts the job from step 0);
 - the media stream routes (no component of this page streams) are not served;
 - a wrongly shaped call (an fn_index or api_name that does not exist, a data list of the wrong length, a body
-  that is not a JSON object) is answered 422 with one log line, instead of a 500 and a traceback.
+  that is not a JSON object) is answered 422 with one log line, instead of a 500 and a traceback;
+- what the guard reads, it reads as the framework does (the last of a query's values, starlette's cookie parser,
+  gradio's choice between its two login cookies), and a request that could be read two ways is refused (400): a
+  query parameter or a JSON key given twice, two Cookie, Authorization or Content-Type headers.
 """
 from __future__ import annotations
 
@@ -23,8 +26,9 @@ import logging
 import secrets
 import threading
 from collections import OrderedDict
-from http.cookies import SimpleCookie
-from urllib.parse import parse_qs
+from urllib.parse import parse_qsl
+
+from starlette.requests import cookie_parser
 
 log = logging.getLogger("sdxl_ui")
 
@@ -35,6 +39,7 @@ CALL_ROUTES = ("queue/join", "run/", "api/", "call/")  # POST routes that start 
 CLIENT_COOKIE = "sdxl-client"
 MAX_BODY = 1 << 20  # a call's JSON body (prompts are at most a few thousand characters; uploads go elsewhere)
 MAX_SESSIONS = 100_000  # session owners remembered (the oldest are forgotten first)
+SINGLE_HEADERS = (b"cookie", b"authorization", b"content-type")  # read by the guard or by the framework: once only
 
 
 class Refusal(Exception):
@@ -55,27 +60,42 @@ def _headers(scope) -> dict:
 
 
 def _cookie(scope, name: str) -> str | None:
+    """A cookie's value as starlette reads it (``request.cookies``: its parser, the first Cookie header)."""
     raw = _headers(scope).get("cookie")
-    if not raw:
-        return None
-    try:
-        morsel = SimpleCookie(raw).get(name)
-    except Exception:  # noqa: BLE001 - a malformed Cookie header is no cookie
-        return None
-    return morsel.value if morsel is not None and morsel.value else None
+    return (cookie_parser(raw).get(name) or None) if raw else None
 
 
 def login_user(scope) -> str | None:
-    """The gradio login of this request (its access-token cookie), or None."""
+    """The gradio login of this request, read as gradio's ``get_current_user`` reads it (the secure access-token
+    cookie, else the unsecure one), or None."""
     app = scope.get("app")
     tokens, cookie_id = getattr(app, "tokens", None), getattr(app, "cookie_id", None)
     if not isinstance(tokens, dict) or cookie_id is None:
         return None
-    for name in (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}"):
-        token = _cookie(scope, name)
-        if token and tokens.get(token):
-            return tokens[token]
+    token = _cookie(scope, f"access-token-{cookie_id}") or _cookie(scope, f"access-token-unsecure-{cookie_id}")
+    return tokens.get(token) if token else None
+
+
+def read_two_ways(scope) -> str | None:
+    """What in this request the guard and the framework could read differently (``field: problem (got value)``),
+    or None: a header that must come once, a query parameter given twice."""
+    names = [k.lower() for k, _ in scope.get("headers") or []]
+    for header in SINGLE_HEADERS:
+        if names.count(header) > 1:
+            return f"{header.decode()}: the header is given {names.count(header)} times (got a request with each)"
+    seen: dict[str, int] = {}
+    for key, _ in parse_qsl(scope.get("query_string", b"").decode("latin1"), keep_blank_values=True):
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > 1:
+            return f"{_printable(key, 40)}: is given {seen[key]} times (got a query that repeats it)"
     return None
+
+
+def _query(scope, name: str) -> str:
+    """A query parameter as starlette reads it (its last value; ``read_two_ways`` refused a repeated one)."""
+    values = [v for k, v in parse_qsl(scope.get("query_string", b"").decode("latin1"), keep_blank_values=True)
+              if k == name]
+    return values[-1] if values else ""
 
 
 def _blocks(scope):
@@ -126,10 +146,15 @@ class SessionGuardMiddleware:
         if scope.get("type") != "http":
             await self.app(scope, receive, send)
             return
+        path = scope.get("path", "")
+        problem = read_two_ways(scope)
+        if problem:
+            log.warning("refused %s %s: %s", scope.get("method"), _printable(path, 120), problem)
+            await _send_json(send, 400, {"detail": _printable(problem, 200)})
+            return
         cookie = _cookie(scope, CLIENT_COOKIE)
         if cookie is None:
             send = _setting_cookie(send, scope)
-        path = scope.get("path", "")
         if not path.startswith(API):  # the page, its assets, /login, /config: gradio's own checks
             await self.app(scope, receive, send)
             return
@@ -156,7 +181,7 @@ class SessionGuardMiddleware:
         if route.startswith("heartbeat/") and method == "GET":
             self._claim(route[len("heartbeat/"):].strip("/"), key)
         elif route.rstrip("/") == "queue/data" and method == "GET":
-            session = (parse_qs(scope.get("query_string", b"").decode("latin1")).get("session_hash") or [""])[0]
+            session = _query(scope, "session_hash")
             self._claim(session, key)
             _expect_messages(scope, session)
         elif route.startswith("call/") and method == "GET":
@@ -251,10 +276,25 @@ async def _read_json(receive):
             return {"type": "http.request", "body": raw, "more_body": False}
         return await receive()
 
+    repeated: list[str] = []
+
+    def pairs(items):
+        out = dict(items)
+        if len(out) < len(items) and not repeated:
+            seen: set = set()
+            first = next(k for k, _ in items if k in seen or seen.add(k))
+            repeated.extend(k for k, _ in items if k == first)
+        return out
+
     try:
-        body = json.loads(raw) if raw else None
+        body = json.loads(raw, object_pairs_hook=pairs) if raw else None
+    except RecursionError:
+        raise Refusal(422, f"body: is nested too deeply (got {raw[:40]!r})") from None
     except ValueError:
         raise Refusal(422, f"body: is not JSON (got {raw[:40]!r})") from None
+    if repeated:  # json (and so gradio) takes the last of them: refused rather than guessed
+        raise Refusal(400, f"{_printable(repeated[0], 40)}: is given {len(repeated)} times "
+                           "(got a JSON object that repeats it)")
     return body, replay
 
 

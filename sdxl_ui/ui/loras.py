@@ -33,8 +33,8 @@ def lora_panel(service) -> dict:
     """The panel's components (inside the Advanced accordion); hidden for a backend that cannot switch LoRAs."""
     offered = hasattr(service, "set_loras")
     with gr.Column(visible=offered and bool(listing(service.settings.lora_dir))):
-        table = gr.Dataframe(value=rows(service) or [["", 0.0]], headers=["LoRA (folder " + str(
-            service.settings.lora_dir) + ")", "weight (0 = off)"], datatype=["str", "number"], type="array",
+        table = gr.Dataframe(value=rows(service) or [["", 0.0]], headers=["LoRA (folder " + (Path(
+            service.settings.lora_dir).name or ".") + ")", "weight (0 = off)"], datatype=["str", "number"], type="array",
             col_count=(2, "fixed"), interactive=True, elem_id="loras")
         apply = gr.Button("Apply LoRAs (operator only: changes the model for everyone)", elem_id="apply-loras")
     return dict(lora_table=table, lora_apply=apply)

@@ -87,6 +87,12 @@ def bad_loras(folder: Path, good: Path) -> dict[str, Path]:
     out["nothing"] = save({"unet.no_such_block.proj.lora.down.weight": torch.randn(4, 8),
                            "unet.no_such_block.proj.lora.up.weight": torch.randn(8, 4)},
                           folder / "matches_nothing.safetensors")
+    # The right layers and shapes, but weights that turn every picture black: NaN, infinity, beyond fp16's range.
+    up = next(k for k in state if k.endswith("lora.up.weight"))
+    for name, value in (("nan", float("nan")), ("inf", float("inf")), ("fp16", 1e5)):
+        broken = state[up].clone()
+        broken[0, 0] = value
+        out[name] = save({**state, up: broken}, folder / f"{name}_weights.safetensors")
     return out
 
 

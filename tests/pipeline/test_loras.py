@@ -76,7 +76,7 @@ def test_a_lora_given_at_load_is_fused_and_recorded_in_the_png_as_a1111_does(tmp
     assert any("other × 0.75" in r["detail"] for r in svc.status()["rows"] if r["name"] == "LoRA adapters")
 
 
-@pytest.mark.parametrize("bad", ["missing", "corrupt", "sd15", "rank", "nothing"])
+@pytest.mark.parametrize("bad", ["missing", "corrupt", "sd15", "rank", "nothing", "nan", "inf", "fp16"])
 def test_a_bad_lora_is_refused_by_name_and_the_model_is_unchanged(tmp_path, lora_files, bad):
     svc = service(tmp_path)
     svc.set_loras([str(lora_files["good"])])
@@ -150,3 +150,27 @@ def test_a_kohya_layout_lora_is_read_with_its_alphas(tmp_path, lora_files):
     apply_loras(pipes[1], [parse_lora(f"{lora_files['good']}@0.5")])
     first, second = (dict(p.unet.named_parameters()) for p in pipes)
     assert all((first[k] == second[k]).all() for k in first)  # the same fused weights, bit for bit
+
+
+def test_a_lora_whose_fused_weights_overflow_fp16_is_refused_and_the_model_is_unchanged(tmp_path, lora_files):
+    """Each factor within fp16's range, their product not: found after fusing, the weights put back."""
+    import torch
+    from safetensors.torch import load_file
+    from tests.helpers.loras import save
+
+    from sdxl_ui.adapters import apply_loras
+    from sdxl_ui.models import build_tiny
+    from sdxl_ui.settings import LoraSpec
+
+    state = load_file(str(lora_files["good"]))
+    big = {k: torch.full_like(v, 300.0) for k, v in state.items()}  # 4 × 300 × 300 = 360,000 > 65,504
+    path = save(big, tmp_path / "overflow.safetensors")
+    base, _ = build_tiny(with_refiner=False)
+    base.to(torch.float16)
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    with pytest.raises(LoraError) as caught:
+        apply_loras(base, [LoraSpec(str(path), 1.0)])
+    assert "overflow.safetensors" in str(caught.value) and "unchanged" in str(caught.value), str(caught.value)
+    after = base.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the model was changed"
+    assert not getattr(base, "sdxl_ui_loras", ())
