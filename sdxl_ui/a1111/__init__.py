@@ -21,6 +21,11 @@ def add_api_args(parser) -> None:
                        help="also serve AUTOMATIC1111's /sdapi/v1 endpoints (txt2img, progress, …) on the same port")
     group.add_argument("--api-auth", action="append", default=None, metavar="USER:PASS[,USER:PASS]",
                        help="HTTP Basic logins for /sdapi (default: the page's --auth logins)")
+    group.add_argument("--api-steps-policy", action="store_true",
+                       help="apply the CPU steps policy (× 0.7) to the steps API clients name too (default: a client "
+                            "that names its steps gets them)")
+    group.add_argument("--styles", metavar="FILE",
+                       help="AUTOMATIC1111's styles.csv (name,prompt,negative_prompt): the styles requests may name")
 
 
 def parse_logins(values) -> dict[str, str]:
@@ -44,6 +49,8 @@ class ApiConfig:
     queue_size: int = 16
     max_jobs_per_user: int = 0
     throttle: object = None  # ui.access.LoginThrottle shared with the page's login
+    steps_policy: bool = False  # --api-steps-policy: the CPU steps policy on the steps clients name too
+    styles: dict = field(default_factory=dict)  # --styles: name -> (prompt, negative prompt)
 
 
 def api_config(args, page_auth, page_operator, throttle=None) -> ApiConfig:
@@ -60,8 +67,12 @@ def api_config(args, page_auth, page_operator, throttle=None) -> ApiConfig:
         logins = explicit
     else:
         logins, operator = dict(page_auth or []), page_operator
+    from .styles import read_styles
+
+    styles = read_styles(args.styles) if getattr(args, "styles", None) else {}
     return ApiConfig(logins=logins, operator=operator if logins else None, queue_size=args.queue_size,
-                     max_jobs_per_user=args.max_jobs_per_user, throttle=throttle)
+                     max_jobs_per_user=args.max_jobs_per_user, throttle=throttle,
+                     steps_policy=bool(getattr(args, "api_steps_policy", False)), styles=styles)
 
 
 class A1111Api:

@@ -122,7 +122,8 @@ def add_txt2img(router, api, caller_of) -> None:
         backend = api.backend
         try:
             body = await read_json(request)
-            spec = parse_txt2img(body, backend.native_size(), public_model(backend.settings), SWITCHES)
+            spec = parse_txt2img(body, backend.native_size(), public_model(backend.settings), SWITCHES,
+                                 api.config.steps_policy, api.config.styles)
         except ValidationError as exc:
             log.info("api: refused a txt2img from %s: %s", caller, exc)
             return reply(detail_422(exc), 422)
