@@ -19,6 +19,7 @@ from pathlib import Path
 # Re-exported: app.py and older callers import these from the cli.
 from .commandline import (EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, add_settings_args,  # noqa: F401
                           add_technique_args, fail, plan_error_code, settings_from_args, setup_logging)
+from .samplers import sampler_choice
 from .schema import ErrorEvent, GenerationRequest, ProgressEvent, ResultEvent, ValidationError
 from .optimizations.registry import SWITCHES
 from .settings import DeviceChoice
@@ -38,7 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", help="0 … 4294967295; random when omitted")
     gen.add_argument("--width")
     gen.add_argument("--height")
-    gen.add_argument("--scheduler", default="auto")
+    gen.add_argument("--scheduler", default="auto",
+                     help="the sampler: auto (the quality preset's) or AUTOMATIC1111's name ('DPM++ 2M', 'Euler a', "
+                          "'DPM++ 2M Karras', …) or ours (dpmpp_2m, euler_a, …)")
+    gen.add_argument("--schedule", default="automatic",
+                     help="the schedule type: automatic (the sampler's own), uniform, karras, exponential, "
+                          "polyexponential, sgm_uniform, kl_optimal, align_your_steps, simple, normal, ddim, beta")
     gen.add_argument("--images", default="1", help="images per run, 1-4 (seeds seed, seed+1, …)")
     add_technique_args(gen)
     gen.add_argument("--out", help="output .png (default: a new file under --outputs)")
@@ -116,7 +122,7 @@ def cmd_generate(args) -> int:
         request = GenerationRequest.from_raw(
             prompt=args.prompt, negative_prompt=args.negative, quality=args.quality, steps=args.steps,
             guidance=args.guidance, seed=args.seed, width=args.width, height=args.height,
-            scheduler=args.scheduler, images=args.images,
+            **sampler_choice(args.scheduler, args.schedule), images=args.images,
             techniques={s.name: getattr(args, s.name) for s in SWITCHES})
         # A relative --out is relative to the current folder, as in any shell tool (and the Python API).
         out = check_output_path(args.out) if args.out is not None else None

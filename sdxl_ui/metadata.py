@@ -54,13 +54,16 @@ class ImageParameters:
     profile: str | None = None  # the model profile (profiles.py) when it is not plain SDXL
     loras: tuple = ()  # (name, weight, hash) per fused LoRA: A1111's "Lora hashes" field, and their weights
     vae: str | None = None  # A1111's "VAE" field: the decoder of the final image when not the model's own VAE
+    schedule: str | None = None  # A1111's "Schedule type" (its label) when the request chose one
 
     def __post_init__(self):
         object.__setattr__(self, "loras", tuple((str(n), float(w), str(h)) for n, w, h in self.loras))
 
     def to_text(self) -> str:
         fields = [
-            ("Steps", self.steps), ("Sampler", self.sampler), ("CFG scale", self.cfg_scale), ("Seed", self.seed),
+            ("Steps", self.steps), ("Sampler", self.sampler),
+            *((("Schedule type", self.schedule),) if self.schedule else ()),
+            ("CFG scale", self.cfg_scale), ("Seed", self.seed),
             ("Size", f"{self.width}x{self.height}"), ("Model", self.model), ("Device", self.device),
             ("Dtype", self.dtype), ("Refiner", "yes" if self.refiner else "no"),
         ]

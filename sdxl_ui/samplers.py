@@ -230,3 +230,15 @@ def parse_sampler(name, schedule=None, field_name: str = "sampler_name") -> tupl
         if head and head in _SAMPLER_NAMES and kind is not Schedule.AUTOMATIC:
             return _SAMPLER_NAMES[head], kind if chosen is Schedule.AUTOMATIC else chosen
     raise ValidationError(field_name, name, "unknown sampler; known: " + ", ".join(s.name for s in SAMPLERS))
+
+
+def sampler_choice(sampler, schedule=None) -> dict:
+    """A sampler and schedule type as a user types them (the CLI, the Python API): ours (``euler_a``, ``karras``)
+    or AUTOMATIC1111's names (``Euler a``, ``DPM++ 2M Karras``, ``SGM Uniform``). The request's fields."""
+    text = "auto" if sampler is None or isinstance(sampler, str) and not sampler.strip() else sampler
+    ours = {s.value for s in Scheduler}
+    if isinstance(text, Scheduler) or str(text).strip().lower() in ours:
+        key, kind = Scheduler(str(getattr(text, "value", text)).strip().lower()), parse_schedule(schedule, "schedule")
+    else:
+        key, kind = parse_sampler(text, parse_schedule(schedule, "schedule").value, "scheduler")
+    return {"scheduler": key, "schedule": kind}

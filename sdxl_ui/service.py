@@ -427,12 +427,12 @@ class GenerationService:
         if models.refiner is not None:
             models.refiner.scheduler = scheduler_for(request.sampler, models.scheduler_config, request.schedule)
         label = profile.sampler_label if own else SAMPLER_LABELS[request.sampler]
-        if not own and request.schedule is not Schedule.AUTOMATIC:  # A1111's infotext field, by its label
-            label += f", Schedule type: {SCHEDULE_BY_KEY[request.schedule].label}"
+        schedule = SCHEDULE_BY_KEY[request.schedule].label if not own and request.schedule is not \
+            Schedule.AUTOMATIC else None  # A1111's "Schedule type" field, by its label
         for note in () if own else plan_sampler(request.sampler, request.schedule).notes:
             emit(LogEvent(f"sampler: {note}", "warning"))
         return _RunPlan(plan, width, height, steps, guidance, use_refiner, label, dict(profile.options) if own else {},
-                        wanted)
+                        wanted, schedule)
 
     def _generate_image(self, request, models, run: "_RunPlan", index, times, target, cancel, emit, progress,
                         on_step) -> None:
@@ -472,7 +472,7 @@ class GenerationService:
         rep = report(models, plan, self.probe, use_refiner=use_refiner)  # with this run's cache/guidance counts
         params = ImageParameters(
             prompt=request.prompt, negative_prompt=request.negative_prompt, steps=steps,
-            sampler=run.sampler, cfg_scale=run.guidance, seed=seed, width=run.width,
+            sampler=run.sampler, schedule=run.schedule, cfg_scale=run.guidance, seed=seed, width=run.width,
             height=run.height, model=models.source.label, device=plan.device, dtype=plan.dtype, refiner=use_refiner,
             note=models.note, profile=plan.profile if plan.profile != "sdxl" else None, vae=final_decoder(models.base),
             loras=tuple((lora.name, lora.weight, lora.hash) for lora in fused(models.base)),
@@ -541,6 +541,7 @@ class _RunPlan:
     sampler: str = ""  # the A1111 name of the sampler that runs (PNG parameters)
     options: dict | None = None  # the profile's pipeline-call options (e.g. TCD's eta)
     requested: int = 0  # the steps asked for: the request's, else the profile's or the preset's
+    schedule: str | None = None  # the schedule type's label when the request chose one (PNG parameters)
 
 
 def _step_callbacks(progress: dict, t_run: float, cancel: CancelToken, emit):

@@ -108,7 +108,8 @@ MARKED = {
         "tools/test_demo_distill.py",  # smoke distillations, then the demo model generating with each
         "tools/test_demo_few_step.py",  # the shipped LCM-LoRA and tiny decoder, pictures judged
         "pipeline/test_tiny_decoder.py",  # tiny-model generations with a tiny decoder, and the CLI
-        "pipeline/test_hub_cache.py",  # the demo model as an offline hub cache: a generating CLI subprocess each
+        "pipeline/test_hub_cache.py",
+        "pipeline/test_samplers_run.py",  # 21 samplers × 12 schedule types on the tiny pipeline (~2 min)  # the demo model as an offline hub cache: a generating CLI subprocess each
         "tools/test_selftest.py::test_selftest_on_cpu_passes_every_cpu_configuration",
         "tools/test_bench.py::test_bench_runs_end_to_end_with_the_high_quality_path",
         # The tiny pipelines, many steps or images (5-60 s each on the loaded dev machine, 2026-11-28):

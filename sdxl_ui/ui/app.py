@@ -32,10 +32,12 @@ from ..schema import (
     ProgressEvent,
     Quality,
     ResultEvent,
+    Schedule,
     Scheduler,
     Toggle,
     ValidationError,
 )
+from ..samplers import SAMPLERS, SCHEDULES
 from ..jobs import CancelToken, HourlyLimit
 from ..optimizations.registry import SWITCHES
 from .access import Access
@@ -196,14 +198,19 @@ def _advanced(service, native: int) -> dict:
         with gr.Row(visible=False) as custom_row:
             width = gr.Number(label="Width", value=native, precision=0)
             height = gr.Number(label="Height", value=native, precision=0)
-        scheduler = gr.Dropdown([s.value for s in Scheduler], value=Scheduler.AUTO.value,
-                                label="Scheduler (auto: Euler for High quality, DPM++ 2M Karras for Fast)")
+        with gr.Row():  # AUTOMATIC1111's samplers and schedule types, by their names (sdxl_ui/samplers.py)
+            scheduler = gr.Dropdown([("auto", Scheduler.AUTO.value)] + [(s.name, s.key.value) for s in SAMPLERS],
+                                    value=Scheduler.AUTO.value, elem_id="scheduler",
+                                    label="Sampler (auto: Euler for High quality, DPM++ 2M Karras for Fast)")
+            schedule = gr.Dropdown([(s.label, s.key.value) for s in SCHEDULES], value=Schedule.AUTOMATIC.value,
+                                   elem_id="schedule", label="Schedule type (automatic: the sampler's own)")
         with gr.Row():  # one switch per unit that offers one (optimizations/registry.py)
             switches = [gr.Dropdown([t.value for t in Toggle], value=Toggle.AUTO.value,
                                     elem_id=s.name.replace("_", "-"), label=s.label) for s in SWITCHES]
         loras = lora_panel(service)
     return dict(steps=steps, steps_note=steps_note, guidance=guidance, seed=seed, images=images, size=size,
-                custom_row=custom_row, width=width, height=height, scheduler=scheduler, switches=switches, **loras)
+                custom_row=custom_row, width=width, height=height, scheduler=scheduler, schedule=schedule,
+                switches=switches, **loras)
 
 
 def _layout(service, status_update) -> SimpleNamespace:
@@ -303,7 +310,7 @@ def _wire_status(demo, page, service, config: UIConfig, status_update) -> None:
 def _job_runner(demo, page, service, config: UIConfig, runs: _Runs, limit: HourlyLimit, status_update):
     """The body of a Generate run: validate, rate-limit, then turn the service's events into page updates."""
     def run_job(lines, prompt_text, negative_text, quality_label, n_steps, cfg, seed_value, n_images,
-                size_label, w, h, sched, session_history, request, techniques=None):
+                size_label, w, h, sched, schedule, session_history, request, techniques=None):
         session = request.session_hash if request is not None else "api"
         try:
             wd, ht = _size(size_label, w, h, service.native_size())
@@ -312,6 +319,7 @@ def _job_runner(demo, page, service, config: UIConfig, runs: _Runs, limit: Hourl
             req = GenerationRequest.from_raw(
                 prompt=prompt_text, negative_prompt=negative_text, quality=quality_value, steps=n_steps,
                 guidance=cfg, seed=seed_value, images=n_images, width=wd, height=ht, scheduler=sched,
+                schedule=schedule or Schedule.AUTOMATIC.value,
                 techniques={k: v for k, v in (techniques or {}).items() if v is not None})
         except ValidationError as exc:
             log.info("refused a request from %s: %s", config.access.describe(request), exc)  # one line
@@ -399,12 +407,14 @@ def _wire_jobs(demo, page, service, config: UIConfig, status_update) -> None:
 
     @_with_switches
     def generate(prompt_text, negative_text, quality_label, n_steps, cfg, seed_value, n_images, size_label,
-                 w, h, sched, techniques, session_history=None, request: gr.Request = None):
+                 w, h, sched, schedule=Schedule.AUTOMATIC.value, techniques=None, session_history=None,
+                 request: gr.Request = None):
         lines = ["⏳ Request received"]
         yield {page.log_pane: log_html(lines), page.progress: progress_html(0, "starting…"), page.preview: None}
         try:
             yield from run_job(lines, prompt_text, negative_text, quality_label, n_steps, cfg, seed_value,
-                               n_images, size_label, w, h, sched, session_history, request, techniques=techniques)
+                               n_images, size_label, w, h, sched, schedule, session_history, request,
+                               techniques=techniques)
         except Exception as exc:  # noqa: BLE001 - a bug here must not show a traceback in the page
             log.exception("page: the Generate handler failed")
             lines.append(f"❌ internal error ({type(exc).__name__}); the server's log has the details")
@@ -413,7 +423,7 @@ def _wire_jobs(demo, page, service, config: UIConfig, status_update) -> None:
     page.generate_btn.click(
         generate,
         [page.prompt, page.negative, page.quality, page.steps, page.guidance, page.seed, page.images, page.size,
-         page.width, page.height, page.scheduler, *page.switches, page.history],
+         page.width, page.height, page.scheduler, page.schedule, *page.switches, page.history],
         [page.log_pane, page.progress, page.preview, page.output, page.used_seed, page.gallery, page.history,
          page.status_panel],
         # One job per device: 1 for the in-process service, the number of replicas for the Ray backend.
