@@ -366,3 +366,42 @@ def profile_evidence(source: ModelSource, specs=()) -> tuple[str, str]:
     # A hub id names the family; of a local folder or file, its own name does (not the folders above it).
     model = {"tiny": "tiny", "hub": source.location}.get(source.kind, Path(source.location).name)
     return detect(model, config, loras)
+
+
+# ---------------------------------------------------------------- a request's own LoRAs (<lora:NAME:WEIGHT>)
+
+def folder_lora(lora_dir: Path, name: str) -> Path:
+    """The LoRA a prompt names, from the LoRA folder only: ``NAME.safetensors`` there (a name may hold a subfolder,
+    never ``..`` or an absolute path). Raises ValidationError naming the tag's name and the folder by its name."""
+    from .schema import ValidationError
+
+    folder = Path(lora_dir)
+    relative = Path(name.replace("\\", "/"))
+    candidate = folder / (name if name.lower().endswith(".safetensors") else f"{name}.safetensors")
+    inside = not relative.is_absolute() and ".." not in relative.parts
+    if inside and candidate.is_file():
+        return candidate
+    raise ValidationError("prompt", f"<lora:{name[:80]}>", f"no LoRA of that name in the LoRA folder "
+                                                           f"{folder.name or str(folder)}/ (its .safetensors files)")
+
+
+def request_loras(settings, request) -> tuple:
+    """The LoRA set one request runs with: the server's own (``--lora``), then the prompt's ``<lora:…>`` ones."""
+    own = tuple(settings.loras)
+    asked = tuple(LoraSpec(str(folder_lora(settings.lora_dir, name)), weight) for name, weight in request.prompt_loras)
+    return own + tuple(spec for spec in asked if spec.source not in {s.source for s in own})
+
+
+def apply_request_loras(pipe, settings, request, plan) -> None:
+    """Fuse the request's set for its job (nothing to do while consecutive jobs ask for the same set; a job
+    without tags puts the server's own set back, bit for bit). Weights that cannot be swapped in place (int8,
+    --compile, sequential offload) take no per-request LoRA: refused by name."""
+    from .schema import ValidationError
+
+    specs = request_loras(settings, request)
+    if tuple(lora.spec for lora in fused(pipe)) == specs:
+        return
+    if request.prompt_loras and (plan.int8 or plan.compile or plan.offload == "sequential"):
+        raise ValidationError("prompt", "<lora:…>", "per-request LoRAs need weights that can be swapped in place: "
+                                                   "not with int8, --compile or sequential offload")
+    apply_loras(pipe, specs, settings.local_files_only)

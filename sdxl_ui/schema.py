@@ -11,6 +11,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
+from .prompts import PromptError, prompt_loras
+
 MAX_SEED = 2**32 - 1
 MIN_SIDE, MAX_SIDE = 64, 2048
 MAX_CLIP_SKIP = 10  # SDXL's CLIP-L has 12 layers; its penultimate one is the default
@@ -218,6 +220,7 @@ class GenerationRequest:
         if not self.prompt.strip() and not (self.allow_empty_prompt is True and not prompt_as_given.strip()):
             removed = " once control characters are removed" if prompt_as_given.strip() else ""
             raise ValidationError("prompt", prompt_as_given, f"must not be empty{removed}")
+        self.prompt_loras  # noqa: B018 - a bad <lora:…> tag is refused with the request
         _text("negative_prompt", self.negative_prompt)
         object.__setattr__(self, "negative_prompt", strip_controls(self.negative_prompt))
         object.__setattr__(self, "quality", parse_choice(Quality, "quality", self.quality))
@@ -270,6 +273,19 @@ class GenerationRequest:
     @property
     def guidance_scale(self) -> float:
         return self.guidance if self.guidance is not None else self.preset.guidance
+
+    @property
+    def encoder_prompt(self) -> str:
+        """The prompt the text encoders see: without its ``<lora:NAME:WEIGHT>`` tags (``prompts.py``)."""
+        return prompt_loras(self.prompt)[0]
+
+    @property
+    def prompt_loras(self) -> tuple[tuple[str, float], ...]:
+        """The LoRAs the prompt asks for, ``<lora:NAME:WEIGHT>``: (name, weight) each, for this request alone."""
+        try:
+            return prompt_loras(self.prompt)[1]
+        except PromptError as exc:
+            raise ValidationError("prompt", exc.value, exc.problem) from None
 
     @property
     def sampler(self) -> Scheduler:

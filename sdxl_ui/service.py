@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .adapters import LoraError, apply_loras, check_files, fused, profile_evidence
+from .adapters import LoraError, apply_loras, apply_request_loras, check_files, fused, profile_evidence
 from .denoise import (REFINER_SPLIT, decode_latents, final_decoder, latent_preview,  # noqa: F401
                       profile_scheduler, run_stages, scheduler_for)
 from .jobs import SHUTTING_DOWN, Admission, CancelToken, new_job_id  # CancelToken: still importable from here
@@ -396,6 +396,7 @@ class GenerationService:
                                                 width, height, high, request.techniques,
                                                 profile=self.profile_evidence))
         use_refiner = plan.refiner and models.refiner is not None
+        apply_request_loras(models.base, self.settings, request, plan)  # its <lora:…> tags, for this job alone
         apply(plan, models)
         self._applied = (models, plan, use_refiner)  # the status panel reports against this, not the load plan
         rep = report(models, plan, self.probe, use_refiner=use_refiner)
@@ -447,7 +448,7 @@ class GenerationService:
         seed = (progress["seed0"] + index) % (MAX_SEED + 1)
         t_image, done_before = time.perf_counter(), progress["done"]
         generator = torch.Generator("cpu").manual_seed(seed)
-        common = dict(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
+        common = dict(prompt=request.encoder_prompt, negative_prompt=request.negative_prompt or None,
                       num_inference_steps=steps, guidance_scale=run.guidance, generator=generator,
                       output_type="latent", **(run.options or {}),
                       **({"clip_skip": request.clip_skip} if request.clip_skip else {}))
@@ -490,7 +491,7 @@ class GenerationService:
 
     def _warn_truncation(self, pipe, request, emit) -> None:
         tokenizer = pipe.tokenizer or pipe.tokenizer_2
-        for field, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+        for field, text in (("prompt", request.encoder_prompt), ("negative_prompt", request.negative_prompt)):
             if not text:
                 continue
             n = len(tokenizer(text, truncation=False).input_ids)

@@ -11,7 +11,7 @@ from tests.helpers.loras import bad_loras, make_lora, make_text_encoder_lora, to
 
 from sdxl_ui.adapters import LoraError, file_hash
 from sdxl_ui.metadata import parse_parameters, read_parameters
-from sdxl_ui.schema import GenerationRequest
+from sdxl_ui.schema import GenerationRequest, ValidationError
 from sdxl_ui.service import GenerationService
 from sdxl_ui.settings import AppSettings
 
@@ -174,3 +174,48 @@ def test_a_lora_whose_fused_weights_overflow_fp16_is_refused_and_the_model_is_un
     after = base.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the model was changed"
     assert not getattr(base, "sdxl_ui_loras", ())
+
+
+def test_a_prompts_lora_tag_applies_for_that_job_alone_and_is_kept_while_jobs_ask_for_it(tmp_path, lora_files):
+    folder = lora_files["good"].parent  # the LoRA folder: its pytorch_lora_weights.safetensors
+    svc = service(tmp_path, lora_dir=folder)
+    plain, _ = image(svc)
+    unet_before = weights(svc._models.base.unet)
+    tagged, result = image(svc, prompt="a red circle <lora:pytorch_lora_weights:1>")
+    fused_once = weights(svc._models.base.unet)
+    alone, _ = image(service(tmp_path / "b", loras=(str(lora_files["good"]),)))
+    assert_same_picture(tagged, alone)  # the tag = the same LoRA given at start-up, for this job
+    assert_other_picture(tagged, plain)
+    params = parse_parameters(result.parameters)
+    assert params["Lora hashes"] == f"pytorch_lora_weights: {file_hash(lora_files['good'])}"
+    assert result.parameters.startswith("a red circle <lora:pytorch_lora_weights:1>\n")  # the prompt as written
+    again, _ = image(svc, prompt="a red circle <lora:pytorch_lora_weights:1>")
+    assert_same_weights(fused_once, svc._models.base.unet)  # the same set again: kept fused, nothing redone
+    assert_same_picture(again, tagged)
+    after, _ = image(svc)  # the next job without a tag: the base again, bit for bit
+    assert_same_weights(unet_before, svc._models.base.unet)
+    assert_same_picture(after, plain)
+    half, _ = image(svc, prompt="<lora:pytorch_lora_weights:0.5> a red circle")
+    assert_other_picture(half, tagged)
+    assert_other_picture(half, plain)
+
+
+@pytest.mark.parametrize("prompt", ["x <lora:missing:1>", "x <lora:../style/x:1>", "x <lora:/etc/passwd:1>"])
+def test_a_lora_tag_outside_the_folder_is_refused_by_name_and_the_model_is_unchanged(tmp_path, lora_files, prompt):
+    svc = service(tmp_path, lora_dir=lora_files["good"].parent)
+    image(svc)
+    unet_before = weights(svc._models.base.unet)
+    out = run(svc, GenerationRequest(**{**FAST, "prompt": prompt}))
+    assert len(out["errors"]) == 1 and out["errors"][0].kind == "validation"
+    message = out["errors"][0].message
+    assert message.startswith("prompt: no LoRA of that name in the LoRA folder style/") and "<lora:" in message
+    assert str(lora_files["good"].parent) not in message  # the folder by its name only
+    assert_same_weights(unet_before, svc._models.base.unet)
+
+
+@pytest.mark.parametrize("prompt, problem", [("x <lora:style:heavy>", "must be a number"),
+                                             ("x <lora::1>", "names no LoRA"), ("x <lora:a:11>", "from -10 to 10")])
+def test_a_bad_lora_tag_is_bad_input_of_the_request(prompt, problem):
+    with pytest.raises(ValidationError) as caught:
+        GenerationRequest(prompt=prompt)
+    assert caught.value.field == "prompt" and problem in str(caught.value)
