@@ -55,6 +55,7 @@ class ImageParameters:
     loras: tuple = ()  # (name, weight, hash) per fused LoRA: A1111's "Lora hashes" field, and their weights
     vae: str | None = None  # A1111's "VAE" field: the decoder of the final image when not the model's own VAE
     schedule: str | None = None  # A1111's "Schedule type" (its label) when the request chose one
+    tiling: bool = False  # A1111's "Tiling: True": the picture wraps at its edges
 
     def __post_init__(self):
         object.__setattr__(self, "loras", tuple((str(n), float(w), str(h)) for n, w, h in self.loras))
@@ -72,6 +73,8 @@ class ImageParameters:
         if self.loras:  # as AUTOMATIC1111 writes them: Lora hashes: "name: hash, name: hash"
             fields.append(("Lora hashes", ", ".join(f"{_lora_name(n)}: {h}" for n, _, h in self.loras)))
             fields.append(("Lora weights", ", ".join(f"{_lora_name(n)}: {w:g}" for n, w, _ in self.loras)))
+        if self.tiling:
+            fields.append(("Tiling", "True"))
         if self.vae:
             fields.append(("VAE", self.vae))
         if self.note:

@@ -109,6 +109,7 @@ MARKED = {
         "tools/test_demo_few_step.py",  # the shipped LCM-LoRA and tiny decoder, pictures judged
         "pipeline/test_tiny_decoder.py",  # tiny-model generations with a tiny decoder, and the CLI
         "pipeline/test_hub_cache.py",
+        "planning/test_picture.py::test_a_tiled_demo_picture_wraps_at_its_edges",  # the demo model, 8 pictures
         "pipeline/test_samplers_run.py",  # 21 samplers × 12 schedule types on the tiny pipeline (~2 min)  # the demo model as an offline hub cache: a generating CLI subprocess each
         "tools/test_selftest.py::test_selftest_on_cpu_passes_every_cpu_configuration",
         "tools/test_bench.py::test_bench_runs_end_to_end_with_the_high_quality_path",

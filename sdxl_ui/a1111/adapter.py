@@ -35,12 +35,11 @@ MAPPED = frozenset({
     "prompt", "negative_prompt", "steps", "cfg_scale", "width", "height", "seed", "sampler_name", "sampler_index",
     "scheduler", "batch_size", "n_iter", "send_images", "save_images", "override_settings",
     "override_settings_restore_afterwards", "sdxl_ui", "enable_hr", "alwayson_scripts", "script_name",
-    "script_args", "styles"})
+    "script_args", "styles", "tiling"})
 # A1111's fields that change the picture and that sdxl_ui does not do, with what the client gets instead. Fields at
 # their A1111 default (false, 0, -1, empty, null) are not listed: they ask for nothing.
 IGNORED = {
     "restore_faces": "no face restoration model here: the picture as drawn",
-    "tiling": "tiling is not done here: an ordinary picture",
     "subseed": "no variation seeds here: the seed alone", "subseed_strength": "no variation seeds here",
     "seed_resize_from_w": "no seed resize here", "seed_resize_from_h": "no seed resize here",
     "eta": "the sampler's own noise", "s_churn": "the sampler's own noise", "s_tmin": "the sampler's own noise",
@@ -224,6 +223,8 @@ def parse_txt2img(body: Any, native: int, model: str, switches=(), steps_policy:
     batch = 1 if batch is None else _whole("batch_size", batch, 1, MAX_IMAGES)
     ignored = {k: v for k, v in IGNORED.items() if k in body and _asked(body, k)}
     prompt, negative = apply_styles(body, styles or {}, ignored)
+    tiling = _flag("tiling", body.get("tiling"), False)
+    techniques = {**techniques, **({"tiling": "on"} if tiling and "tiling" in {s.name for s in switches} else {})}
     fields = dict(prompt=prompt, negative_prompt=negative, seed=seed, images=batch, techniques=dict(techniques),
                   width=_side(body, "width", native), height=_side(body, "height", native),
                   clip_skip=_overrides(body, ignored), allow_empty_prompt=True)

@@ -11,11 +11,12 @@ from dataclasses import field, make_dataclass, replace
 from typing import Any, Mapping
 
 from ..schema import Toggle, ValidationError, parse_choice
-from . import fitting, less_work, placement, profile, speed
+from . import fitting, less_work, picture, placement, profile, speed
 from .base import REQUIRED, Decide, PlanBase, Switch, Unit
 
 # Each family module lists its units; the walks below order them by what each unit declares.
-UNITS: tuple[Unit, ...] = (*profile.UNITS, *placement.UNITS, *fitting.UNITS, *speed.UNITS, *less_work.UNITS)
+UNITS: tuple[Unit, ...] = (*profile.UNITS, *placement.UNITS, *fitting.UNITS, *speed.UNITS, *less_work.UNITS,
+                           *picture.UNITS)
 
 
 def _walk(attribute: str) -> tuple[Unit, ...]:
