@@ -56,6 +56,7 @@ class ImageParameters:
     vae: str | None = None  # A1111's "VAE" field: the decoder of the final image when not the model's own VAE
     schedule: str | None = None  # A1111's "Schedule type" (its label) when the request chose one
     tiling: bool = False  # A1111's "Tiling: True": the picture wraps at its edges
+    clip_skip: int = 0  # diffusers' clip_skip; A1111's "Clip skip: N" is N = clip_skip + 1, written when > 1
 
     def __post_init__(self):
         object.__setattr__(self, "loras", tuple((str(n), float(w), str(h)) for n, w, h in self.loras))
@@ -73,6 +74,8 @@ class ImageParameters:
         if self.loras:  # as AUTOMATIC1111 writes them: Lora hashes: "name: hash, name: hash"
             fields.append(("Lora hashes", ", ".join(f"{_lora_name(n)}: {h}" for n, _, h in self.loras)))
             fields.append(("Lora weights", ", ".join(f"{_lora_name(n)}: {w:g}" for n, w, _ in self.loras)))
+        if self.clip_skip:
+            fields.append(("Clip skip", self.clip_skip + 1))
         if self.tiling:
             fields.append(("Tiling", "True"))
         if self.vae:

@@ -476,7 +476,7 @@ class GenerationService:
             sampler=run.sampler, schedule=run.schedule, cfg_scale=run.guidance, seed=seed, width=run.width,
             height=run.height, model=models.source.label, device=plan.device, dtype=plan.dtype, refiner=use_refiner,
             note=models.note, profile=plan.profile if plan.profile != "sdxl" else None, vae=final_decoder(models.base),
-            tiling=bool(plan.tiling),
+            tiling=bool(plan.tiling), clip_skip=request.clip_skip,
             loras=tuple((lora.name, lora.weight, lora.hash) for lora in fused(models.base)),
         )
         generate_s = time.perf_counter() - t_image
