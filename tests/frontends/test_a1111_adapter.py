@@ -337,3 +337,24 @@ def test_only_the_operator_switches_the_model():
     assert switched == ["tiny"]
     nobody = _app(backend)  # no login: only a client on this machine (TestClient's peer is "testclient")
     assert nobody.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}).status_code == 403
+
+
+@pytest.mark.parametrize("body", [
+    {"steps": 22, "sampler_name": "DDIM", "scheduler": "normal", "cfg_scale": 7},  # SillyTavern's defaults
+    {"sampler_name": "Euler a", "scheduler": "Karras", "width": 130, "height": 70},  # Open WebUI's suggestion
+    {"steps": 3, "override_settings": {"CLIP_stop_at_last_layers": 2}, "tiling": True}])
+def test_info_and_the_infotext_agree_on_every_field(tiny_service, body):
+    from tests.helpers import run
+
+    from sdxl_ui.metadata import parse_parameters
+
+    job = parse_txt2img({"prompt": "a red fox", "seed": 3, **body}, native=64, model="tiny", switches=SWITCHES)
+    out = run(tiny_service, job.request)
+    assert not out["errors"], out["errors"]
+    info, text = json.loads(info_json(job, out["results"], "tiny")), parse_parameters(out["results"][0].parameters)
+    assert int(text["Steps"]) == info["steps"] == body.get("steps", 35)  # named steps as asked; else 50 × 0.7
+    assert text["Sampler"].startswith(info["sampler_name"]) and int(text["Seed"]) == info["seed"] == 3
+    assert text["Size"] == f"{info['width']}x{info['height']}" and float(text["CFG scale"]) == info["cfg_scale"]
+    assert text.get("Schedule type", "Automatic") == info["scheduler"]
+    assert int(text.get("Clip skip", 1)) == info["clip_skip"]
+    assert ("Tiling" in text) == bool(body.get("tiling"))
