@@ -118,14 +118,18 @@ def decode_latents(pipe, latents):
     return pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
 
 
+EMBEDDINGS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
+
+
 def run_stages(models, use_refiner: bool, width: int, height: int, common: dict, on_step=None,
-               on_stage_end=None):
+               on_stage_end=None, refiner_text: dict | None = None):
     """The denoising of one image, as latents: the base alone, or the base to REFINER_SPLIT and then the refiner
     from there (SDXL's "ensemble of experts"). The service and the benchmark both run exactly this.
 
     ``common``: the pipeline arguments both stages share (prompt, steps, guidance, generator, output_type);
     ``on_step(stage)`` returns the diffusers step callback for stage 1 or 2; ``on_stage_end(stage)`` is called
-    after each stage (the bench uses it to time the stages)."""
+    after each stage (the bench uses it to time the stages). ``refiner_text``: the prompts as text for the refiner
+    (its one text encoder) when ``common`` holds the base's chunked embeddings (``long_prompts``)."""
     from .optimizations import hooks
     from .optimize import claim_offload
 
@@ -142,7 +146,10 @@ def run_stages(models, use_refiner: bool, width: int, height: int, common: dict,
         on_stage_end(1)
     if use_refiner:
         claim_offload(models, models.refiner)
-        latents = hooks.call(models.refiner, callback(2), image=latents, denoising_start=REFINER_SPLIT, **common)
+        stage2 = {k: v for k, v in common.items() if k not in EMBEDDINGS}
+        if len(stage2) < len(common):  # the base ran on chunked embeddings: the refiner reads the text itself
+            stage2.update(refiner_text or {})
+        latents = hooks.call(models.refiner, callback(2), image=latents, denoising_start=REFINER_SPLIT, **stage2)
         claim_offload(models, models.base)  # the decode that follows runs the base's VAE in the base's chain
         if on_stage_end and not getattr(models.refiner, "interrupt", False):
             on_stage_end(2)

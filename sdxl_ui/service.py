@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .adapters import LoraError, apply_loras, apply_request_loras, check_files, fused, profile_evidence
+from .long_prompts import chunk_lines, chunked_arguments
 from .denoise import (REFINER_SPLIT, decode_latents, final_decoder, latent_preview,  # noqa: F401
                       profile_scheduler, run_stages, scheduler_for)
 from .jobs import SHUTTING_DOWN, Admission, CancelToken, new_job_id  # CancelToken: still importable from here
 from .failures import is_gpu_failure, is_out_of_memory, memory_advice  # noqa: F401
 from .metadata import ImageParameters
 from .saving import check_output_path, write_png_atomic  # noqa: F401 - re-exported (CLI, API)
-from .models import (LoadedModels, ModelLoadError, ModelSource, attach_tiny_decoder, check_source, load_models,
-                     resolve_source)
+from .models import LoadedModels, ModelLoadError, ModelSource, attach_tiny_decoder, check_source, load_models, \
+    resolve_source
 from .optimizations.registry import Plan, parse_switches
 from .policy import PlanError, adjust_plan, make_plan
 from .profiles import profile_named
@@ -418,7 +419,7 @@ class GenerationService:
             emit(LogEvent(line))
         for warning in plan.warnings:
             emit(LogEvent(f"⚠ {warning}", "warning"))
-        self._warn_truncation(models.base, request, emit)
+        prompts = self._prompt_arguments(models.base, request, emit)
 
         # Always from the model's original config: a previous sampler's options (e.g. Karras sigmas) must not leak.
         # A few-step profile's own scheduler when the request leaves the sampler on auto.
@@ -433,7 +434,7 @@ class GenerationService:
         for note in () if own else plan_sampler(request.sampler, request.schedule).notes:
             emit(LogEvent(f"sampler: {note}", "warning"))
         return _RunPlan(plan, width, height, steps, guidance, use_refiner, label, dict(profile.options) if own else {},
-                        wanted, schedule)
+                        wanted, schedule, prompts)
 
     def _generate_image(self, request, models, run: "_RunPlan", index, times, target, cancel, emit, progress,
                         on_step) -> None:
@@ -448,8 +449,8 @@ class GenerationService:
         seed = (progress["seed0"] + index) % (MAX_SEED + 1)
         t_image, done_before = time.perf_counter(), progress["done"]
         generator = torch.Generator("cpu").manual_seed(seed)
-        common = dict(prompt=request.encoder_prompt, negative_prompt=request.negative_prompt or None,
-                      num_inference_steps=steps, guidance_scale=run.guidance, generator=generator,
+        text = dict(prompt=request.encoder_prompt, negative_prompt=request.negative_prompt or None)
+        common = dict(**(run.prompts or text), num_inference_steps=steps, guidance_scale=run.guidance, generator=generator,
                       output_type="latent", **(run.options or {}),
                       **({"clip_skip": request.clip_skip} if request.clip_skip else {}))
         stages = 2 if use_refiner else 1
@@ -462,7 +463,7 @@ class GenerationService:
 
         with torch.inference_mode():
             latents = run_stages(
-                models, use_refiner, run.width, run.height, common, on_stage_end=stage_done,
+                models, use_refiner, run.width, run.height, common, on_stage_end=stage_done, refiner_text=text,
                 on_step=lambda stage: on_step(f"Stage {stage}/{stages}" if use_refiner else ""))
             if cancel.cancelled:
                 raise Cancelled()
@@ -490,16 +491,12 @@ class GenerationService:
             parameters=params.to_text(), save_error=save_error,
         ))
 
-    def _warn_truncation(self, pipe, request, emit) -> None:
-        tokenizer = pipe.tokenizer or pipe.tokenizer_2
-        for field, text in (("prompt", request.encoder_prompt), ("negative_prompt", request.negative_prompt)):
-            if not text:
-                continue
-            n = len(tokenizer(text, truncation=False).input_ids)
-            limit = tokenizer.model_max_length
-            if n > limit:
-                emit(LogEvent(f"⚠ {field}: {n} tokens; CLIP reads {limit} (incl. start/end), "
-                              f"{n - limit} tokens dropped", "warning"))
+    def _prompt_arguments(self, pipe, request, emit) -> dict:
+        """Text within the window; chunked embeddings beyond it (``long_prompts``), said in the log."""
+        args, n = chunked_arguments(pipe, request.encoder_prompt, request.negative_prompt, request.clip_skip)
+        for line, level in chunk_lines(pipe, request.encoder_prompt, request.negative_prompt, n):
+            emit(LogEvent(line, level))
+        return args
 
     def _save(self, image, params: ImageParameters, target: Path | None, index: int, emit):
         """Save the PNG; returns (path, None) or (None, error). A failed save never loses the image in memory."""
@@ -544,6 +541,7 @@ class _RunPlan:
     options: dict | None = None  # the profile's pipeline-call options (e.g. TCD's eta)
     requested: int = 0  # the steps asked for: the request's, else the profile's or the preset's
     schedule: str | None = None  # the schedule type's label when the request chose one (PNG parameters)
+    prompts: dict | None = None  # the prompt arguments of the base's call: text, or chunked embeddings
 
 
 def _step_callbacks(progress: dict, t_run: float, cancel: CancelToken, emit):
