@@ -51,6 +51,7 @@ class ApiConfig:
     throttle: object = None  # ui.access.LoginThrottle shared with the page's login
     steps_policy: bool = False  # --api-steps-policy: the CPU steps policy on the steps clients name too
     styles: dict = field(default_factory=dict)  # --styles: name -> (prompt, negative prompt)
+    flags: dict = field(default_factory=dict)  # GET /cmd-flags: the app's flags as A1111's dests (no secrets)
 
 
 def api_config(args, page_auth, page_operator, throttle=None) -> ApiConfig:
@@ -72,7 +73,20 @@ def api_config(args, page_auth, page_operator, throttle=None) -> ApiConfig:
     styles = read_styles(args.styles) if getattr(args, "styles", None) else {}
     return ApiConfig(logins=logins, operator=operator if logins else None, queue_size=args.queue_size,
                      max_jobs_per_user=args.max_jobs_per_user, throttle=throttle,
-                     steps_policy=bool(getattr(args, "api_steps_policy", False)), styles=styles)
+                     steps_policy=bool(getattr(args, "api_steps_policy", False)), styles=styles,
+                     flags=cmd_flags(args, page_auth))
+
+
+def cmd_flags(args, page_auth) -> dict:
+    """The flags of app.py that A1111 has too, under its argparse ``dest`` names (GET /cmd-flags): never a password
+    ("***") nor a server path (a file by its name)."""
+    from pathlib import Path
+
+    host = getattr(args, "host", None)
+    styles = getattr(args, "styles", None)
+    return {"listen": host not in (None, "127.0.0.1", "localhost", "::1"), "server_name": host,
+            "share": bool(getattr(args, "share", False)), "gradio_auth": "***" if page_auth else None,
+            "styles_file": [Path(styles).name] if styles else []}
 
 
 class A1111Api:
