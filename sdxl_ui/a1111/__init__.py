@@ -26,6 +26,9 @@ def add_api_args(parser) -> None:
                             "that names its steps gets them)")
     group.add_argument("--styles", metavar="FILE",
                        help="AUTOMATIC1111's styles.csv (name,prompt,negative_prompt): the styles requests may name")
+    group.add_argument("--api-models", action="append", default=None, metavar="MODEL[,MODEL]",
+                       help="further models /sdapi/v1/sd-models lists and the operator may switch to with POST "
+                            "/options (default: only the started --model)")
 
 
 def parse_logins(values) -> dict[str, str]:
@@ -51,6 +54,7 @@ class ApiConfig:
     throttle: object = None  # ui.access.LoginThrottle shared with the page's login
     steps_policy: bool = False  # --api-steps-policy: the CPU steps policy on the steps clients name too
     styles: dict = field(default_factory=dict)  # --styles: name -> (prompt, negative prompt)
+    models: tuple = ()  # --api-models: the models besides the started one that POST /options may switch to
     flags: dict = field(default_factory=dict)  # GET /cmd-flags: the app's flags as A1111's dests (no secrets)
 
 
@@ -71,9 +75,11 @@ def api_config(args, page_auth, page_operator, throttle=None) -> ApiConfig:
     from .styles import read_styles
 
     styles = read_styles(args.styles) if getattr(args, "styles", None) else {}
+    models = tuple(dict.fromkeys(m.strip() for value in getattr(args, "api_models", None) or []
+                                 for m in str(value).split(",") if m.strip()))
     return ApiConfig(logins=logins, operator=operator if logins else None, queue_size=args.queue_size,
                      max_jobs_per_user=args.max_jobs_per_user, throttle=throttle,
-                     steps_policy=bool(getattr(args, "api_steps_policy", False)), styles=styles,
+                     steps_policy=bool(getattr(args, "api_steps_policy", False)), styles=styles, models=models,
                      flags=cmd_flags(args, page_auth))
 
 

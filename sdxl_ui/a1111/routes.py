@@ -183,8 +183,17 @@ def add_progress(router, api, caller_of) -> None:
         return reply({})
 
 
+def switch_targets(api) -> dict[str, str]:
+    """The models clients may name (as they see them) → the model to load: the one this server was started with,
+    then the ones its operator named with --api-models. Nothing else (not even the built-in demo or tiny)."""
+    targets = {public_model(api.backend.settings): str(api.backend.settings.model)}
+    for model in api.config.models:
+        targets.setdefault(public_name(model), str(model))
+    return targets
+
+
 def _models(api) -> list[str]:
-    return list(dict.fromkeys([public_model(api.backend.settings), "demo", "tiny"]))
+    return list(switch_targets(api))
 
 
 def add_info(router, api, caller_of) -> None:
@@ -307,6 +316,7 @@ async def change_options(api, request: Request, caller: str) -> Response:
                                                  "(README: Sharing safely)"), 403)
     log.info("api: %s switched the model to %r", caller, wanted)
     backend = api.backend
-    await asyncio.to_thread(backend.reconfigure, backend.settings.with_(model=wanted, refiner="auto"))
+    model = switch_targets(api)[wanted]
+    await asyncio.to_thread(backend.reconfigure, backend.settings.with_(model=model, refiner="auto"))
     backend.preload_in_background()
     return reply(None)

@@ -330,13 +330,32 @@ def test_only_the_operator_switches_the_model():
     switched = []
     backend.reconfigure = lambda settings: switched.append(settings.model)
     backend.preload_in_background = lambda: None
-    http = _app(backend, logins={"alice": "a", "bob": "b"}, operator="alice")
+    http = _app(backend, logins={"alice": "a", "bob": "b"}, operator="alice", models=("tiny",))
     refused = http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}, auth=("bob", "b"))
     assert refused.status_code == 403 and "operator" in refused.json()["detail"] and switched == []
     assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}, auth=("alice", "a")).json() is None
     assert switched == ["tiny"]
-    nobody = _app(backend)  # no login: only a client on this machine (TestClient's peer: "testclient")
+    nobody = _app(backend, models=("tiny",))  # no login: only a client on this machine (TestClient's peer: "testclient")
     assert nobody.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}).status_code == 403
+
+
+def test_sd_models_lists_the_started_model_and_the_operators_api_models_only():
+    backend = FakeBackend()
+    switched = []
+    backend.reconfigure = lambda settings: switched.append(str(settings.model))
+    backend.preload_in_background = lambda: None
+    http = _app(backend, logins={"alice": "a"}, operator="alice", models=("/srv/models/my-sdxl", "demo"))
+    titles = [m["title"] for m in http.get("/sdapi/v1/sd-models", auth=("alice", "a")).json()]
+    assert titles == ["demo", "my-sdxl"]  # the started one first, a folder by its name, never twice
+    refused = http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}, auth=("alice", "a"))
+    assert refused.status_code == 422
+    assert refused.json()["detail"][0]["msg"] == "sd_model_checkpoint: unknown model; known: demo, my-sdxl (got 'tiny')"
+    assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": ""}, auth=("alice", "a")).json() is None
+    assert switched == []  # "" (Open WebUI before a model is chosen) changes nothing
+    everything = http.get("/sdapi/v1/options", auth=("alice", "a")).json()
+    assert http.post("/sdapi/v1/options", json=everything, auth=("alice", "a")).json() is None  # posted back whole
+    assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "my-sdxl"}, auth=("alice", "a")).json() is None
+    assert switched == ["/srv/models/my-sdxl"]  # the real folder is loaded; clients only ever saw its name
 
 
 def test_the_listing_endpoints_answer_in_a1111s_shape(tmp_path):

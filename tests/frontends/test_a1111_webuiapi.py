@@ -25,7 +25,7 @@ FAST = dict(steps=20, cfg_scale=8.0, width=128, height=128, sampler_name="Euler"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with launched(tmp_path_factory.mktemp("a1111-out"), "--api", "--model", "demo", "--api-auth",
-                  "alice:pw-alice,bob:pw-bob", app=Server) as running:
+                  "alice:pw-alice,bob:pw-bob", "--api-models", "tiny", app=Server) as running:
         yield running
 
 
@@ -123,7 +123,7 @@ def test_progress_rises_with_a_preview_and_interrupt_stops_only_the_callers_job(
 
 def test_models_samplers_schedulers_options_and_memory(server):
     api = client(server)
-    assert "demo" in api.util_get_model_names() and api.util_get_current_model() == "demo"
+    assert api.util_get_model_names() == ["demo", "tiny"] and api.util_get_current_model() == "demo"  # --api-models
     assert {"Euler", "Euler a", "DPM++ 2M", "DDIM"} <= set(api.util_get_sampler_names())
     assert "karras" in api.util_get_scheduler_names()
     options = api.get_options()
