@@ -86,6 +86,7 @@ MARKED = {
         "fixture:app",  # app.py in a subprocess (test_app, test_security, test_load, test_security_defaults)
         "fixture:demo_app",  # app.py with the demo model (test_screenshot)
         "frontends/test_a1111_webuiapi.py",  # app.py --api --model demo, driven by webuiapi
+        "frontends/test_a1111_clients.py",  # app.py --api --model demo, the real clients' call sequences replayed
         "frontends/test_a1111_serving.py",  # app.py --api --model tiny under load, and its flags
         "frontends/test_app.py::test_share_without_auth_prints_generated_credentials_and_keeps_serving_offline",
         "frontends/test_security.py::test_the_app_throttles_logins_when_it_has_them",

@@ -26,6 +26,9 @@ def add_api_args(parser) -> None:
                             "that names its steps gets them)")
     group.add_argument("--styles", metavar="FILE",
                        help="AUTOMATIC1111's styles.csv (name,prompt,negative_prompt): the styles requests may name")
+    group.add_argument("--api-models", action="append", default=None, metavar="MODEL[,MODEL]",
+                       help="further models /sdapi/v1/sd-models lists and the operator may switch to with POST "
+                            "/options (default: only the started --model)")
 
 
 def parse_logins(values) -> dict[str, str]:
@@ -51,6 +54,8 @@ class ApiConfig:
     throttle: object = None  # ui.access.LoginThrottle shared with the page's login
     steps_policy: bool = False  # --api-steps-policy: the CPU steps policy on the steps clients name too
     styles: dict = field(default_factory=dict)  # --styles: name -> (prompt, negative prompt)
+    models: tuple = ()  # --api-models: the models besides the started one that POST /options may switch to
+    flags: dict = field(default_factory=dict)  # GET /cmd-flags: the app's flags as A1111's dests (no secrets)
 
 
 def api_config(args, page_auth, page_operator, throttle=None) -> ApiConfig:
@@ -70,9 +75,24 @@ def api_config(args, page_auth, page_operator, throttle=None) -> ApiConfig:
     from .styles import read_styles
 
     styles = read_styles(args.styles) if getattr(args, "styles", None) else {}
+    models = tuple(dict.fromkeys(m.strip() for value in getattr(args, "api_models", None) or []
+                                 for m in str(value).split(",") if m.strip()))
     return ApiConfig(logins=logins, operator=operator if logins else None, queue_size=args.queue_size,
                      max_jobs_per_user=args.max_jobs_per_user, throttle=throttle,
-                     steps_policy=bool(getattr(args, "api_steps_policy", False)), styles=styles)
+                     steps_policy=bool(getattr(args, "api_steps_policy", False)), styles=styles, models=models,
+                     flags=cmd_flags(args, page_auth))
+
+
+def cmd_flags(args, page_auth) -> dict:
+    """The flags of app.py that A1111 has too, under its argparse ``dest`` names (GET /cmd-flags): never a password
+    ("***") nor a server path (a file by its name)."""
+    from pathlib import Path
+
+    host = getattr(args, "host", None)
+    styles = getattr(args, "styles", None)
+    return {"listen": host not in (None, "127.0.0.1", "localhost", "::1"), "server_name": host,
+            "share": bool(getattr(args, "share", False)), "gradio_auth": "***" if page_auth else None,
+            "styles_file": [Path(styles).name] if styles else []}
 
 
 class A1111Api:

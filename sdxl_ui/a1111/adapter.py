@@ -15,6 +15,7 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 from ..metadata import parse_parameters
@@ -357,6 +358,12 @@ def detail_422(exc: ValidationError) -> dict:
         value = value[:197] + "..."
     return {"detail": [{"type": "value_error", "loc": ["body", *exc.field.split(".")], "msg": str(exc),
                         "input": value}]}
+
+
+def public_name(model) -> str:
+    """A model's name as clients see it: a local folder by its last part, never the server's path."""
+    model = str(model)
+    return (PurePath(model).name or model) if model.startswith(("/", "~", ".")) else model
 
 
 def error_body(error: str, detail: str) -> dict:

@@ -14,7 +14,6 @@ import json
 import logging
 import secrets
 import time
-from pathlib import Path
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 
@@ -23,15 +22,16 @@ from ..optimizations.registry import SWITCHES
 from ..schema import ValidationError
 from ..ui.access import LOOPBACK, LoginThrottle
 from .adapter import SAMPLERS, SCHEDULERS, detail_422, error_body, field_names, parse_json, parse_txt2img, \
-    preview_base64, quality_presets, txt2img_response
+    preview_base64, public_name, quality_presets, txt2img_response
+from .catalog import SERVED, add_catalog
 
 log = logging.getLogger("sdxl_ui")
 
 RETRY_AFTER_S = 30
 MAX_PIXELS = 8192 * 8192  # png-info: larger images are refused (their pixels are never decoded either way)
 ERROR_STATUS = {"validation": 422, "busy": 503, "cancelled": 503, "memory": 500, "model": 500, "runtime": 500}
-SUPPORTED = ("txt2img, progress, interrupt, skip, sd-models, samplers, schedulers, options, loras, memory, "
-             "scripts, png-info")
+SUPPORTED = ", ".join(("txt2img", "progress", "interrupt", "skip", "sd-models", "samplers", "schedulers", "options",
+                       "memory", "scripts", "png-info", *SERVED))
 
 
 def reply(payload, status: int = 200, headers: dict | None = None) -> Response:
@@ -41,8 +41,7 @@ def reply(payload, status: int = 200, headers: dict | None = None) -> Response:
 
 def public_model(settings) -> str:
     """The model's name as clients see it: a local folder by its last part, never the server's path."""
-    model = str(settings.model)
-    return (Path(model).name or model) if model.startswith(("/", "~", ".")) else model
+    return public_name(settings.model)
 
 
 def _basic(header: str | None) -> tuple[str | None, str | None]:
@@ -106,6 +105,7 @@ def build_router(api) -> APIRouter:
     add_txt2img(router, api, caller_of)
     add_progress(router, api, caller_of)
     add_info(router, api, caller_of)
+    add_catalog(router, api, caller_of)  # the listing endpoints, before the catch-all below
 
     @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     async def not_supported(rest: str, caller: str = Depends(caller_of)):
@@ -183,8 +183,17 @@ def add_progress(router, api, caller_of) -> None:
         return reply({})
 
 
+def switch_targets(api) -> dict[str, str]:
+    """The models clients may name (as they see them) → the model to load: the one this server was started with,
+    then the ones its operator named with --api-models. Nothing else (not even the built-in demo or tiny)."""
+    targets = {public_model(api.backend.settings): str(api.backend.settings.model)}
+    for model in api.config.models:
+        targets.setdefault(public_name(model), str(model))
+    return targets
+
+
 def _models(api) -> list[str]:
-    return list(dict.fromkeys([public_model(api.backend.settings), "demo", "tiny"]))
+    return list(switch_targets(api))
 
 
 def add_info(router, api, caller_of) -> None:
@@ -200,10 +209,6 @@ def add_info(router, api, caller_of) -> None:
     @router.get("/schedulers")
     async def schedulers(caller: str = Depends(caller_of)):
         return reply(SCHEDULERS)
-
-    @router.get("/loras")
-    async def loras(caller: str = Depends(caller_of)):
-        return reply([])
 
     @router.get("/scripts")
     async def scripts(caller: str = Depends(caller_of)):
@@ -291,6 +296,8 @@ async def change_options(api, request: Request, caller: str) -> Response:
         if not isinstance(body, dict):
             raise ValidationError("body", type(body).__name__, "must be a JSON object")
         wanted = body.get("sd_model_checkpoint")
+        if wanted == "":  # Open WebUI posts "" while no model is chosen: no change
+            wanted = None
         if wanted is not None and wanted not in _models(api):
             raise ValidationError("sd_model_checkpoint", wanted, f"unknown model; known: {', '.join(_models(api))}")
     except ValidationError as exc:
@@ -309,6 +316,7 @@ async def change_options(api, request: Request, caller: str) -> Response:
                                                  "(README: Sharing safely)"), 403)
     log.info("api: %s switched the model to %r", caller, wanted)
     backend = api.backend
-    await asyncio.to_thread(backend.reconfigure, backend.settings.with_(model=wanted, refiner="auto"))
+    model = switch_targets(api)[wanted]
+    await asyncio.to_thread(backend.reconfigure, backend.settings.with_(model=model, refiner="auto"))
     backend.preload_in_background()
     return reply(None)

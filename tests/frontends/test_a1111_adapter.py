@@ -330,12 +330,12 @@ def test_only_the_operator_switches_the_model():
     switched = []
     backend.reconfigure = lambda settings: switched.append(settings.model)
     backend.preload_in_background = lambda: None
-    http = _app(backend, logins={"alice": "a", "bob": "b"}, operator="alice")
+    http = _app(backend, logins={"alice": "a", "bob": "b"}, operator="alice", models=("tiny",))
     refused = http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}, auth=("bob", "b"))
     assert refused.status_code == 403 and "operator" in refused.json()["detail"] and switched == []
     assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}, auth=("alice", "a")).json() is None
     assert switched == ["tiny"]
-    nobody = _app(backend)  # no login: only a client on this machine (TestClient's peer is "testclient")
+    nobody = _app(backend, models=("tiny",))  # no login: only a client on this machine (TestClient's peer: "testclient")
     assert nobody.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}).status_code == 403
 
 
@@ -358,3 +358,70 @@ def test_info_and_the_infotext_agree_on_every_field(tiny_service, body):
     assert text.get("Schedule type", "Automatic") == info["scheduler"]
     assert int(text.get("Clip skip", 1)) == info["clip_skip"]
     assert ("Tiling" in text) == bool(body.get("tiling"))
+
+
+def test_sd_models_lists_the_started_model_and_the_operators_api_models_only():
+    backend = FakeBackend()
+    switched = []
+    backend.reconfigure = lambda settings: switched.append(str(settings.model))
+    backend.preload_in_background = lambda: None
+    http = _app(backend, logins={"alice": "a"}, operator="alice", models=("/srv/models/my-sdxl", "demo"))
+    titles = [m["title"] for m in http.get("/sdapi/v1/sd-models", auth=("alice", "a")).json()]
+    assert titles == ["demo", "my-sdxl"]  # the started one first, a folder by its name, never twice
+    refused = http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}, auth=("alice", "a"))
+    assert refused.status_code == 422
+    assert refused.json()["detail"][0]["msg"] == "sd_model_checkpoint: unknown model; known: demo, my-sdxl (got 'tiny')"
+    assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": ""}, auth=("alice", "a")).json() is None
+    assert switched == []  # "" (Open WebUI before a model is chosen) changes nothing
+    everything = http.get("/sdapi/v1/options", auth=("alice", "a")).json()
+    assert http.post("/sdapi/v1/options", json=everything, auth=("alice", "a")).json() is None  # posted back whole
+    assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "my-sdxl"}, auth=("alice", "a")).json() is None
+    assert switched == ["/srv/models/my-sdxl"]  # the real folder is loaded; clients only ever saw its name
+
+
+def test_the_listing_endpoints_answer_in_a1111s_shape(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from sdxl_ui.a1111.catalog import EMPTY_LISTS
+
+    save_file({"w": np.zeros(1, dtype=np.float32)}, str(tmp_path / "b.safetensors"), metadata={"ss_output_name": "bee"})
+    save_file({"w": np.zeros(1, dtype=np.float32)}, str(tmp_path / "a.SAFETENSORS"))
+    (tmp_path / "c.txt").write_text("x")
+    backend = FakeBackend()
+    http = _app(backend, logins={"alice": "a"}, styles={"s": ("{prompt}, p", "n")},
+                flags={"share": False, "gradio_auth": "***"})
+    backend.settings = backend.settings.with_(lora_dir=tmp_path)
+    for path in EMPTY_LISTS:
+        assert http.get(f"/sdapi/v1/{path}").status_code == 401  # the same login as every route
+        reply = http.get(f"/sdapi/v1/{path}", auth=("alice", "a"))
+        assert reply.status_code == 200 and reply.json() == [], path
+    assert http.get("/sdapi/v1/embeddings", auth=("alice", "a")).json() == {"loaded": {}, "skipped": {}}
+    assert http.get("/sdapi/v1/prompt-styles", auth=("alice", "a")).json() == [
+        {"name": "s", "prompt": "{prompt}, p", "negative_prompt": "n"}]
+    assert http.get("/sdapi/v1/loras", auth=("alice", "a")).json() == [
+        {"name": "a", "alias": "a", "path": "a.SAFETENSORS", "metadata": {}},
+        {"name": "b", "alias": "bee", "path": "b.safetensors", "metadata": {"ss_output_name": "bee"}}]
+    flags = http.get("/sdapi/v1/cmd-flags", auth=("alice", "a")).json()
+    assert flags["api_auth"] == "***" and flags["gradio_auth"] == "***" and flags["lora_dir"] == tmp_path.name
+    assert "pw" not in json.dumps(flags) and str(tmp_path) not in json.dumps(flags)
+    for path in ("refresh-checkpoints", "refresh-loras", "refresh-vae", "refresh-embeddings"):
+        reply = http.post(f"/sdapi/v1/{path}", auth=("alice", "a"))
+        assert reply.status_code == 200 and reply.json() is None, path
+    for path in ("skip", "interrupt"):
+        assert http.post(f"/sdapi/v1/{path}", auth=("alice", "a")).json() == {}
+    idle = http.get("/sdapi/v1/progress", auth=("alice", "a")).json()
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0 and idle["eta_relative"] == 0
+    reply = http.post("/sdapi/v1/img2img", json={}, auth=("alice", "a"))
+    assert reply.status_code == 501 and set(reply.json()) == {"error", "detail", "body", "errors"}
+    assert "cmd-flags" in reply.json()["detail"]  # the supported list names the new endpoints
+
+
+def test_cmd_flags_from_the_command_line_show_no_secret_and_no_path():
+    from types import SimpleNamespace
+
+    from sdxl_ui.a1111 import cmd_flags
+
+    args = SimpleNamespace(host="0.0.0.0", share=True, styles="/home/op/private/styles.csv")
+    assert cmd_flags(args, [("op", "pw-op")]) == {"listen": True, "server_name": "0.0.0.0", "share": True,
+                                                   "gradio_auth": "***", "styles_file": ["styles.csv"]}

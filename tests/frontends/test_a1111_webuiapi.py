@@ -25,7 +25,7 @@ FAST = dict(steps=20, cfg_scale=8.0, width=128, height=128, sampler_name="Euler"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with launched(tmp_path_factory.mktemp("a1111-out"), "--api", "--model", "demo", "--api-auth",
-                  "alice:pw-alice,bob:pw-bob", app=Server) as running:
+                  "alice:pw-alice,bob:pw-bob", "--api-models", "tiny", app=Server) as running:
         yield running
 
 
@@ -123,7 +123,7 @@ def test_progress_rises_with_a_preview_and_interrupt_stops_only_the_callers_job(
 
 def test_models_samplers_schedulers_options_and_memory(server):
     api = client(server)
-    assert "demo" in api.util_get_model_names() and api.util_get_current_model() == "demo"
+    assert api.util_get_model_names() == ["demo", "tiny"] and api.util_get_current_model() == "demo"  # --api-models
     assert {"Euler", "Euler a", "DPM++ 2M", "DDIM"} <= set(api.util_get_sampler_names())
     assert "karras" in api.util_get_scheduler_names()
     options = api.get_options()
@@ -142,7 +142,8 @@ def test_the_preset_is_reachable_with_the_extension_field(server):
                            login=ALICE)
     assert status == 200
     info = json.loads(body["info"])
-    assert (info["steps"], info["cfg_scale"], info["sampler_name"], info["scheduler"]) == (20, 6.0, "DPM++ 2M",
+    # the preset's 20 steps × 0.7: the CPU steps policy applies where the client named no steps of its own
+    assert (info["steps"], info["cfg_scale"], info["sampler_name"], info["scheduler"]) == (14, 6.0, "DPM++ 2M",
                                                                                            "Karras")
 
 
@@ -159,11 +160,11 @@ def test_without_credentials_401_and_with_them_200(server):
 BAD = [
     ({"prompt": "x", "steps": 0}, "steps", "0"),
     ({"prompt": "x", "steps": 10**9}, "steps", "1000000000"),
-    ({"prompt": "x", "width": 100}, "width", "100"),
+    ({"prompt": "x", "width": 60}, "width", "60"),  # below 64 (a size above it is rounded down to 8, as A1111)
     ({"prompt": "x", "width": 4096}, "width", "4096"),
     ({"prompt": "x", "batch_size": -1}, "batch_size", "-1"),
-    ({"prompt": "x", "sampler_name": "Heun"}, "sampler_name", "Heun"),
-    ({"prompt": "x", "sampler_name": "Euler", "scheduler": "Karras"}, "scheduler", "Karras"),
+    ({"prompt": "x", "sampler_name": "Nope"}, "sampler_name", "Nope"),  # every A1111 sampler is known (samplers.py)
+    ({"prompt": "x", "sampler_name": "Euler", "scheduler": "Nope"}, "scheduler", "Nope"),
 ]
 
 
