@@ -378,9 +378,12 @@ def folder_lora(lora_dir: Path, name: str) -> Path:
     folder = Path(lora_dir)
     relative = Path(name.replace("\\", "/"))
     candidate = folder / (name if name.lower().endswith(".safetensors") else f"{name}.safetensors")
-    inside = not relative.is_absolute() and ".." not in relative.parts
-    if inside and candidate.is_file():
-        return candidate
+    inside = not relative.is_absolute() and ".." not in relative.parts and ":" not in name and len(name) <= 200
+    try:
+        if inside and candidate.is_file() and candidate.resolve().is_relative_to(folder.resolve()):
+            return candidate
+    except (OSError, ValueError):  # a name the file system refuses (too long, unreadable folder): not found
+        pass
     raise ValidationError("prompt", f"<lora:{name[:80]}>", f"no LoRA of that name in the LoRA folder "
                                                            f"{folder.name or str(folder)}/ (its .safetensors files)")
 

@@ -3,7 +3,7 @@ model's own scheduler config, the base (then the refiner) pipeline call with wha
 pipeline (feature cache, guidance interval), latent previews and the VAE decode."""
 from __future__ import annotations
 
-from .samplers import plan_sampler, schedule_sigmas
+from .samplers import SIGMA_FLAGS, plan_sampler, schedule_sigmas
 from .schema import Schedule, Scheduler
 
 REFINER_SPLIT = 0.8  # base denoises to 80 %, the refiner does the last 20 % (SDXL's "ensemble of experts")
@@ -19,6 +19,9 @@ def scheduler_for(sampler: Scheduler, config, schedule: Schedule = Schedule.AUTO
 
     planned = plan_sampler(sampler, schedule)
     options = dict(planned.options)
+    if any(k in options for k in SIGMA_FLAGS) or "timestep_spacing" in options:
+        # A chosen schedule replaces the model's own sigma flags (diffusers refuses two of them at once).
+        options = {**{k: False for k in SIGMA_FLAGS if config.get(k)}, **options}
     if options.get("use_karras_sigmas") and config.get("rescale_betas_zero_snr"):
         # A zero-terminal-SNR model (the demo model) has sigma_max = 4096: Karras spacing would spend most steps
         # above sigma 50, where the picture is still pure noise (14 steps: 9 of them). Its trailing timesteps

@@ -44,8 +44,7 @@ def _encode(pipe, text: str, n: int, clip_skip: int):
              if t is not None and e is not None]
     per_encoder, pooled = [], None
     for tokenizer, encoder in pairs:
-        device = next(encoder.parameters()).device
-        ids = torch.tensor(_chunk_ids(tokenizer, text, n), device=device)
+        ids = torch.tensor(_chunk_ids(tokenizer, text, n), device=pipe._execution_device)  # as encode_prompt
         out = encoder(ids, output_hidden_states=True)
         hidden = out.hidden_states[-(clip_skip + 2)]  # (n, window, width)
         per_encoder.append(hidden.reshape(1, -1, hidden.shape[-1]))
@@ -60,8 +59,10 @@ def chunked_arguments(pipe, prompt: str, negative: str, clip_skip: int = 0) -> t
     import torch
 
     n = chunks_needed(pipe, prompt, negative)
+    clip_skip = usable_clip_skip(pipe, clip_skip)
     if n == 1:
-        return {"prompt": prompt, "negative_prompt": negative or None}, 1
+        return {"prompt": prompt, "negative_prompt": negative or None,
+                **({"clip_skip": clip_skip} if clip_skip else {})}, 1
     n = min(n, MAX_CHUNKS)
     dtype = next(pipe.text_encoder_2.parameters()).dtype
     with torch.inference_mode():
@@ -69,10 +70,17 @@ def chunked_arguments(pipe, prompt: str, negative: str, clip_skip: int = 0) -> t
         if not negative and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
             negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
         else:
-            negative_embeds, negative_pooled = _encode(pipe, negative or "", n, clip_skip)
+            negative_embeds, negative_pooled = _encode(pipe, negative or "", n, 0)  # diffusers: no skip on it
     return {"prompt_embeds": embeds.to(dtype), "pooled_prompt_embeds": pooled.to(dtype),
             "negative_prompt_embeds": negative_embeds.to(dtype),
             "negative_pooled_prompt_embeds": negative_pooled.to(dtype)}, n
+
+
+def usable_clip_skip(pipe, clip_skip: int) -> int:
+    """``clip_skip`` within the text encoders' depth (the demo model's have 3 layers): at most layers − 2, since 0
+    already reads the penultimate layer."""
+    depths = [e.config.num_hidden_layers for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
+    return max(0, min([clip_skip, *[d - 2 for d in depths]]))
 
 
 def chunk_lines(pipe, prompt: str, negative: str, n: int) -> list[tuple[str, str]]:

@@ -86,6 +86,12 @@ BY_KEY = {s.key: s for s in SAMPLERS}
 SAMPLER_LABELS = {**{s.key: s.name for s in SAMPLERS}, Scheduler.DPMPP_2M_KARRAS: "DPM++ 2M Karras"}
 
 
+def sampler_label(key: Scheduler, schedule: Schedule) -> str:
+    """The PNG's "Sampler": A1111's name; the legacy "DPM++ 2M Karras" only where no other schedule type is set."""
+    return "DPM++ 2M" if key is Scheduler.DPMPP_2M_KARRAS and schedule is not Schedule.AUTOMATIC else \
+        SAMPLER_LABELS[key]
+
+
 @dataclass(frozen=True)
 class ScheduleType:
     key: Schedule

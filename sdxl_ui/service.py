@@ -29,7 +29,7 @@ from .models import LoadedModels, ModelLoadError, ModelSource, attach_tiny_decod
 from .optimizations.registry import Plan, parse_switches
 from .policy import PlanError, adjust_plan, make_plan
 from .profiles import profile_named
-from .samplers import SAMPLER_LABELS, SCHEDULE_BY_KEY, plan_sampler
+from .samplers import SCHEDULE_BY_KEY, plan_sampler, sampler_label
 from .schema import (MAX_SEED, PRESETS, ErrorEvent, GenerationRequest, HardwareProbe, LogEvent,
                      OptimizationReport, ProgressEvent, Quality, ResultEvent, Schedule, Scheduler, Timings,
                      ValidationError)
@@ -428,7 +428,7 @@ class GenerationService:
                                                   request.schedule)
         if models.refiner is not None:
             models.refiner.scheduler = scheduler_for(request.sampler, models.scheduler_config, request.schedule)
-        label = profile.sampler_label if own else SAMPLER_LABELS[request.sampler]
+        label = profile.sampler_label if own else sampler_label(request.sampler, request.schedule)
         schedule = SCHEDULE_BY_KEY[request.schedule].label if not own and request.schedule is not \
             Schedule.AUTOMATIC else None  # A1111's "Schedule type" field, by its label
         for note in () if own else plan_sampler(request.sampler, request.schedule).notes:
@@ -451,8 +451,7 @@ class GenerationService:
         generator = torch.Generator("cpu").manual_seed(seed)
         text = dict(prompt=request.encoder_prompt, negative_prompt=request.negative_prompt or None)
         common = dict(**(run.prompts or text), num_inference_steps=steps, guidance_scale=run.guidance, generator=generator,
-                      output_type="latent", **(run.options or {}),
-                      **({"clip_skip": request.clip_skip} if request.clip_skip else {}))
+                      output_type="latent", **(run.options or {}))
         stages = 2 if use_refiner else 1
         emit(LogEvent(f"⏱️ Stage 1/{stages}: Base generation "
                       f"(image {index + 1}/{request.images}, seed {seed})…"))

@@ -24,10 +24,15 @@ SHARD = re.compile(r"-\d{5}-of-\d{5}(?=\.)")  # diffusion_pytorch_model-00001-of
 def safetensors_params(path: Path) -> int:
     """The number of parameters in one .safetensors file, from its header alone (no tensor is read)."""
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path.name}: not a safetensors file ({len(head)} bytes)")
+        (length,) = struct.unpack("<Q", head)
         if not 0 < length <= HEADER_LIMIT:
             raise ValueError(f"{path.name}: not a safetensors file (header length {length})")
         header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name}: its header is not a JSON object")
     total = 0
     for name, entry in header.items():
         if name != "__metadata__":
@@ -94,13 +99,15 @@ def model_size(kind: str, location: str, refiner_source: str | None) -> ModelSiz
         if kind == "single_file":
             total = safetensors_params(Path(location))  # UNet, text encoders and VAE in one file
             width = min(1.0, (total / SDXL_SIZE.base_params) ** 0.5)
-            counted = ModelSize(total, 0, SDXL_SIZE.vae_params, width, 1.0,
+            refiner = folder_params(refiner_folder / "unet") if refiner_folder and (refiner_folder / "unet").is_dir() \
+                else 0
+            counted = ModelSize(total, refiner, SDXL_SIZE.vae_params, width, 1.0,
                                 f"counted from {Path(location).name}'s safetensors header",
                                 round(total * SDXL_SIZE.unet_params / SDXL_SIZE.base_params))
         else:
             folder = Path(location) if kind == "folder" else _hub_folder(location) if kind == "hub" else None
             counted = diffusers_folder_size(folder, refiner_folder) if folder else None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
         counted = None  # unreadable files: the loader will say what is wrong with them; the estimate assumes SDXL
     if counted is None:
         counted = SDXL_SIZE

@@ -13,7 +13,7 @@ def set_tiling(pipe, on: bool) -> int:
     import torch
 
     count = 0
-    for part in (getattr(pipe, "unet", None), getattr(pipe, "vae", None)):
+    for part in _parts(pipe):
         for module in part.modules() if part is not None else ():
             if isinstance(module, torch.nn.Conv2d):
                 module.padding_mode = "circular" if on else "zeros"
@@ -21,11 +21,19 @@ def set_tiling(pipe, on: bool) -> int:
     return count
 
 
+def _parts(pipe) -> tuple:
+    """The UNet, the VAE and an attached tiny decoder (which may decode the final image)."""
+    from . import tiny_decoder
+
+    tiny = tiny_decoder.attached(pipe)
+    return getattr(pipe, "unet", None), getattr(pipe, "vae", None), tiny.decoder if tiny is not None else None
+
+
 def circular_convolutions(pipe) -> tuple[int, int]:
     """(convolutions with circular padding, all convolutions) of the UNet and the VAE."""
     import torch
 
-    convs = [m for part in (pipe.unet, pipe.vae) for m in part.modules() if isinstance(m, torch.nn.Conv2d)]
+    convs = [m for part in _parts(pipe) if part is not None for m in part.modules() if isinstance(m, torch.nn.Conv2d)]
     return sum(m.padding_mode == "circular" for m in convs), len(convs)
 
 
@@ -40,6 +48,9 @@ class Tiling(Unit):
     def decide(self, ctx):
         on = ctx.switch("tiling") is Toggle.ON
         ctx.values["tiling"] = on
+        if on and ctx.values.get("vae_tiling"):
+            ctx.warnings.append("tiling: the VAE decodes in tiles at this size, so the picture's edges may not meet "
+                                "seamlessly (--vae-tiling off, or a smaller size)")
         ctx.reasons["tiling"] = ("on for this request: circular padding in every UNet and VAE convolution, so the "
                                  "picture wraps at its edges (A1111's tiling)" if on else
                                  "off: an ordinary picture (on: it wraps at its edges and tiles seamlessly)")

@@ -35,6 +35,7 @@ def test_within_the_window_the_prompt_is_text_and_beyond_it_chunks(demo):
     for ids in _chunk_ids(pipe.tokenizer, f"{PREFIX} a red circle", 2):  # each chunk: start, ≤ 30 tokens, end
         assert len(ids) == window and ids[0] == pipe.tokenizer.bos_token_id
         assert pipe.tokenizer.eos_token_id in ids[1:]
+    assert chunked_arguments(pipe, "a red circle", "", clip_skip=9)[0]["clip_skip"] == 1  # the demo's 3 layers
     zeros, _ = chunked_arguments(pipe, f"{PREFIX} a red circle", "")  # an empty negative: zeros, as diffusers
     assert not zeros["negative_prompt_embeds"].any()
     lines = chunk_lines(pipe, "word " * 500, "", chunked_arguments(pipe, "word " * 500, "")[1])

@@ -200,7 +200,8 @@ def test_a_prompts_lora_tag_applies_for_that_job_alone_and_is_kept_while_jobs_as
     assert_other_picture(half, plain)
 
 
-@pytest.mark.parametrize("prompt", ["x <lora:missing:1>", "x <lora:../style/x:1>", "x <lora:/etc/passwd:1>"])
+@pytest.mark.parametrize("prompt", ["x <lora:missing:1>", "x <lora:../style/x:1>", "x <lora:/etc/passwd:1>",
+                                    "x <lora:" + "a" * 300 + ":1>"])
 def test_a_lora_tag_outside_the_folder_is_refused_by_name_and_the_model_is_unchanged(tmp_path, lora_files, prompt):
     svc = service(tmp_path, lora_dir=lora_files["good"].parent)
     image(svc)

@@ -71,6 +71,9 @@ def test_variants_and_shards_are_counted_once(tmp_path):
     write(unet / "diffusion_pytorch_model.fp16-00002-of-00002.safetensors", [[5]])
     assert safetensors_params(unet / "diffusion_pytorch_model-00002-of-00002.safetensors") == 5
     assert folder_params(unet) == 105  # two variants of the same 105 weights, in two shards each
+    (unet / "empty.safetensors").write_bytes(b"")  # an interrupted copy: the estimate falls back, no traceback
+    fallback = model_size("folder", str(tmp_path), None)
+    assert (fallback.base_params, fallback.how) == (SDXL_SIZE.base_params, SDXL_SIZE.how)
     (unet / "broken.safetensors").write_bytes(b"\xff" * 16)  # not a safetensors file: the estimate falls back
     fallback = model_size("folder", str(tmp_path), None)
     assert (fallback.base_params, fallback.how) == (SDXL_SIZE.base_params, SDXL_SIZE.how)

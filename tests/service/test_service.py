@@ -142,10 +142,14 @@ def test_missing_model_gives_one_clear_message(tmp_path):
     assert "Traceback" not in error.message
 
 
-def test_long_prompt_truncation_is_reported(tiny_service):
-    out = run(tiny_service, GenerationRequest(prompt="fox " * 200, steps=1, seed=1))
+def test_a_long_prompt_is_read_in_chunks_and_what_is_cut_is_reported(tiny_service):
+    import re
+
+    out = run(tiny_service, GenerationRequest(prompt="fox " * 100, steps=1, seed=1))  # 300 tokens of tiny's
     assert out["results"]
-    assert any("tokens dropped" in line and line.startswith("⚠ prompt") for line in out["logs"])
+    assert "prompt: 300 tokens, in 4 chunks of 75 (the encoders' window is 77)" in out["logs"]
+    cut = run(tiny_service, GenerationRequest(prompt="fox " * 700, steps=1, seed=1))
+    assert any(re.match(r"⚠ prompt: 2100 tokens; 8 chunks of 75 read, the rest cut", line) for line in cut["logs"])
 
 
 def test_sampler_options_do_not_leak_between_requests(tiny_service):
