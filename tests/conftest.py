@@ -67,7 +67,7 @@ def pytest_terminal_summary(terminalreporter):
 TESTS = Path(__file__).resolve().parent
 
 # What each marker means (`python -m pytest tests -m "not slow and not ray and not browser"` is the fast part;
-# `-m "dtype or not (slow or ray or browser)"` is what .ci/run repeats under each forced plan dtype).
+# `-m dtype` is what .ci/run repeats under the plan dtype the host does not take by itself).
 MARKERS = {
     "slow": "takes more than about 5 s on the 2-core dev machine: starts app.py or a generating CLI subprocess, "
             "loads or trains the demo model, runs selftest or the benchmark, or runs the tiny pipelines for many "
@@ -75,7 +75,7 @@ MARKERS = {
     "ray": "starts Ray instances or clusters (pip install -r requirements-serve.txt)",
     "browser": "drives Debian's Chromium through Playwright (apt-get install -y chromium)",
     "dtype": "depends on the plan's dtype on this CPU (precision, LoRA fusing, the memory preflight, the bench): "
-             ".ci/run runs these, with the fast part, again under SDXL_UI_CPU_DTYPE=fp32 and =bf16",
+             ".ci/run runs these again under SDXL_UI_CPU_DTYPE=fp32 (or =bf16 on an fp32-plan host)",
 }
 
 # Which tests carry them. Marked here rather than in the test files, so that a test file holds its tests only.
@@ -109,10 +109,10 @@ MARKED = {
         "tools/test_demo_distill.py",  # smoke distillations, then the demo model generating with each
         "tools/test_demo_few_step.py",  # the shipped LCM-LoRA and tiny decoder, pictures judged
         "pipeline/test_tiny_decoder.py",  # tiny-model generations with a tiny decoder, and the CLI
-        "pipeline/test_hub_cache.py",
+        "pipeline/test_hub_cache.py",  # the demo model as an offline hub cache: a generating CLI subprocess each
         "planning/test_picture.py::test_a_tiled_demo_picture_wraps_at_its_edges",  # the demo model, 8 pictures
-        "pipeline/test_samplers_run.py",
-        "pipeline/test_long_prompts.py",  # the demo model: 8 pictures at 20 steps  # 21 samplers × 12 schedule types on the tiny pipeline (~2 min)  # the demo model as an offline hub cache: a generating CLI subprocess each
+        "pipeline/test_samplers_run.py",  # 21 samplers × 12 schedule types on the tiny pipeline (~2 min)
+        "pipeline/test_long_prompts.py",  # the demo model: 8 pictures at 20 steps
         "tools/test_selftest.py::test_selftest_on_cpu_passes_every_cpu_configuration",
         "tools/test_bench.py::test_bench_runs_end_to_end_with_the_high_quality_path",
         # The tiny pipelines, many steps or images (5-60 s each on the loaded dev machine, 2026-11-28):
@@ -141,14 +141,15 @@ MARKED = {
     "browser": [
         "fixture:browser",  # Chromium (test_app, test_screenshot)
     ],
-    "dtype": [  # the slow ones among them (the fast ones run in the fast part anyway)
+    "dtype": [  # what reads the plan's dtype on this host (the recorded probes' tests do not)
         "frontends/test_cli.py::test_doctor_json_on_this_machine",
         "pipeline/test_loras.py",
         "pipeline/test_weights.py",
         "tools/test_bench.py::test_bench_runs_end_to_end_with_the_high_quality_path",
         "tools/test_demo_train.py::test_smoke_training_writes_a_loadable_sdxl_folder",
         "tools/test_demo_few_step.py::test_taking_the_lcm_lora_off_gives_the_base_weights_bit_for_bit_and_its_pictures",
-        "hardware/test_int8.py::test_quantized_bf16_unet_runs_in_bf16",
+        "hardware/test_int8.py",
+        "hardware/test_device.py",
     ],
 }
 
