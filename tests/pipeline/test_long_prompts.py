@@ -20,8 +20,8 @@ NEGATIVE = ("lowres, bad anatomy, bad hands, text, error, cropped, worst quality
 
 
 @pytest.fixture(scope="module")
-def demo():
-    return GenerationService(AppSettings(model="demo", device="cpu", outputs="unused-outputs"))
+def demo(tmp_path_factory):
+    return GenerationService(AppSettings(model="demo", device="cpu", outputs=tmp_path_factory.mktemp("outputs")))
 
 
 def test_within_the_window_the_prompt_is_text_and_beyond_it_chunks(demo):
