@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from .models import HUB_ID, ModelLoadError, ModelSource
+from .optimizations import hooks
 from .profiles import detect
 from .settings import LoraSpec
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+FUSED, ORIGINALS = "loras", "lora originals"  # their state in the pipeline's registry (``hooks.state``)
 LORA_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+?)\."
                       r"(?:lora(?:_linear_layer)?\.(down|up)|lora_(A|B))(?:\.default(?:_0)?)?\.weight$")
 # diffusers' older attention-processor layout (what its converters make of a kohya file): ...attn1.processor.to_q_lora.
@@ -204,7 +206,7 @@ def _check_fused(pipe) -> None:
     did not). Raises RuntimeError, which apply_loras turns into a LoraError with the model restored."""
     import torch
 
-    for module, _weight, _bias in getattr(pipe, "sdxl_ui_lora_originals", ()):
+    for module, _weight, _bias in hooks.state(pipe, ORIGINALS, ()):
         if not bool(torch.isfinite(module.weight).all()):
             raise RuntimeError(f"the fused weights of a {type(module).__name__} are NaN or infinite in "
                                f"{module.weight.dtype} (the LoRA's weights are too large for this precision)")
@@ -257,7 +259,7 @@ def prepare(pipe, specs, local_files_only: bool = False) -> list[tuple[FusedLora
 
 
 def fused(pipe) -> tuple[FusedLora, ...]:
-    return tuple(getattr(pipe, "sdxl_ui_loras", ()))
+    return tuple(hooks.state(pipe, FUSED, ()))
 
 
 def apply_loras(pipe, specs, local_files_only: bool = False) -> tuple[FusedLora, ...]:
@@ -286,12 +288,12 @@ def restore(pipe) -> None:
     import torch
 
     with torch.no_grad():
-        for module, weight, bias in getattr(pipe, "sdxl_ui_lora_originals", ()):
+        for module, weight, bias in hooks.state(pipe, ORIGINALS, ()):
             module.weight.copy_(weight)
             if bias is not None:
                 module.bias.copy_(bias)
-    pipe.sdxl_ui_lora_originals = ()
-    pipe.sdxl_ui_loras = ()
+    hooks.set_state(pipe, ORIGINALS, None)
+    hooks.set_state(pipe, FUSED, None)
 
 
 def _fuse(pipe, prepared) -> None:
@@ -312,12 +314,12 @@ def _fuse(pipe, prepared) -> None:
     finally:
         quiet.setLevel(level)
     pipe.set_adapters(names, adapter_weights=[lora.weight for lora, _ in prepared])
-    pipe.sdxl_ui_lora_originals = _originals(pipe)
+    hooks.set_state(pipe, ORIGINALS, _originals(pipe))
     components = [c for c in COMPONENTS if getattr(pipe, c, None) is not None]
     pipe.fuse_lora(components=components, lora_scale=1.0, adapter_names=names)
     pipe.unload_lora_weights()  # the LoRA layers go; the fused weights stay
     _check_fused(pipe)
-    pipe.sdxl_ui_loras = tuple(lora for lora, _ in prepared)
+    hooks.set_state(pipe, FUSED, tuple(lora for lora, _ in prepared))
 
 
 def _originals(pipe) -> tuple:

@@ -72,11 +72,9 @@ def check_paths(settings: AppSettings) -> AppSettings:
     """The settings' local paths that cannot work, refused at start-up (ValidationError naming the setting): a
     --tiny-decoder folder that does not exist or is a file (never looked up on the hub), a --lora-dir that is a
     file."""
-    from .optimizations.tiny_decoder import check_source
+    from .optimizations.registry import check_settings
 
-    problem = check_source(settings.tiny_decoder)
-    if problem:
-        raise ValidationError("tiny_decoder", settings.tiny_decoder, problem)
+    check_settings(settings)  # each unit's own (the tiny decoder's source)
     if settings.lora_dir.exists() and not settings.lora_dir.is_dir():
         raise ValidationError("lora_dir", str(settings.lora_dir), "is a file, not a folder")
     return settings

@@ -62,15 +62,16 @@ _scheduler_for = scheduler_for  # the old private name, for bench.py until its r
 
 
 def latent_preview(latents, pipe=None):
-    """(1, 4, h, w) latents -> small PIL image: by the tiny decoder when one is attached to ``pipe``, else by SDXL's
-    linear latent->RGB map (no decode)."""
+    """(1, 4, h, w) latents -> small PIL image: by a run hook that draws previews (``hooks.preview``) when one is
+    installed on ``pipe``, else by SDXL's linear latent->RGB map (no decode)."""
     import torch
     from PIL import Image
 
-    from .optimizations import tiny_decoder
+    from .optimizations import hooks
 
-    if pipe is not None and tiny_decoder.attached(pipe) is not None:
-        return tiny_decoder.preview(pipe, latents)
+    drawn = hooks.preview(pipe, latents) if pipe is not None else None
+    if drawn is not None:
+        return drawn
 
     lat = latents[0].detach().float().cpu()
     factors = torch.tensor(LATENT_RGB)
@@ -82,12 +83,11 @@ def latent_preview(latents, pipe=None):
 
 
 def final_decoder(pipe) -> str | None:
-    """The tiny decoder's name when it decodes the final image (``--decoder tiny``; the PNG's ``VAE`` field), else
-    None (the model's own VAE)."""
-    from .optimizations import tiny_decoder
+    """What decodes the final image when it is not the model's own VAE (a run hook's ``decoder_name``; the PNG's
+    ``VAE`` field), else None."""
+    from .optimizations import hooks
 
-    tiny = tiny_decoder.attached(pipe)
-    return f"tiny decoder {tiny_decoder.label(tiny.source)}" if tiny is not None and tiny.final else None
+    return hooks.decoder_name(pipe)
 
 
 def decode_latents(pipe, latents):
@@ -97,11 +97,11 @@ def decode_latents(pipe, latents):
     has them (e.g. Playground v2.5), else by ``scaling_factor`` alone."""
     from diffusers.utils.torch_utils import get_module_execution_device
 
-    from .optimizations import tiny_decoder
+    from .optimizations import hooks
 
-    tiny = tiny_decoder.attached(pipe)
-    if tiny is not None and tiny.final:
-        return pipe.image_processor.postprocess(tiny_decoder.decode(tiny.decoder, latents), output_type="pil")[0]
+    decoded = hooks.decode(pipe, latents)  # a run hook's own decoder, when one decodes the final image
+    if decoded is not None:
+        return pipe.image_processor.postprocess(decoded, output_type="pil")[0]
     vae = pipe.vae
     config = vae.config
     latents = latents.to(device=get_module_execution_device(vae), dtype=vae.dtype)
@@ -134,13 +134,11 @@ def run_stages(models, use_refiner: bool, width: int, height: int, common: dict,
     after each stage (the bench uses it to time the stages). ``refiner_text``: the prompts as text for the refiner
     (its one text encoder) when ``common`` holds the base's chunked embeddings (``long_prompts``)."""
     from .optimizations import hooks
-    from .optimize import claim_offload
 
     def callback(stage):
         return on_step(stage) if on_step else None
 
-    # Under model offload each stage first claims the shared text encoder 2 and VAE for its own hook chain.
-    claim_offload(models, models.base)
+    # Each call first runs its hooks' ``before`` (e.g. the stage claims the modules base and refiner share).
     latents = hooks.call(models.base, callback(1), width=width, height=height,
                          denoising_end=REFINER_SPLIT if use_refiner else None, **common)
     if getattr(models.base, "interrupt", False):  # Stop during stage 1 (the callback set _interrupt): no stage 2
@@ -148,12 +146,11 @@ def run_stages(models, use_refiner: bool, width: int, height: int, common: dict,
     if on_stage_end:
         on_stage_end(1)
     if use_refiner:
-        claim_offload(models, models.refiner)
         stage2 = {k: v for k, v in common.items() if k not in EMBEDDINGS}
         if len(stage2) < len(common):  # the base ran on chunked embeddings: the refiner reads the text itself
             stage2.update(refiner_text or {})
         latents = hooks.call(models.refiner, callback(2), image=latents, denoising_start=REFINER_SPLIT, **stage2)
-        claim_offload(models, models.base)  # the decode that follows runs the base's VAE in the base's chain
+        hooks.before(models.base)  # the decode that follows runs the base's VAE
         if on_stage_end and not getattr(models.refiner, "interrupt", False):
             on_stage_end(2)
     return latents

@@ -32,3 +32,8 @@ def memory_advice(device: str) -> str:
         return ("try a smaller size, --offload model (or sequential), or --attention sliced; "
                 "close other programs using the GPU")
     return "try a smaller size, close other programs, or use --precision bf16 to halve the weights"
+
+
+class ModelLoadError(RuntimeError):
+    """A model (or what loads beside it: the tiny decoder) could not be loaded. The message is meant for the user as
+    it is. Here, below the planning, so that a unit's ``loaded`` can raise it; ``models`` re-exports it."""

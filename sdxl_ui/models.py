@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .assembly import assemble, build_modules, clip_tokenizer
-from .optimizations import tiny_decoder
+from .failures import ModelLoadError  # noqa: F401 - re-exported: the loaders raise it, callers catch it here
 from .schema import DEMO_MODEL_NOTE, DEMO_NOTE
 from .settings import DEFAULT_MODEL, DEMO, DEMO_MODEL_DIR, TINY
 from .weights import ModelSize, model_size
@@ -26,10 +26,6 @@ log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 TINY_SEED = 0
 TINY_SIZE = 256
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded. The message is meant for the user as it is."""
 
 
 @dataclass(frozen=True)
@@ -429,34 +425,3 @@ def load_models(source: ModelSource, refiner_spec: str | None, dtype: str, vae_d
         if pipe is not None:
             pipe.set_progress_bar_config(disable=True)
     return LoadedModels(base=base, refiner=refiner, source=source, load_s=time.perf_counter() - start)
-
-
-def attach_tiny_decoder(models: LoadedModels, source: ModelSource, settings) -> str:
-    """Load the tiny decoder (``optimizations/tiny_decoder.py``) onto the loaded pipelines; returns the log line.
-
-    Required (ModelLoadError naming it when it cannot load) when the final image needs it (``--decoder tiny``) or
-    ``--tiny-decoder`` names one; otherwise it is for the previews only, taken when it is on disk (a folder beside
-    the model, TAESDXL in the Hugging Face cache) and never downloaded: without it previews stay approximate."""
-    from diffusers.utils.torch_utils import get_module_execution_device
-
-    if getattr(models.base, "vae", None) is None:  # a stand-in pipeline (tests)
-        return "tiny decoder: none (no VAE on this pipeline)"
-    final = settings.decoder == "tiny"
-    required = final or settings.tiny_decoder != "auto"
-    if source.kind == "tiny" and not required:
-        return "tiny decoder: none for the tiny test model (previews: latent approximation)"
-    where, why = tiny_decoder.locate(settings.tiny_decoder, source.location if source.kind == "folder" else None)
-    vae = models.base.vae
-    local_only = settings.local_files_only or _offline() or (not required and where == tiny_decoder.HUB_ID)
-    try:
-        decoder = tiny_decoder.load(where, vae.dtype, str(get_module_execution_device(vae)), local_only)
-    except tiny_decoder.TinyDecoderError as exc:
-        if required:
-            raise ModelLoadError(f"{exc}; --decoder full decodes with the model's own VAE") from None
-        return (f"tiny decoder: none on disk ({tiny_decoder.label(where)}: not found), previews use the latent "
-                "approximation")
-    for pipe in (models.base, models.refiner):
-        if pipe is not None:
-            tiny_decoder.attach(pipe, tiny_decoder.Attached(decoder, where, final))
-    use = "previews and the final image" if final else "previews (the final image: the full VAE)"
-    return f"tiny decoder {tiny_decoder.label(where)} ({why}) for the {use}"

@@ -8,9 +8,16 @@ any weights are loaded. All three walk the registry of optimization units (``opt
 from __future__ import annotations
 
 from .optimizations.base import Live, is_compiled, offload_kind  # noqa: F401 - re-exported
-from .optimizations.fitting import claim_offload, release_offload, xformers_row  # noqa: F401 - re-exported
-from .optimizations.registry import APPLY_ORDER, ROW_ORDER, Plan
+from .optimizations.fitting import xformers_row  # noqa: F401 - re-exported
+from .optimizations.registry import APPLY_ORDER, ROW_ORDER, Plan, after_load  # noqa: F401 - re-exported
 from .schema import HardwareProbe, OptimizationReport
+
+
+def release(models) -> None:
+    """The run ended, however it ended: each run hook's ``release`` (model offload: every model back on the CPU)."""
+    from .optimizations import hooks
+
+    hooks.release(models.base)
 
 
 def apply(plan: Plan, models) -> None:

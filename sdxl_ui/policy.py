@@ -29,3 +29,11 @@ def adjust_plan(loaded: Plan, request_plan: Plan) -> Plan:
     placed); size- and quality-dependent choices (refiner use, VAE tiling, attention slicing, feature cache,
     guidance interval) come from the request's own plan. A refiner that was not loaded stays off."""
     return adjust(loaded, request_plan)
+
+
+def plan_request(loaded: Plan, probe: HardwareProbe, settings: AppSettings, model_kind, width: int, height: int,
+                 high_quality: bool, techniques=None, profile=None) -> Plan:
+    """One request's plan in one call: the request (size, quality, its switches), the probe and the settings in,
+    the loaded plan with what the request decides on top of it out (``adjust_plan``)."""
+    return adjust_plan(loaded, make_plan(probe, settings, model_kind, width, height, high_quality, techniques,
+                                         profile=profile))

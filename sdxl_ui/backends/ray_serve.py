@@ -98,7 +98,7 @@ class RayBackend:
         self._ray_init = dict(ray_init or {})
         self._probe = probe
         self._attach = attach
-        self._local_service = None  # for the form's cheap questions (native size, steps policy): no model load
+        self._host = None  # for the form's cheap questions (native size, steps policy): no model load
         self._handle = None
         self._registry = None
         self._started_ray = False
@@ -137,7 +137,7 @@ class RayBackend:
             model = next((r["model"] for r in replicas if r.get("model")), None)
             if model:  # the workers' model is the one that runs: name it (PNG, JSON, note)
                 self.settings = self.settings.with_(model=model)
-                self._local_service = None
+                self._host = None
             return self
         if self._workers is None:  # an existing cluster: one replica per GPU in it, else one
             self._workers = int(ray.cluster_resources().get("GPU", 0)) or 1
@@ -219,12 +219,12 @@ class RayBackend:
     # ------------------------------------------------------------ the form's questions (no model load)
     @property
     def _local(self):
-        if self._local_service is None:
-            from ..service import GenerationService
+        if self._host is None:
+            from ..host import ModelHost
 
             device_settings = self.settings if self._has_gpu() else self.settings.with_(device="cpu")
-            self._local_service = GenerationService(device_settings, probe_fn=self._probe_or_probe)
-        return self._local_service
+            self._host = ModelHost(device_settings, probe_fn=self._probe_or_probe)  # never loads
+        return self._host
 
     def _probe_or_probe(self):
         if self._probe is None:
@@ -268,7 +268,7 @@ class RayBackend:
         """Another model for every replica (the operator's 'continue with the demo model'): Serve replaces the
         replicas with ones built with the new settings."""
         self.settings = settings
-        self._local_service = None
+        self._host = None
         self._deploy(f"{self._app}-registry")
 
     # ------------------------------------------------------------ status

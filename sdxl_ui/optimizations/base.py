@@ -204,7 +204,9 @@ class Unit:
       before them; offload is applied last; rows keep the report's order). ``None``: not part of that walk.
     * ``switch``: a per-request switch it offers, if any; ``per_request``: plan fields (and its reason) that a
       request's own plan replaces in the loaded plan (``adjust``).
-    * ``decide`` (pure), ``apply`` (idempotent), ``expected`` (planned rows), ``live`` (rows read back)."""
+    * ``decide`` (pure), ``apply`` (idempotent), ``expected`` (planned rows), ``live`` (rows read back);
+      ``check_settings`` (the settings it refuses at start-up), ``loaded`` (what it loads beside a freshly loaded
+      model, e.g. the tiny decoder)."""
 
     key = ""
     fields: Mapping[str, Any] = {}
@@ -228,6 +230,14 @@ class Unit:
 
     def apply(self, plan, models) -> None:
         pass
+
+    def check_settings(self, settings) -> None:
+        """Raise ValidationError naming a setting of this unit that cannot work (before anything loads)."""
+
+    def loaded(self, models, source, settings) -> str | None:
+        """After the model loaded: load or attach what this unit needs beside it; returns a log line, or None.
+        May raise ModelLoadError (``failures``) when the settings require something that cannot load."""
+        return None
 
     def expected(self, plan, probe: HardwareProbe) -> list[OptimizationRow]:
         return []

@@ -2,8 +2,12 @@
 and refiner share modules), the attention implementation, and the memory check that refuses with numbers."""
 from __future__ import annotations
 
+import weakref
+from types import SimpleNamespace
+
 from ..schema import HardwareProbe, OptimizationRow, Status
 from ..settings import AppSettings, AttentionChoice, OffloadChoice, Toggle
+from . import hooks
 from .profile import family
 from .base import REQUIRED, PlanError, Unit, live_row, offload_kind, pipes, planned_row, short
 from .memory import DTYPE_BYTES, OFFLOAD_MARGIN, VAE_TILE_PX, MemoryEstimate, as_size
@@ -81,6 +85,25 @@ def release_offload(models) -> None:
     """After a run however it ended (finished, stopped, failed): nothing left on the accelerator under model
     offload, and the base owns the shared modules' hooks again. No-op without model offload."""
     claim_offload(models, models.base)
+
+
+class OffloadRun:
+    """Model offload as a run hook (``hooks.py``) on the base and the refiner: before a pipeline runs it claims the
+    shared modules' hook chain (``claim_offload``); when the run ends every model goes back to the CPU. Holds the
+    two pipelines weakly (the hook hangs on them)."""
+
+    def __init__(self, models):
+        self._base = weakref.ref(models.base)
+        self._refiner = weakref.ref(models.refiner) if models.refiner is not None else (lambda: None)
+
+    def _models(self):
+        return SimpleNamespace(base=self._base(), refiner=self._refiner())
+
+    def before(self, pipe) -> None:
+        claim_offload(self._models(), pipe)
+
+    def release(self, pipe) -> None:
+        release_offload(self._models())
 
 
 class Refiner(Unit):
@@ -218,6 +241,8 @@ class Offload(Unit):
                 pipe.enable_model_cpu_offload(device=plan.device)
             elif plan.offload == "sequential" and not offload_kind(pipe):
                 pipe.enable_sequential_cpu_offload(device=plan.device)
+        for pipe in pipes(models):
+            hooks.install(pipe, "offload", OffloadRun(models) if plan.offload == "model" else None)
         if plan.offload == "model":
             release_offload(models)
 

@@ -174,7 +174,8 @@ def _interval_words(interval) -> str:
 
 class TinyDecoder(Unit):
     """The final image's decoder: the full VAE, or with ``--decoder tiny`` the tiny decoder (AutoencoderTiny,
-    ``tiny_decoder.py``; loaded by ``models.attach_tiny_decoder``), which also draws the previews whenever present."""
+    ``tiny_decoder.py``: a run hook, installed by ``loaded`` after the model loads), which also draws the previews
+    whenever present."""
 
     key, rows = "decoder", ("tiny decoder",)
     fields = {"decoder": "full"}
@@ -200,6 +201,50 @@ class TinyDecoder(Unit):
                  f"{tiny_decoder.label(found.source)} ({type(found.decoder).__name__}) draws the previews"
                  + (" and decodes the final image" if final else ""))
         return [live_row("tiny decoder", final, live.plan.decoder == "tiny", live.plan.reasons["decoder"], state)]
+
+    def check_settings(self, settings):
+        from ..schema import ValidationError
+        from .tiny_decoder import check_source
+
+        problem = check_source(settings.tiny_decoder)
+        if problem:
+            raise ValidationError("tiny_decoder", settings.tiny_decoder, problem)
+
+    def loaded(self, models, source, settings):
+        """Load the tiny decoder onto the loaded pipelines; returns the log line.
+
+        Required (ModelLoadError naming it when it cannot load) when the final image needs it (``--decoder tiny``)
+        or ``--tiny-decoder`` names one; otherwise it is for the previews only, taken when it is on disk (a folder
+        beside the model, TAESDXL in the Hugging Face cache) and never downloaded: without it previews stay
+        approximate."""
+        import os
+
+        from diffusers.utils.torch_utils import get_module_execution_device
+
+        from ..failures import ModelLoadError
+        from . import tiny_decoder
+
+        if getattr(models.base, "vae", None) is None:  # a stand-in pipeline (tests)
+            return "tiny decoder: none (no VAE on this pipeline)"
+        final = settings.decoder == "tiny"
+        required = final or settings.tiny_decoder != "auto"
+        if source.kind == "tiny" and not required:
+            return "tiny decoder: none for the tiny test model (previews: latent approximation)"
+        where, why = tiny_decoder.locate(settings.tiny_decoder, source.location if source.kind == "folder" else None)
+        vae = models.base.vae
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        local_only = settings.local_files_only or offline or (not required and where == tiny_decoder.HUB_ID)
+        try:
+            decoder = tiny_decoder.load(where, vae.dtype, str(get_module_execution_device(vae)), local_only)
+        except tiny_decoder.TinyDecoderError as exc:
+            if required:
+                raise ModelLoadError(f"{exc}; --decoder full decodes with the model's own VAE") from None
+            return (f"tiny decoder: none on disk ({tiny_decoder.label(where)}: not found), previews use the latent "
+                    "approximation")
+        for pipe in pipes(models):
+            tiny_decoder.attach(pipe, tiny_decoder.Attached(decoder, where, final))
+        use = "previews and the final image" if final else "previews (the final image: the full VAE)"
+        return f"tiny decoder {tiny_decoder.label(where)} ({why}) for the {use}"
 
 
 UNITS = (FeatureCache(), GuidanceIntervalUnit(), TinyDecoder())

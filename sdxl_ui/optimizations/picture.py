@@ -22,11 +22,10 @@ def set_tiling(pipe, on: bool) -> int:
 
 
 def _parts(pipe) -> tuple:
-    """The UNet, the VAE and an attached tiny decoder (which may decode the final image)."""
-    from . import tiny_decoder
+    """The UNet, the VAE and the modules the run hooks run beside them (a decoder that may decode the final image)."""
+    from . import hooks
 
-    tiny = tiny_decoder.attached(pipe)
-    return getattr(pipe, "unet", None), getattr(pipe, "vae", None), tiny.decoder if tiny is not None else None
+    return getattr(pipe, "unet", None), getattr(pipe, "vae", None), *hooks.modules(pipe)
 
 
 def circular_convolutions(pipe) -> tuple[int, int]:

@@ -61,7 +61,9 @@ class LoraAdapters(Unit):
                                 f"{detail + ' — ' if detail else ''}{plan.reasons['loras']}")]
 
     def live(self, live):
-        fused = getattr(live.base, "sdxl_ui_loras", ())  # set by adapters.apply_loras: what is in the weights
+        from . import hooks
+
+        fused = hooks.state(live.base, "loras", ())  # set by adapters.apply_loras: what is in the weights
         if not fused:
             return [OptimizationRow("LoRA adapters", Status.OFF, live.plan.reasons["loras"])]
         listing = ", ".join(f"{lora.name} × {lora.weight:g} (hash {lora.hash})" for lora in fused)

@@ -84,3 +84,16 @@ def adjust(loaded: "Plan", request: "Plan") -> "Plan":
         updates.update(fields)
         reasons.update(why)
     return replace(loaded, **updates, reasons=reasons)
+
+
+def check_settings(settings) -> None:
+    """Each unit refuses the settings of its own that cannot work (ValidationError naming the setting)."""
+    for unit in DECIDE_ORDER:
+        unit.check_settings(settings)
+
+
+def after_load(models, source, settings) -> list[str]:
+    """After a model load, each unit loads or attaches what it needs beside the model (the tiny decoder); the log
+    lines they return. A unit may raise ModelLoadError."""
+    lines = (unit.loaded(models, source, settings) for unit in DECIDE_ORDER)
+    return [line for line in lines if line]

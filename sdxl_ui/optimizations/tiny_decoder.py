@@ -9,7 +9,9 @@ real decode instead of the linear latent→RGB approximation), and the final ima
 Where it comes from (``locate``): ``--tiny-decoder SOURCE`` (a folder or a hub id), else a ``tiny-decoder/`` folder
 beside the model (the demo model ships one, distilled from its VAE), else ``madebyollin/taesdxl`` — taken from the
 Hugging Face cache only, unless the final image needs it (``--decoder tiny``): previews never download.
-The loaded decoder hangs on the pipeline as ``sdxl_ui_tiny_decoder`` (what the report reads back).
+The loaded decoder is a run hook (``hooks.py``) installed on the pipelines under ``NAME`` (what the report reads
+back): it decodes the final image (``decode``, only with ``final``), names itself for the PNG (``decoder_name``),
+draws the previews (``preview``) and gives tiling its convolutions (``modules``).
 """
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import hooks
+
 HUB_ID = "madebyollin/taesdxl"
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")  # org/name (models.HUB_ID's rule)
 FOLDER = "tiny-decoder"  # beside a model folder
-ATTRIBUTE = "sdxl_ui_tiny_decoder"
+NAME = "tiny decoder"  # its run hook's name on a pipeline
 
 
 class TinyDecoderError(RuntimeError):
@@ -29,9 +33,23 @@ class TinyDecoderError(RuntimeError):
 
 @dataclass(frozen=True)
 class Attached:
+    """The loaded tiny decoder as a run hook on a pipeline."""
+
     decoder: object  # AutoencoderTiny
     source: str
     final: bool  # also decodes the final image (--decoder tiny)
+
+    def decode(self, pipe, latents):
+        return decode(self.decoder, latents) if self.final else None
+
+    def decoder_name(self, pipe) -> str | None:
+        return f"tiny decoder {label(self.source)}" if self.final else None
+
+    def preview(self, pipe, latents):
+        return preview(pipe, latents)
+
+    def modules(self, pipe) -> list:
+        return [self.decoder]
 
 
 def locate(setting: str, model_location: str | None) -> tuple[str | None, str]:
@@ -97,11 +115,11 @@ def label(source: str) -> str:
 
 
 def attach(pipe, attached: Attached | None) -> None:
-    setattr(pipe, ATTRIBUTE, attached)
+    hooks.install(pipe, NAME, attached)
 
 
 def attached(pipe) -> Attached | None:
-    return getattr(pipe, ATTRIBUTE, None)
+    return hooks.get(pipe, NAME)
 
 
 def decode(decoder, latents):

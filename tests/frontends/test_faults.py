@@ -20,7 +20,7 @@ from sdxl_ui.settings import AppSettings
 # ---------------------------------------------------------------- faults
 
 def test_out_of_memory_during_a_step_gives_device_advice_and_the_next_request_succeeds(service, monkeypatch):
-    unet = service._models.base.unet
+    unet = service.models.base.unet
     original = unet.forward
     calls = {"n": 0}
 

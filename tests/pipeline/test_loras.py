@@ -9,7 +9,7 @@ import pytest
 from tests.helpers import assert_other_picture, assert_same_picture, assert_same_weights, run, weights
 from tests.helpers.loras import bad_loras, make_lora, make_text_encoder_lora, to_kohya
 
-from sdxl_ui.adapters import LoraError, file_hash
+from sdxl_ui.adapters import LoraError, file_hash, fused
 from sdxl_ui.metadata import parse_parameters, read_parameters
 from sdxl_ui.schema import GenerationRequest, ValidationError
 from sdxl_ui.service import GenerationService
@@ -45,9 +45,9 @@ def lora_files(tmp_path_factory):
 def test_weight_zero_is_no_lora_and_removing_it_restores_the_base_bit_for_bit(tmp_path, lora_files):
     svc = service(tmp_path)
     plain, _ = image(svc)
-    unet_before = weights(svc._models.base.unet)
+    unet_before = weights(svc.models.base.unet)
     svc.set_loras([f"{lora_files['good']}@0"])
-    assert_same_weights(unet_before, svc._models.base.unet)  # weight 0: the fused delta is 0, no LoRA layer left
+    assert_same_weights(unet_before, svc.models.base.unet)  # weight 0: the fused delta is 0, no LoRA layer left
     assert_same_picture(image(svc)[0], plain)  # (within the kernels' rounding: tests/helpers/common.py)
     svc.set_loras([str(lora_files["good"])])
     with_lora, result = image(svc)
@@ -55,7 +55,7 @@ def test_weight_zero_is_no_lora_and_removing_it_restores_the_base_bit_for_bit(tm
     row = next(r for r in result.report.rows if r.name == "LoRA adapters")
     assert row.status.value == "active" and "pytorch_lora_weights × 1" in row.detail
     svc.set_loras([])
-    assert_same_weights(unet_before, svc._models.base.unet)  # removed: the kept original weights, bit for bit
+    assert_same_weights(unet_before, svc.models.base.unet)  # removed: the kept original weights, bit for bit
     assert_same_picture(image(svc)[0], plain)
     svc.set_loras([str(lora_files["good"]), f"{lora_files['other']}@0.5"])  # two, weighted
     two, _ = image(svc)
@@ -81,14 +81,14 @@ def test_a_bad_lora_is_refused_by_name_and_the_model_is_unchanged(tmp_path, lora
     svc = service(tmp_path)
     svc.set_loras([str(lora_files["good"])])
     before, _ = image(svc)
-    fused_before = weights(svc._models.base.unet)
+    fused_before = weights(svc.models.base.unet)
     path = tmp_path / "missing.safetensors" if bad == "missing" else lora_files[bad]
     with pytest.raises(LoraError) as caught:
         svc.set_loras([str(lora_files["good"]), str(path)])
     message = str(caught.value)
     assert str(path) in message and len(message) < 400, message
     assert svc.settings.loras[0].source == str(lora_files["good"]) and len(svc.settings.loras) == 1
-    assert_same_weights(fused_before, svc._models.base.unet)  # nothing half-applied, bit for bit
+    assert_same_weights(fused_before, svc.models.base.unet)  # nothing half-applied, bit for bit
     assert_same_picture(image(svc)[0], before)
 
 
@@ -128,14 +128,14 @@ def test_a_lora_on_a_text_encoder_too_is_fused_and_removed_exactly(tmp_path, lor
         assert any(k.startswith("text_encoder_2.") for k in f.keys())
     svc = service(tmp_path)
     plain, _ = image(svc)
-    encoder_before = {k: v.clone() for k, v in svc._models.base.text_encoder_2.state_dict().items()}
+    encoder_before = {k: v.clone() for k, v in svc.models.base.text_encoder_2.state_dict().items()}
     svc.set_loras([str(lora_files["encoder"])])
     assert not np.array_equal(image(svc)[0], plain)
-    changed = svc._models.base.text_encoder_2.state_dict()
+    changed = svc.models.base.text_encoder_2.state_dict()
     assert set(changed) == set(encoder_before)  # plain layers again: the LoRA layers are gone, the delta fused
     assert any(not (changed[k] == encoder_before[k]).all() for k in encoder_before)
     svc.set_loras([])
-    assert_same_weights(encoder_before, svc._models.base.text_encoder_2)  # bit for bit
+    assert_same_weights(encoder_before, svc.models.base.text_encoder_2)  # bit for bit
     assert_same_picture(image(svc)[0], plain)  # within the kernels' rounding (tests/helpers/common.py)
 
 
@@ -173,16 +173,16 @@ def test_a_lora_whose_fused_weights_overflow_fp16_is_refused_and_the_model_is_un
     assert "overflow.safetensors" in str(caught.value) and "unchanged" in str(caught.value), str(caught.value)
     after = base.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the model was changed"
-    assert not getattr(base, "sdxl_ui_loras", ())
+    assert not fused(base)
 
 
 def test_a_prompts_lora_tag_applies_for_that_job_alone_and_is_kept_while_jobs_ask_for_it(tmp_path, lora_files):
     folder = lora_files["good"].parent  # the LoRA folder: its pytorch_lora_weights.safetensors
     svc = service(tmp_path, lora_dir=folder)
     plain, _ = image(svc)
-    unet_before = weights(svc._models.base.unet)
+    unet_before = weights(svc.models.base.unet)
     tagged, result = image(svc, prompt="a red circle <lora:pytorch_lora_weights:1>")
-    fused_once = weights(svc._models.base.unet)
+    fused_once = weights(svc.models.base.unet)
     alone, _ = image(service(tmp_path / "b", loras=(str(lora_files["good"]),)))
     assert_same_picture(tagged, alone)  # the tag = the same LoRA given at start-up, for this job
     assert_other_picture(tagged, plain)
@@ -190,10 +190,10 @@ def test_a_prompts_lora_tag_applies_for_that_job_alone_and_is_kept_while_jobs_as
     assert params["Lora hashes"] == f"pytorch_lora_weights: {file_hash(lora_files['good'])}"
     assert result.parameters.startswith("a red circle <lora:pytorch_lora_weights:1>\n")  # the prompt as written
     again, _ = image(svc, prompt="a red circle <lora:pytorch_lora_weights:1>")
-    assert_same_weights(fused_once, svc._models.base.unet)  # the same set again: kept fused, nothing redone
+    assert_same_weights(fused_once, svc.models.base.unet)  # the same set again: kept fused, nothing redone
     assert_same_picture(again, tagged)
     after, _ = image(svc)  # the next job without a tag: the base again, bit for bit
-    assert_same_weights(unet_before, svc._models.base.unet)
+    assert_same_weights(unet_before, svc.models.base.unet)
     assert_same_picture(after, plain)
     half, _ = image(svc, prompt="<lora:pytorch_lora_weights:0.5> a red circle")
     assert_other_picture(half, tagged)
@@ -205,13 +205,13 @@ def test_a_prompts_lora_tag_applies_for_that_job_alone_and_is_kept_while_jobs_as
 def test_a_lora_tag_outside_the_folder_is_refused_by_name_and_the_model_is_unchanged(tmp_path, lora_files, prompt):
     svc = service(tmp_path, lora_dir=lora_files["good"].parent)
     image(svc)
-    unet_before = weights(svc._models.base.unet)
+    unet_before = weights(svc.models.base.unet)
     out = run(svc, GenerationRequest(**{**FAST, "prompt": prompt}))
     assert len(out["errors"]) == 1 and out["errors"][0].kind == "validation"
     message = out["errors"][0].message
     assert message.startswith("prompt: no LoRA of that name in the LoRA folder style/") and "<lora:" in message
     assert str(lora_files["good"].parent) not in message  # the folder by its name only
-    assert_same_weights(unet_before, svc._models.base.unet)
+    assert_same_weights(unet_before, svc.models.base.unet)
 
 
 @pytest.mark.parametrize("prompt, problem", [("x <lora:style:heavy>", "must be a number"),

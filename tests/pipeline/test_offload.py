@@ -76,7 +76,7 @@ def offloaded(monkeypatch, tmp_path):
     plan = service.plan
     assert (plan.device, plan.offload, plan.refiner) == ("cuda", "model", True)
     # The same plan on the stand-in device, in fp32 (CPU kernels); set before loading, as the service would.
-    service._plan = dataclasses.replace(plan, device=str(STANDIN), dtype="float32", vae_dtype="float32")
+    service.host._plan = dataclasses.replace(plan, device=str(STANDIN), dtype="float32", vae_dtype="float32")
     models, _ = service.ensure_loaded()
     base, refiner = models.base, models.refiner
     assert refiner.text_encoder_2 is base.text_encoder_2 and refiner.vae is base.vae  # shared, as loaded

@@ -74,7 +74,7 @@ def test_the_requests_sampler_and_schedule_reach_the_pipeline_and_the_png(tmp_pa
     out = run(svc, GenerationRequest(prompt="x", steps=4, width=64, height=64, seed=1, scheduler=Scheduler.EULER,
                                      schedule=Schedule.ALIGN_YOUR_STEPS, techniques={"steps_policy": "off"}))
     assert not out["errors"], out["errors"]
-    scheduler = svc._models.base.scheduler
+    scheduler = svc.models.base.scheduler
     assert type(scheduler).__name__ == "EulerDiscreteScheduler" and scheduler.computed_schedule == "align_your_steps"
     assert float(scheduler.sigmas[0]) == pytest.approx(14.615, rel=1e-4)
     params = parse_parameters(out["results"][0].parameters)

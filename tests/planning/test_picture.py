@@ -27,11 +27,11 @@ def test_the_switch_pads_every_convolution_circular_for_that_request_and_says_so
     out = run(svc, GenerationRequest(prompt="x", steps=2, width=64, height=64, techniques={"tiling": "on"}))
     result = out["results"][0]
     row = next(r for r in result.report.rows if r.name == "tiling")
-    circular, total = circular_convolutions(svc._models.base)
+    circular, total = circular_convolutions(svc.models.base)
     assert circular == total > 50 and row.status.value == "active" and f"{total} of {total}" in row.detail
     assert parse_parameters(result.parameters)["Tiling"] == "True"
     plain = run(svc, GenerationRequest(prompt="x", steps=2, width=64, height=64))["results"][0]
-    assert circular_convolutions(svc._models.base)[0] == 0 and "Tiling" not in parse_parameters(plain.parameters)
+    assert circular_convolutions(svc.models.base)[0] == 0 and "Tiling" not in parse_parameters(plain.parameters)
 
 
 @pytest.mark.parametrize("prompt", ["a large red circle on a blue background at the left",

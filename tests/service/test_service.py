@@ -73,7 +73,7 @@ def test_explicit_output_path_is_honoured(tiny_service, tmp_path):
 def test_consumer_going_away_cancels_the_run(tiny_service):
     """generate()'s `finally` cancels the run when its consumer leaves (a closed tab): the token is set at once and
     the worker stops within a step, far before the 4 × 105 steps it was asked for."""
-    unet = tiny_service._models.base.unet
+    unet = tiny_service.models.base.unet
     calls = []
     hook = unet.register_forward_pre_hook(lambda module, args: calls.append(1))
     try:
@@ -124,8 +124,8 @@ def test_refiner_two_stage_path_when_forced_on(tmp_path):
     assert result.steps_run == len(stages)
     assert any(line.startswith("Refinement: ENABLED") for line in out["logs"])
     assert result.report.get("Refinement").status.value == "active"
-    assert service._models.refiner.text_encoder_2 is service._models.base.text_encoder_2
-    assert service._models.refiner.vae is service._models.base.vae
+    assert service.models.refiner.text_encoder_2 is service.models.base.text_encoder_2
+    assert service.models.refiner.vae is service.models.base.vae
     assert "Refiner: yes" in result.parameters
 
 
@@ -154,7 +154,7 @@ def test_a_long_prompt_is_read_in_chunks_and_what_is_cut_is_reported(tiny_servic
 
 def test_sampler_options_do_not_leak_between_requests(tiny_service):
     run(tiny_service, GenerationRequest(prompt="a fox", quality="fast", steps=2, seed=1))
-    assert tiny_service._models.base.scheduler.config.use_karras_sigmas is True
+    assert tiny_service.models.base.scheduler.config.use_karras_sigmas is True
     run(tiny_service, GenerationRequest(prompt="a fox", steps=2, seed=1))  # high quality: plain Euler
-    scheduler = tiny_service._models.base.scheduler
+    scheduler = tiny_service.models.base.scheduler
     assert type(scheduler).__name__ == "EulerDiscreteScheduler" and not scheduler.config.use_karras_sigmas

@@ -61,13 +61,13 @@ def test_taking_the_lcm_lora_off_gives_the_base_weights_bit_for_bit_and_its_pict
     plain = _service(tmp_path_factory)
     request = GenerationRequest.from_raw(prompt="a large red circle on a blue background", seed=11, steps=4)
     before = np.asarray(run(plain, request)["results"][0].image)
-    unet_before = weights(plain._models.base.unet)
+    unet_before = weights(plain.models.base.unet)
     plain.set_loras((str(LCM_LORA),))
     with_lora = np.asarray(run(plain, request)["results"][0].image)
     plain.set_loras(())
     after = np.asarray(run(plain, request)["results"][0].image)
     assert_other_picture(before, with_lora)
-    assert_same_weights(unet_before, plain._models.base.unet)  # the base's weights, bit for bit
+    assert_same_weights(unet_before, plain.models.base.unet)  # the base's weights, bit for bit
     assert_same_picture(before, after)  # its picture, within the kernels' rounding (tests/helpers/common.py)
     assert AppSettings(loras=(f"{LCM_LORA}@0",)).loras[0].weight == 0.0
 

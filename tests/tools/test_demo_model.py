@@ -98,7 +98,7 @@ def test_every_scheduler_offered_keeps_the_scene(demo, sampler):
 
 def test_refiner_hand_off_keeps_the_scene(tmp_path_factory):
     service = _service(tmp_path_factory, use_refiner="on")
-    assert service._models.refiner is not None
+    assert service.models.refiner is not None
     events = list(service.generate(GenerationRequest.from_raw(prompt=S.prompt_for(SUBSET[0]), seed=3)))
     assert any("Refinement: ENABLED" in getattr(e, "message", "") for e in events)
     result = E.run_prompts(service, SUBSET, quality="high")
@@ -124,16 +124,16 @@ class RecordingPipeline:
 
 
 def test_the_service_passes_the_request_through_unchanged(demo):
-    real = demo._models.base
+    real = demo.models.base
     recorder = RecordingPipeline(real)
-    demo._models.base = recorder
+    demo.models.base = recorder
     try:
         request = GenerationRequest.from_raw(prompt="a small green square at the top", negative_prompt="yellow",
                                              guidance="4.5", steps="20", width="192", height="128", seed="4242",
                                              images="2", quality="high")
         results = [e for e in demo.generate(request) if isinstance(e, ResultEvent)]
     finally:
-        demo._models.base = real
+        demo.models.base = real
     assert len(results) == 2 and len(recorder.calls) == 2
     expected_steps = 14 if demo.plan.device == "cpu" else 20  # the CPU policy: requested steps × 0.7
     for k, call in enumerate(recorder.calls):

@@ -38,7 +38,7 @@ def test_selftest_on_cpu_passes_every_cpu_configuration(capsys):
 
 def test_selftest_fails_and_says_why_when_a_configuration_is_broken(capsys, monkeypatch):
     """A selftest that cannot fail proves nothing: NaN latents must fail the run with the reason, exit 1."""
-    import sdxl_ui.service as service
+    import sdxl_ui.run as service  # the run decodes
 
     real = service.decode_latents
     monkeypatch.setattr(service, "decode_latents", lambda pipe, latents: real(pipe, latents * float("nan")))
