@@ -18,7 +18,7 @@ from .adapters import apply_request_loras, fused
 from .denoise import REFINER_SPLIT, decode_latents, final_decoder, latent_preview, profile_scheduler, run_stages, \
     scheduler_for
 from .jobs import CancelToken
-from .long_prompts import chunk_lines, chunked_arguments
+from .long_prompts import Conditioning, chunk_lines, conditioning, refiner_text
 from .metadata import ImageParameters
 from .models import LoadedModels
 from .optimizations.registry import Plan
@@ -61,7 +61,7 @@ class RunPlan:
     options: dict = field(default_factory=dict)  # the profile's pipeline-call options (e.g. TCD's eta)
     requested: int = 0  # the steps asked for: the request's, else the profile's or the preset's
     schedule: str | None = None  # the schedule type's label when the request chose one (PNG parameters)
-    prompts: dict = field(default_factory=dict)  # the base call's prompt arguments: text, or chunked embeddings
+    prompts: Conditioning | None = None  # the base call's prompt arguments (text, or chunked embeddings), schedule
 
 
 class Run:
@@ -107,7 +107,7 @@ class Run:
             emit(LogEvent(line))
         for warning in plan.warnings:
             emit(LogEvent(f"⚠ {warning}", "warning"))
-        prompts = self.prompt_arguments()
+        prompts = self.prompt_arguments(steps)
 
         # Always from the model's original config: a previous sampler's options (e.g. Karras sigmas) must not leak.
         # A few-step profile's own scheduler when the request leaves the sampler on auto.
@@ -147,9 +147,12 @@ class Run:
         seed = (progress.seed0 + index) % (MAX_SEED + 1)
         t_image, done_before = time.perf_counter(), progress.done
         generator = torch.Generator("cpu").manual_seed(seed)
-        text = dict(prompt=request.encoder_prompt, negative_prompt=request.negative_prompt or None)
-        common = dict(**(run.prompts or text), num_inference_steps=steps, guidance_scale=run.guidance,
-                      generator=generator, output_type="latent", **run.options)
+        cond = run.prompts
+        refiner_words = refiner_text(cond, int(steps * REFINER_SPLIT)) if cond is not None else request.encoder_prompt
+        text = dict(prompt=refiner_words, negative_prompt=request.negative_prompt or None)
+        common = dict(**(cond.arguments if cond is not None else text), num_inference_steps=steps,
+                      guidance_scale=run.guidance, generator=generator, output_type="latent", **run.options)
+        schedule = cond.schedule if cond is not None else (lambda then: then)  # a scheduled prompt's switches
         stages = 2 if use_refiner else 1
         emit(LogEvent(f"⏱️ Stage 1/{stages}: Base generation (image {index + 1}/{request.images}, seed {seed})…"))
 
@@ -160,7 +163,8 @@ class Run:
         with torch.inference_mode():
             latents = run_stages(
                 models, use_refiner, run.width, run.height, common, on_stage_end=stage_done, refiner_text=text,
-                on_step=lambda stage: on_step(f"Stage {stage}/{stages}" if use_refiner else ""))
+                on_step=lambda stage: (schedule if stage == 1 else (lambda then: then))(
+                    on_step(f"Stage {stage}/{stages}" if use_refiner else "")))
             if self.cancel.cancelled:
                 raise Cancelled()
             t_decode = time.perf_counter()
@@ -191,13 +195,14 @@ class Run:
             loras=tuple((lora.name, lora.weight, lora.hash) for lora in fused(models.base)),
         )
 
-    def prompt_arguments(self) -> dict:
-        """Text within the window; chunked embeddings beyond it (``long_prompts``), said in the log."""
+    def prompt_arguments(self, steps: int) -> Conditioning:
+        """Plain words within the window as text; else embeddings from chunks with A1111's emphasis, BREAKs and
+        schedule (``long_prompts``), said in the log."""
         pipe, request = self.models.base, self.request
-        args, n = chunked_arguments(pipe, request.encoder_prompt, request.negative_prompt, request.clip_skip)
-        for line, level in chunk_lines(pipe, request.encoder_prompt, request.negative_prompt, n):
+        found = conditioning(pipe, request.encoder_prompt, request.negative_prompt, request.clip_skip, steps)
+        for line, level in chunk_lines(pipe, found):
             self.emit(LogEvent(line, level))
-        return args
+        return found
 
     def step_callbacks(self, t_run: float):
         """``on_step(stage_label)``: the pipeline's step-end callback for one stage. Counts the steps of the whole

@@ -9,7 +9,8 @@ import torch
 from tests.helpers import run
 
 from sdxl_ui.demo.scenes import read_scene
-from sdxl_ui.long_prompts import MAX_CHUNKS, _chunk_ids, chunk_lines, chunked_arguments
+from sdxl_ui.long_prompts import MAX_CHUNKS, chunk_lines, chunked_arguments, chunks, conditioning
+from sdxl_ui.prompt_syntax import parse_attention
 from sdxl_ui.schema import GenerationRequest
 from sdxl_ui.service import GenerationService
 from sdxl_ui.settings import AppSettings
@@ -32,13 +33,12 @@ def test_within_the_window_the_prompt_is_text_and_beyond_it_chunks(demo):
     window = pipe.tokenizer.model_max_length
     assert n == 5 and args["prompt_embeds"].shape[1] == n * window == args["negative_prompt_embeds"].shape[1]
     assert args["pooled_prompt_embeds"].shape == args["negative_pooled_prompt_embeds"].shape
-    for ids in _chunk_ids(pipe.tokenizer, f"{PREFIX} a red circle", 2):  # each chunk: start, ≤ 30 tokens, end
-        assert len(ids) == window and ids[0] == pipe.tokenizer.bos_token_id
-        assert pipe.tokenizer.eos_token_id in ids[1:]
+    for chunk in chunks(pipe.tokenizer, parse_attention(f"{PREFIX} a red circle")):  # each chunk: ≤ 30 tokens
+        assert 0 < len(chunk.tokens) <= window - 2 and len(chunk.weights) == len(chunk.tokens)
     assert chunked_arguments(pipe, "a red circle", "", clip_skip=9)[0]["clip_skip"] == 1  # the demo's 3 layers
     zeros, _ = chunked_arguments(pipe, f"{PREFIX} a red circle", "")  # an empty negative: zeros, as diffusers
     assert not zeros["negative_prompt_embeds"].any()
-    lines = chunk_lines(pipe, "word " * 500, "", chunked_arguments(pipe, "word " * 500, "")[1])
+    lines = chunk_lines(pipe, conditioning(pipe, "word " * 500, ""))
     assert lines[0][1] == "warning" and f"{MAX_CHUNKS} chunks of 30 read, the rest cut" in lines[0][0]
 
 
