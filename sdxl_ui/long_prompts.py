@@ -7,6 +7,8 @@ before (the same picture, bit for bit).
 SDXL's window is 77 tokens (75 per chunk); the demo model's encoders read 32 (30 per chunk)."""
 from __future__ import annotations
 
+from .schema import LogLevel
+
 MAX_CHUNKS = 8  # 8 × 75 = 600 tokens for SDXL; beyond it the rest is cut, and the log says so
 
 
@@ -83,7 +85,7 @@ def usable_clip_skip(pipe, clip_skip: int) -> int:
     return max(0, min([clip_skip, *[d - 2 for d in depths]]))
 
 
-def chunk_lines(pipe, prompt: str, negative: str, n: int) -> list[tuple[str, str]]:
+def chunk_lines(pipe, prompt: str, negative: str, n: int) -> list[tuple[str, LogLevel]]:
     """The log's (line, level) for prompts that needed chunks: how many tokens in how many chunks, and what is cut
     past MAX_CHUNKS."""
     if n == 1:
@@ -93,8 +95,9 @@ def chunk_lines(pipe, prompt: str, negative: str, n: int) -> list[tuple[str, str
     for field, text in (("prompt", prompt), ("negative_prompt", negative)):
         tokens = token_count(pipe, text)
         if tokens > per * MAX_CHUNKS:
-            lines.append((f"⚠ {field}: {tokens} tokens; {MAX_CHUNKS} chunks of {per} read, the rest cut", "warning"))
+            lines.append((f"⚠ {field}: {tokens} tokens; {MAX_CHUNKS} chunks of {per} read, the rest cut",
+                          LogLevel.WARNING))
         elif tokens:
             lines.append((f"{field}: {tokens} tokens, in {n} chunks of {per} (the encoders' window is {per + 2})",
-                          "info"))
+                          LogLevel.INFO))
     return lines
