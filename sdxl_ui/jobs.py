@@ -118,9 +118,9 @@ LOCAL_SERVICE = Capabilities(quality_defaults=True, loras=True, start=False, loc
 
 
 def capabilities_of(backend) -> Capabilities:
-    """``backend.capabilities``. Transitional: the local ``GenerationService`` (``sdxl_ui.service``) declares it as
-    ``capabilities = LOCAL_SERVICE`` once its split lands; until then a backend without the attribute is that
-    service (tests/packaging/test_no_probes.py holds a strict xfail that turns red when the service declares it)."""
+    """``backend.capabilities``. Transitional: the local ``GenerationService`` (``sdxl_ui.service``) is to declare
+    ``capabilities = LOCAL_SERVICE``; until it does, a backend without the attribute is that service (a strict xfail
+    in tests/packaging/test_no_probes.py turns red once it declares it: then this becomes the plain attribute)."""
     return getattr(backend, "capabilities", LOCAL_SERVICE)
 
 

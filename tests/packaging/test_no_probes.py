@@ -76,9 +76,10 @@ def test_a_wrapped_backend_passes_its_capabilities_on():
     assert capabilities_of(QueuedBackend(Remote(), DeviceQueue(lambda: 1, 1))) is Remote.capabilities
 
 
-@pytest.mark.xfail(strict=True, reason="GenerationService is being split (issue 26, part 1) on another branch: "
-                   "then it declares capabilities = jobs.LOCAL_SERVICE and status() returns ServiceState members; "
-                   "remove this mark and the fallback in jobs.capabilities_of")
+@pytest.mark.xfail(strict=True, reason="service.py and host.py are another branch's (issue 26, parts 1-2): "
+                   "GenerationService does not declare capabilities = jobs.LOCAL_SERVICE yet, nor does "
+                   "ModelHost.status() return ServiceState members; once they do, remove this mark and the "
+                   "fallback in jobs.capabilities_of")
 def test_the_local_service_declares_its_capabilities_and_typed_state(tmp_path):
     from sdxl_ui.schema import ServiceState
     from sdxl_ui.service import GenerationService
