@@ -81,10 +81,11 @@ def test_a_wrapped_backend_passes_its_capabilities_on():
                    "ModelHost.status() return ServiceState members; once they do, remove this mark and the "
                    "fallback in jobs.capabilities_of")
 def test_the_local_service_declares_its_capabilities_and_typed_state(tmp_path):
+    from sdxl_ui.jobs import Backend
     from sdxl_ui.schema import ServiceState
     from sdxl_ui.service import GenerationService
     from sdxl_ui.settings import AppSettings
 
-    assert GenerationService.capabilities is LOCAL_SERVICE
-    state = GenerationService(AppSettings(model="tiny", device="cpu", outputs=tmp_path)).status()["state"]
-    assert state is ServiceState.NOT_LOADED
+    service = GenerationService(AppSettings(model="tiny", device="cpu", outputs=tmp_path))
+    assert GenerationService.capabilities is LOCAL_SERVICE and isinstance(service, Backend)  # the whole protocol
+    assert service.status()["state"] is ServiceState.NOT_LOADED
