@@ -12,7 +12,8 @@ from sdxl_ui.a1111.adapter import MAX_ITER, detail_422, info_json, map_sampler, 
 from sdxl_ui.a1111.jobs import CallerJobs, DeviceQueue, QueuedBackend
 from sdxl_ui.jobs import Capabilities
 from sdxl_ui.optimizations.registry import SWITCHES
-from sdxl_ui.schema import ErrorEvent, ErrorKind, LogEvent, ProgressEvent, ResultEvent, Schedule, Scheduler, ValidationError
+from sdxl_ui.schema import (ErrorEvent, ErrorKind, LogEvent, ProgressEvent, ResultEvent, Schedule, Scheduler,
+                            ValidationError)
 
 
 def until(condition, timeout: float = 10.0) -> None:
@@ -223,7 +224,8 @@ def test_a_full_line_refuses_page_and_api_jobs():
     assert jobs.submit("b", parse()) is not None  # waits
     assert jobs.submit("c", parse()) is None  # full
     events = list(QueuedBackend(backend, queue).generate(parse().request))
-    assert isinstance(events[-1], ErrorEvent) and events[-1].kind is ErrorKind.BUSY and "queue full" in events[-1].message
+    error = events[-1]
+    assert isinstance(error, ErrorEvent) and error.kind is ErrorKind.BUSY and "queue full" in error.message
 
 
 def test_interrupt_and_progress_act_on_the_callers_own_job():
