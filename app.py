@@ -196,6 +196,7 @@ def _configure(args):
 def _make_service(settings, args):
     """The generation service, checked: (service, None) or (None, exit code) after one error line."""
     from sdxl_ui.cli import EXIT_BAD_INPUT, plan_error_code
+    from sdxl_ui.jobs import capabilities_of
     from sdxl_ui.models import ModelLoadError
     from sdxl_ui.policy import PlanError
     from sdxl_ui.schema import ValidationError
@@ -225,7 +226,7 @@ def _make_service(settings, args):
             log.error("error: %s", exc)
             return None, EXIT_BAD_INPUT
         # Too little memory: the page says so in its status panel (and offers the demo model).
-    if hasattr(service, "start"):  # the Ray backend: start or join Ray, deploy the workers (they load meanwhile)
+    if capabilities_of(service).start:  # the Ray backend: start or join Ray, deploy the workers (they load meanwhile)
         try:
             service.start()
         except Exception as exc:  # noqa: BLE001 - e.g. no cluster at --ray-address

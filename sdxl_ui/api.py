@@ -18,7 +18,8 @@ import asyncio
 import logging
 from pathlib import Path
 
-from .schema import ErrorEvent, GenerationRequest, Quality, ResultEvent, ValidationError
+from .jobs import collect
+from .schema import GenerationRequest, Quality, ResultEvent, ValidationError
 from .service import check_output_path
 from .settings import AppSettings
 
@@ -66,14 +67,10 @@ class ImageService:
         # The service logs each line (🎨 …, Mode: …, ✓/– …, ✅ Image saved to …) to the "sdxl_ui" logger.
         # Read to the end of the stream, even after an error: generate() then has joined its worker, so a script
         # that exits right after this returns never exits while that thread is still running (as the CLI does).
-        error = None
-        for event in self.service.generate(request, output_path=target):
-            if isinstance(event, ErrorEvent):
-                error = event
-            elif isinstance(event, ResultEvent):
-                self.last_result = event
-        if error is not None:
-            return self._fail(error.message)
+        got = collect(self.service.generate(request, output_path=target))
+        self.last_result = got.results[-1] if got.results else None
+        if got.error is not None:
+            return self._fail(got.error.message)
         if self.last_result is None or self.last_result.path is None:
             return self._fail(self.last_result.save_error if self.last_result else "no image was produced")
         return True

@@ -19,8 +19,9 @@ from pathlib import Path
 # Re-exported: app.py and older callers import these from the cli.
 from .commandline import (EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, add_settings_args,  # noqa: F401
                           add_technique_args, fail, plan_error_code, settings_from_args, setup_logging)
+from .jobs import capabilities_of, collect
 from .samplers import sampler_choice
-from .schema import ErrorEvent, GenerationRequest, ProgressEvent, ResultEvent, ValidationError
+from .schema import ErrorKind, Event, GenerationRequest, ProgressEvent, ResultEvent, ValidationError
 from .optimizations.registry import SWITCHES
 from .settings import DeviceChoice
 
@@ -112,6 +113,12 @@ def _result_json(result: ResultEvent, note: str | None) -> dict:
     }
 
 
+def _print_progress(event: Event) -> None:
+    match event:
+        case ProgressEvent():
+            print(f"   {event.line()}", file=sys.stderr)
+
+
 def cmd_generate(args) -> int:
     from .models import ModelLoadError
     from .policy import PlanError
@@ -134,38 +141,32 @@ def cmd_generate(args) -> int:
             service = GenerationService(settings)
         service.check_model()  # a missing or non-SDXL --model, before any work (and before the memory check)
     except ValidationError as exc:
-        return fail(str(exc), EXIT_BAD_INPUT, args.json, "validation")
+        return fail(str(exc), EXIT_BAD_INPUT, args.json, ErrorKind.VALIDATION)
     except ModelLoadError as exc:
-        return fail(str(exc), EXIT_BAD_INPUT, args.json, "model")
+        return fail(str(exc), EXIT_BAD_INPUT, args.json, ErrorKind.MODEL)
     try:
         service.plan  # noqa: B018 - --device/--attention this machine cannot honour, or too little memory
     except PlanError as exc:
-        return fail(str(exc), plan_error_code(exc), args.json, "settings")
-    if hasattr(service, "start"):
+        return fail(str(exc), plan_error_code(exc), args.json, ErrorKind.SETTINGS)
+    if capabilities_of(service).start:
         try:
             service.start()
         except Exception as exc:  # noqa: BLE001 - no cluster there, or no app deployed on it
             return fail(f"ray-address: no sdxl_ui workers reachable at {args.ray_address!r} "
-                         f"({type(exc).__name__}: {exc})", EXIT_FAIL, args.json, "runtime")
-    results: list[ResultEvent] = []
+                         f"({type(exc).__name__}: {exc})", EXIT_FAIL, args.json, ErrorKind.RUNTIME)
     cancel = CancelToken()
     with _stop_on_signals(cancel):
         try:
-            error = None
             # To the end of the stream, even after an error: the worker has then finished, so the process never
             # exits while a thread is still inside torch.
-            for event in service.generate(request, cancel=cancel, output_path=out):
-                if isinstance(event, ResultEvent):
-                    results.append(event)
-                elif isinstance(event, ErrorEvent):
-                    error = event
-                elif isinstance(event, ProgressEvent) and not args.json:
-                    print(f"   {event.line()}", file=sys.stderr)
+            got = collect(service.generate(request, cancel=cancel, output_path=out),
+                          each=None if args.json else _print_progress)
         except KeyboardInterrupt:  # a second SIGINT/SIGTERM: stop now
             return fail("interrupted twice: stopped without waiting for the run", EXIT_FAIL, args.json,
-                         "cancelled")
+                         ErrorKind.CANCELLED)
+    results, error = got.results, got.error
     if error is not None:
-        code = EXIT_BAD_INPUT if error.kind == "validation" else EXIT_FAIL
+        code = EXIT_BAD_INPUT if error.kind is ErrorKind.VALIDATION else EXIT_FAIL
         return fail(error.message, code, args.json, error.kind)
     note = service.source.note
     if args.json:
@@ -197,13 +198,13 @@ def cmd_doctor(args) -> int:
 
             probe = probe_hardware()
     except ValidationError as exc:
-        return fail(str(exc), EXIT_BAD_INPUT, args.json, "validation")
+        return fail(str(exc), EXIT_BAD_INPUT, args.json, ErrorKind.VALIDATION)
     from .models import ModelLoadError, resolve_source
 
     try:
         source = resolve_source(settings.model)
     except ModelLoadError as exc:
-        return fail(str(exc), EXIT_BAD_INPUT, args.json, "model")
+        return fail(str(exc), EXIT_BAD_INPUT, args.json, ErrorKind.MODEL)
     from .adapters import profile_evidence
 
     model_kind, size = source.size(settings.refiner_source), source.native_size
@@ -279,15 +280,16 @@ def cmd_train_demo(args) -> int:
     if args.minutes is None:
         args.minutes = {"lcm": 45.0, "decoder": 8.0}.get(args.distill, 78.0)
     if not args.minutes > 0:
-        return fail(f"minutes: must be more than 0 (got {args.minutes!r})", EXIT_BAD_INPUT, args.json, "validation")
+        return fail(f"minutes: must be more than 0 (got {args.minutes!r})", EXIT_BAD_INPUT, args.json,
+                    ErrorKind.VALIDATION)
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
-        return fail(f"out: {args.out!r} exists and is not a folder", EXIT_BAD_INPUT, args.json, "validation")
+        return fail(f"out: {args.out!r} exists and is not a folder", EXIT_BAD_INPUT, args.json, ErrorKind.VALIDATION)
     if args.distill:
         return _distill(args, out)
     if args.source is not None:
         return fail("from: only with --distill (the demo model itself is trained from scratch)", EXIT_BAD_INPUT,
-                    args.json, "validation")
+                    args.json, ErrorKind.VALIDATION)
     report = train(out, minutes=args.minutes, seed=args.seed, resume=args.resume, smoke=args.smoke,
                    threads=args.threads)
     if args.json:
@@ -304,9 +306,9 @@ def _distill(args, out: Path) -> int:
     source = Path(args.source).expanduser() if args.source else DEMO_MODEL_DIR
     if not (source / "model_index.json").is_file():
         return fail(f"from: {str(source)!r} is not a diffusers model folder (no model_index.json)", EXIT_BAD_INPUT,
-                    args.json, "validation")
+                    args.json, ErrorKind.VALIDATION)
     if not 1 <= args.rank <= 256:
-        return fail(f"rank: must be 1 … 256 (got {args.rank})", EXIT_BAD_INPUT, args.json, "validation")
+        return fail(f"rank: must be 1 … 256 (got {args.rank})", EXIT_BAD_INPUT, args.json, ErrorKind.VALIDATION)
     report = distill(args.distill, source, out, args.minutes, seed=args.seed, smoke=args.smoke,
                      threads=args.threads, rank=args.rank)
     if args.json:

@@ -11,7 +11,7 @@ import logging
 import sys
 
 from .optimizations.registry import SWITCHES
-from .schema import ValidationError
+from .schema import ErrorKind, ValidationError
 from .settings import AppSettings, AttentionChoice, DeviceChoice, OffloadChoice, Precision, Toggle
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
@@ -80,8 +80,9 @@ def check_paths(settings: AppSettings) -> AppSettings:
     return settings
 
 
-def fail(message: str, code: int, as_json: bool, kind: str) -> int:
-    """Report a failure (one JSON object on stdout with --json, else one line on stderr); returns ``code``."""
+def fail(message: str, code: int, as_json: bool, kind: ErrorKind) -> int:
+    """Report a failure (one JSON object on stdout with --json, ``kind`` as its string, else one line on stderr);
+    returns ``code``."""
     if as_json:
         print(json.dumps({"ok": False, "error": message, "kind": kind}, ensure_ascii=False))
     else:

@@ -1,4 +1,5 @@
-"""The job contract every backend shares: the cancel token, the ``Backend`` protocol, and job admission.
+"""The job contract every backend shares: the cancel token, the ``Backend`` protocol and its ``Capabilities``, job
+admission, and ``collect`` (a job's events gathered by type).
 
 Layer 0 (docs/architecture.md): plain Python, no torch, gradio or ray. The in-process service
 (``sdxl_ui.service``) and the Ray backend (``sdxl_ui.backends.ray_serve``) both take their jobs through one
@@ -11,9 +12,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, runtime_checkable
+from typing import Callable, Iterable, Iterator, Protocol, runtime_checkable
 
-from .schema import GenerationRequest
+from .schema import ErrorEvent, Event, GenerationRequest, LogEvent, ProgressEvent, ResultEvent
 
 SHUTTING_DOWN = "the app is shutting down and takes no new jobs"  # the ErrorEvent (kind "busy") a late job gets
 
@@ -101,6 +102,28 @@ def _ended(job) -> bool:
     return not job.is_alive() if isinstance(job, threading.Thread) else job.is_set()
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a front end may ask of a backend beyond the ``Backend`` protocol: declared by each backend as its
+    ``capabilities`` attribute, read instead of probing the object for methods."""
+
+    quality_defaults: bool = False  # quality_defaults(quality) -> (steps, guidance): the model profile's own
+    loras: bool = False  # set_loras(specs): switch the fused LoRAs at run time (the page's LoRA panel)
+    start: bool = False  # start(): a persistent pool of workers to start (or join) before the first job
+    local_files: bool = True  # an output_path given to generate is a path on this machine (False: remote workers)
+
+
+# The in-process GenerationService: profile defaults and LoRA switching, nothing to start, saves on this machine.
+LOCAL_SERVICE = Capabilities(quality_defaults=True, loras=True, start=False, local_files=True)
+
+
+def capabilities_of(backend) -> Capabilities:
+    """``backend.capabilities``. Transitional: the local ``GenerationService`` (``sdxl_ui.service``) is to declare
+    ``capabilities = LOCAL_SERVICE``; until it does, a backend without the attribute is that service (a strict xfail
+    in tests/packaging/test_no_probes.py turns red once it declares it: then this becomes the plain attribute)."""
+    return getattr(backend, "capabilities", LOCAL_SERVICE)
+
+
 @runtime_checkable
 class Backend(Protocol):
     """Submit a request and receive its events; cancel it; read the status.
@@ -113,15 +136,17 @@ class Backend(Protocol):
 
     settings: object  # AppSettings: the model and device flags the jobs run with
     concurrency: int  # how many jobs run at once (the page's queue lets this many through)
+    capabilities: Capabilities  # what else the front ends may ask (quality defaults, LoRAs, start, …)
 
     def generate(self, request: GenerationRequest, cancel: CancelToken | None = None,
-                 output_path: str | Path | None = None, job_id: str | None = None) -> Iterator[object]:
+                 output_path: str | Path | None = None, job_id: str | None = None) -> Iterator[Event]:
         """Yield the job's events, then stop. ``cancel.cancel()`` stops it within one step; so does closing the
         iterator (a closed browser tab). ``job_id``: the id the events carry (a new one when not given)."""
 
     def status(self) -> dict:
-        """The status panel's data: model, note, device, dtype, state, message, rows (the optimization report),
-        and for several workers ``replicas``: one such dict per replica, with node and pid."""
+        """The status panel's data: model, note, device, dtype, state (a ``schema.ServiceState``), message, rows
+        (the optimization report), and for several workers ``replicas``: one such dict per replica, with node and
+        pid."""
 
     def shutdown(self, timeout: float = 120.0) -> bool:
         """No new jobs; running ones stop at their next step. True when nothing is left running."""
@@ -138,7 +163,48 @@ class Backend(Protocol):
     def preload_in_background(self): ...
 
 
-__all__ = ["Admission", "Backend", "CancelToken", "HourlyLimit", "SHUTTING_DOWN", "new_job_id"]
+@dataclass
+class Collected:
+    """A job's events by type, in the order they came; ``error`` is the one that ended the stream."""
+
+    results: list[ResultEvent] = field(default_factory=list)
+    errors: list[ErrorEvent] = field(default_factory=list)
+    logs: list[LogEvent] = field(default_factory=list)
+    progress: ProgressEvent | None = None  # the last one (earlier ones, with their previews, are not kept)
+
+    @property
+    def error(self) -> ErrorEvent | None:
+        return self.errors[-1] if self.errors else None
+
+    @property
+    def last_step(self) -> int:
+        return self.progress.step if self.progress is not None else 0
+
+    def add(self, event: Event) -> None:
+        match event:
+            case ResultEvent():
+                self.results.append(event)
+            case ErrorEvent():
+                self.errors.append(event)
+            case LogEvent():
+                self.logs.append(event)
+            case ProgressEvent():
+                self.progress = event
+
+
+def collect(events: Iterable[Event], each: Callable[[Event], None] | None = None) -> Collected:
+    """Read a job's events to the end of the stream (after an error too: the job has then finished) into a
+    ``Collected``; ``each(event)`` is called on every event as it comes (a progress line, say)."""
+    out = Collected()
+    for event in events:
+        out.add(event)
+        if each is not None:
+            each(event)
+    return out
+
+
+__all__ = ["LOCAL_SERVICE", "Admission", "Backend", "CancelToken", "Capabilities", "Collected", "HourlyLimit",
+           "SHUTTING_DOWN", "capabilities_of", "collect", "new_job_id"]
 
 
 @dataclass

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from .prompt_syntax import Fragment, ParsedPrompt, parse
+from .schema import LogLevel
 
 MAX_CHUNKS = 8  # 8 × 75 = 600 tokens for SDXL; beyond it the rest is cut, and the log says so
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack
@@ -218,7 +219,7 @@ def token_count(pipe, fragments: tuple[Fragment, ...]) -> int:
     return sum(len(c.tokens) for c in chunks(tokenizer, fragments))
 
 
-def chunk_lines(pipe, found: Conditioning) -> list[tuple[str, str]]:
+def chunk_lines(pipe, found: Conditioning) -> list[tuple[str, LogLevel]]:
     """The log's (line, level) for prompts that needed more than text: chunks, weights, BREAKs, the schedule, and
     what is cut past MAX_CHUNKS."""
     if found.chunks == 1 and "prompt" in found.arguments:
@@ -233,10 +234,11 @@ def chunk_lines(pipe, found: Conditioning) -> list[tuple[str, str]]:
             f"{parsed.breaks} BREAK" if parsed.breaks else "",
             f"{len(parsed.phases)} phases over {parsed.steps} steps" if parsed.scheduled else "") if x)
         if need > MAX_CHUNKS:
-            lines.append((f"⚠ {name}: {tokens} tokens; {MAX_CHUNKS} chunks of {per} read, the rest cut", "warning"))
+            lines.append((f"⚠ {name}: {tokens} tokens; {MAX_CHUNKS} chunks of {per} read, the rest cut",
+                          LogLevel.WARNING))
         elif tokens or extras:
             lines.append((f"{name}: {tokens} tokens, in {found.chunks} chunks of {per} (the encoders' window is "
-                          f"{per + 2})" + (f"; {extras}" if extras else ""), "info"))
+                          f"{per + 2})" + (f"; {extras}" if extras else ""), LogLevel.INFO))
     return lines
 
 

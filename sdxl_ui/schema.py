@@ -433,6 +433,44 @@ class HardwareProbe:
         )
 
 
+# ---------------------------------------------------------------- states and kinds
+# Text enums (``enum.StrEnum``): each member is the string it replaces, so JSON, the A1111 responses, ``==`` with the
+# old strings and f-strings read exactly as before; code compares members, never the display text.
+
+class ServiceState(enum.StrEnum):
+    """The model's state in a backend's ``status()["state"]``."""
+
+    LOADED = "loaded"
+    LOADING = "loading…"
+    ERROR = "error"  # the model (or its plan) failed: the page offers the demo model
+    NOT_LOADED = "not loaded"
+
+    @property
+    def label(self) -> str:
+        """What the status panel shows."""
+        return self.value
+
+
+class ErrorKind(enum.StrEnum):
+    """``ErrorEvent.kind`` (and the CLI's ``--json`` error ``kind``): what went wrong, for code."""
+
+    VALIDATION = "validation"  # the request (or a flag) is wrong: exit code 2, HTTP 422
+    MODEL = "model"  # the model cannot be loaded
+    MEMORY = "memory"  # out of memory during the run
+    CANCELLED = "cancelled"  # Stop, interrupt, a closed tab or a signal
+    RUNTIME = "runtime"  # anything else that failed during the run
+    BUSY = "busy"  # refused: the queue is full or the app is shutting down
+    SETTINGS = "settings"  # the CLI's plan errors (a device or attention this machine cannot honour)
+    DEVICE = "device"  # selftest: a --device this machine cannot honour
+
+
+class LogLevel(enum.StrEnum):
+    """``LogEvent.level``."""
+
+    INFO = "info"
+    WARNING = "warning"
+
+
 # ---------------------------------------------------------------- events
 # Every event carries the id of the generate call it belongs to (``job_id``, set by the service) and the Ray
 # replica that ran it (``replica``, set by the worker; "" in process), as InvokeAI's queue events do: a front end
@@ -441,9 +479,12 @@ class HardwareProbe:
 @dataclass(frozen=True)
 class LogEvent:
     message: str
-    level: str = "info"
+    level: LogLevel = LogLevel.INFO  # a plain string is taken as its member ("warning" → LogLevel.WARNING)
     job_id: str = ""
     replica: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "level", LogLevel(self.level))
 
 
 @dataclass(frozen=True)
@@ -501,6 +542,13 @@ class ErrorEvent:
     """A run that failed. ``message`` is for the user (no traceback); ``kind`` for code."""
 
     message: str
-    kind: str  # "validation" | "model" | "memory" | "cancelled" | "runtime" | "busy"
+    kind: ErrorKind  # a plain string is taken as its member ("busy" → ErrorKind.BUSY)
     job_id: str = ""
     replica: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", ErrorKind(self.kind))
+
+
+# The closed union a backend's ``generate`` yields: consumers ``match`` on these four (``jobs.collect`` gathers them).
+Event = LogEvent | ProgressEvent | ResultEvent | ErrorEvent

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .schema import HardwareProbe
+from .schema import ErrorKind, HardwareProbe
 
 log = logging.getLogger(__name__)
 
@@ -268,17 +268,10 @@ def _models_off_accelerator(models) -> list[str]:
 
 
 def _run(service, request, cancel=None):
-    from .schema import ErrorEvent, ProgressEvent, ResultEvent
+    from .jobs import collect
 
-    results, errors, last_step = [], [], 0
-    for event in service.generate(request, cancel=cancel):
-        if isinstance(event, ResultEvent):
-            results.append(event)
-        elif isinstance(event, ErrorEvent):
-            errors.append(event)
-        elif isinstance(event, ProgressEvent):
-            last_step = event.step
-    return results, errors, last_step
+    got = collect(service.generate(request, cancel=cancel))
+    return got.results, got.errors, got.last_step
 
 
 def _stop_mid_run(service, models, request) -> list[str]:
@@ -298,7 +291,7 @@ def _stop_mid_run(service, models, request) -> list[str]:
         stopped, errors, last = _run(service, request, cancel=token)
     finally:
         handle.remove()
-    if stopped or [e.kind for e in errors] != ["cancelled"]:
+    if stopped or [e.kind for e in errors] != [ErrorKind.CANCELLED]:
         return [f"Stop: expected a cancelled run, got {len(stopped)} image(s), {[e.message for e in errors]}"]
     if len(unet_calls) != STOP_AT_STEP or last != STOP_AT_STEP:
         return [f"Stop during step {STOP_AT_STEP}: the UNet ran {len(unet_calls)} steps, "
@@ -413,13 +406,13 @@ def cmd_selftest(args) -> int:
         chosen[name] = [k.strip() for k in (getattr(args, name, None) or "").split(",") if k.strip()]
         if unknown := [k for k in chosen[name] if k not in known]:
             return fail(f"{name}: {unknown[0]!r} is not a configuration (one of {', '.join(sorted(known))})",
-                         EXIT_BAD_INPUT, args.json, "validation")
+                         EXIT_BAD_INPUT, args.json, ErrorKind.VALIDATION)
     only, skip = chosen["only"], chosen["skip"]
     probe = probe_hardware()
     try:
         device, _ = plan_device(probe, AppSettings(model="tiny", device=args.device))
     except PlanError as exc:
-        return fail(str(exc), EXIT_BAD_INPUT, args.json, "device")
+        return fail(str(exc), EXIT_BAD_INPUT, args.json, ErrorKind.DEVICE)
     res = args.res or (256 if args.arch == "tiny" else 1024 if device != "cpu" else 512)
     label = device_label(probe, device)
     if not args.json:

@@ -99,7 +99,7 @@ class A1111Api:
     def __init__(self, backend, config: ApiConfig):
         self.backend = backend
         self.config = config
-        self.queue = DeviceQueue(lambda: max(1, int(getattr(backend, "concurrency", 1) or 1)), config.queue_size)
+        self.queue = DeviceQueue(lambda: max(1, int(backend.concurrency or 1)), config.queue_size)
         self.page_backend = QueuedBackend(backend, self.queue)
         self.jobs = CallerJobs(self.queue, backend)
         self.limit = HourlyLimit(config.max_jobs_per_user)

@@ -17,8 +17,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..jobs import CancelToken, HourlyLimit  # noqa: F401 - HourlyLimit re-exported
-from ..schema import ErrorEvent, LogEvent, ProgressEvent, ResultEvent
+from ..jobs import CancelToken, HourlyLimit, capabilities_of  # noqa: F401 - HourlyLimit re-exported
+from ..schema import ErrorEvent, ErrorKind, LogEvent, LogLevel, ProgressEvent, ResultEvent
 
 log = logging.getLogger("sdxl_ui")
 
@@ -102,14 +102,15 @@ class QueuedBackend:
         cancel = cancel or CancelToken()
         ticket = self._queue.join()
         if ticket is None:
-            yield ErrorEvent(f"queue full ({self._queue.max_waiting} jobs waiting); try again in a minute", "busy")
+            yield ErrorEvent(f"queue full ({self._queue.max_waiting} jobs waiting); try again in a minute",
+                             ErrorKind.BUSY)
             return
         admitted, last = False, None
         try:
             while not admitted:
                 state = self._queue.poll(ticket, cancel)
                 if state == CANCELLED:
-                    yield ErrorEvent("cancelled while waiting in the queue", "cancelled")
+                    yield ErrorEvent("cancelled while waiting in the queue", ErrorKind.CANCELLED)
                     return
                 admitted = state == RUN
                 if not admitted and state != last:
@@ -184,7 +185,7 @@ class ApiJob:
                 queue.leave()
         except Exception as exc:  # noqa: BLE001 - the HTTP caller gets a 500, the log the traceback
             log.exception("api: txt2img job of %s failed", self.caller)
-            self.error = ErrorEvent(f"internal error ({type(exc).__name__})", "runtime")
+            self.error = ErrorEvent(f"internal error ({type(exc).__name__})", ErrorKind.RUNTIME)
         finally:
             self.state = "done"
             self.done.set()
@@ -208,30 +209,36 @@ class ApiJob:
         """Run one iteration; True when the job must stop (an error, or interrupt)."""
         self.textinfo = f"Batch {self.job_no + 1} of {self.spec.n_iter}"
         for event in backend.generate(request, cancel=self.current, output_path=target):
-            if isinstance(event, ProgressEvent):
-                self.step, self.total = event.step, event.total
-                self.eta_s = event.eta_s
-                if event.preview is not None:
-                    self.preview = event.preview
-            elif isinstance(event, ResultEvent):
-                self.results.append(event)
-            elif isinstance(event, ErrorEvent):
-                if event.kind == "cancelled" and self.skipped and not self.interrupted:
-                    return False  # skip: the next batch goes on
-                if event.kind == "cancelled" and not self.interrupted or event.kind == "busy" and self.results:
-                    # The app is stopping (SIGTERM): the images finished so far are the answer, as after an
-                    # interrupt; without any, the caller is told so.
-                    self.textinfo = "The app is stopping"
-                    if not self.results:
-                        self.error = ErrorEvent(f"the app is stopping ({event.message}); try again later",
-                                                "cancelled")
-                    return True
-                if event.kind != "cancelled":
-                    self.error = event
-                return True
-            elif isinstance(event, LogEvent) and event.level != "info":
-                self.textinfo = event.message
+            match event:
+                case ProgressEvent():
+                    self.step, self.total = event.step, event.total
+                    self.eta_s = event.eta_s
+                    if event.preview is not None:
+                        self.preview = event.preview
+                case ResultEvent():
+                    self.results.append(event)
+                case ErrorEvent():
+                    return self._ended_by(event)
+                case LogEvent() if event.level is not LogLevel.INFO:
+                    self.textinfo = event.message
         return False
+
+    def _ended_by(self, event: ErrorEvent) -> bool:
+        """The iteration's error: False for a skip (the next batch goes on), else True (the job stops)."""
+        cancelled = event.kind is ErrorKind.CANCELLED
+        if cancelled and self.skipped and not self.interrupted:
+            return False  # skip: the next batch goes on
+        if cancelled and not self.interrupted or event.kind is ErrorKind.BUSY and self.results:
+            # The app is stopping (SIGTERM): the images finished so far are the answer, as after an
+            # interrupt; without any, the caller is told so.
+            self.textinfo = "The app is stopping"
+            if not self.results:
+                self.error = ErrorEvent(f"the app is stopping ({event.message}); try again later",
+                                        ErrorKind.CANCELLED)
+            return True
+        if not cancelled:
+            self.error = event
+        return True
 
 
 class CallerJobs:
@@ -240,9 +247,9 @@ class CallerJobs:
     def __init__(self, queue: DeviceQueue, backend):
         self.queue = queue
         self.backend = backend
-        # Ray workers (the backend that has start()) may run on other machines: a scratch path here is no path
+        # Ray workers may run on other machines (capabilities.local_files is False): a scratch path here is no path
         # there, so with --workers the images are saved in the workers' outputs folder whatever save_images says.
-        self.scratch = not hasattr(backend, "start")
+        self.scratch = capabilities_of(backend).local_files
         self.jobs: dict[str, list[ApiJob]] = {}
         self.lock = threading.Lock()
 

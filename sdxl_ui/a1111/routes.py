@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 
 from ..metadata import parse_parameters
 from ..optimizations.registry import SWITCHES
-from ..schema import ValidationError
+from ..schema import ErrorKind, ValidationError
 from ..ui.access import LOOPBACK, LoginThrottle
 from .adapter import SAMPLERS, SCHEDULERS, detail_422, error_body, field_names, parse_json, parse_txt2img, \
     preview_base64, public_name, quality_presets, txt2img_response
@@ -29,7 +29,8 @@ log = logging.getLogger("sdxl_ui")
 
 RETRY_AFTER_S = 30
 MAX_PIXELS = 8192 * 8192  # png-info: larger images are refused (their pixels are never decoded either way)
-ERROR_STATUS = {"validation": 422, "busy": 503, "cancelled": 503, "memory": 500, "model": 500, "runtime": 500}
+ERROR_STATUS = {ErrorKind.VALIDATION: 422, ErrorKind.BUSY: 503, ErrorKind.CANCELLED: 503, ErrorKind.MEMORY: 500,
+                ErrorKind.MODEL: 500, ErrorKind.RUNTIME: 500}
 SUPPORTED = ", ".join(("txt2img", "progress", "interrupt", "skip", "sd-models", "samplers", "schedulers", "options",
                        "memory", "scripts", "png-info", *SERVED))
 

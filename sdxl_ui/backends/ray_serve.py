@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from ..jobs import SHUTTING_DOWN, Admission, CancelToken, new_job_id
-from ..schema import ErrorEvent, GenerationRequest, LogEvent, ProgressEvent, ResultEvent
+from ..jobs import SHUTTING_DOWN, Admission, CancelToken, Capabilities, new_job_id
+from ..schema import (ErrorEvent, ErrorKind, Event, GenerationRequest, LogEvent, LogLevel, ProgressEvent, ResultEvent,
+                      ServiceState)
 from ..settings import AppSettings, DeviceChoice
 from .ray_auth import connect
 from .ray_worker import DEPLOYMENT, NAMESPACE, STALE_S, Registry, Worker
@@ -66,6 +67,10 @@ def default_workers(probe=None) -> int:
 
 class RayBackend:
     """Jobs go to Ray Serve replicas; the page, the CLI and the API see the same seam as the local service."""
+
+    # A pool to start (or join) before the first job, on workers that may be other machines (a path here is no
+    # path there); no per-profile quality defaults or LoRA switching from the page (the replicas own their models).
+    capabilities = Capabilities(quality_defaults=False, loras=False, start=True, local_files=False)
 
     def __init__(self, settings: AppSettings, workers: int | None = None, address: str | None = None,
                  cpus_per_worker: float = 1.0, use_gpus: bool | None = None, app_name: str = "sdxl_ui",
@@ -308,11 +313,11 @@ class RayBackend:
         app_state, app_message = self._app_status()
         first = ready[0] if ready else (replicas[0] if replicas else {})
         if ready:
-            state = "loaded"
+            state = ServiceState.LOADED
         elif failed and app_state in ("DEPLOY_FAILED", "UNHEALTHY"):
-            state = "error"
+            state = ServiceState.ERROR
         else:
-            state = "loading…"
+            state = ServiceState.LOADING
         devices = sorted({f"{r.get('device', '?')}" for r in ready}) or ["?"]
         message = None
         if failed:
@@ -329,12 +334,12 @@ class RayBackend:
 
     # ------------------------------------------------------------ jobs
     def generate(self, request: GenerationRequest, cancel: CancelToken | None = None,
-                 output_path: str | Path | None = None, job_id: str | None = None) -> Iterator[object]:
+                 output_path: str | Path | None = None, job_id: str | None = None) -> Iterator[Event]:
         cancel = cancel or CancelToken()
         job_id = job_id or new_job_id()
         finished = threading.Event()
         if not self._admission.admit(cancel, finished):
-            yield ErrorEvent(SHUTTING_DOWN, "busy", job_id=job_id)
+            yield ErrorEvent(SHUTTING_DOWN, ErrorKind.BUSY, job_id=job_id)
             return
         try:
             yield from self._generate(request, cancel, output_path, job_id)
@@ -342,7 +347,7 @@ class RayBackend:
             finished.set()
             self._admission.done(cancel)
 
-    def _wait_for_a_replica(self, cancel: CancelToken, job_id: str) -> Iterator[object]:
+    def _wait_for_a_replica(self, cancel: CancelToken, job_id: str) -> Iterator[Event]:
         """Until a replica has loaded its model: say so every few seconds; an error if none can."""
         said = 0.0
         start = time.monotonic()
@@ -355,10 +360,10 @@ class RayBackend:
             if app_state in ("DEPLOY_FAILED", "UNHEALTHY") and not any(
                     r.get("state") == "loading" for r in replicas):
                 reason = failed[-1].get("message") if failed else app_message
-                yield ErrorEvent(f"No worker could load the model: {reason}", "model", job_id=job_id)
+                yield ErrorEvent(f"No worker could load the model: {reason}", ErrorKind.MODEL, job_id=job_id)
                 return
             if cancel.cancelled:
-                yield ErrorEvent("cancelled while waiting for a worker", "cancelled", job_id=job_id)
+                yield ErrorEvent("cancelled while waiting for a worker", ErrorKind.CANCELLED, job_id=job_id)
                 return
             waited = time.monotonic() - start
             if waited - said >= 3.0 or said == 0.0:
@@ -366,7 +371,7 @@ class RayBackend:
                 yield LogEvent(f"Waiting for a worker to load the model ({waited:.0f} s)…", job_id=job_id)
             cancel.wait(1.0)
 
-    def _generate(self, request, cancel, output_path, job_id: str) -> Iterator[object]:
+    def _generate(self, request, cancel, output_path, job_id: str) -> Iterator[Event]:
         for event in self._wait_for_a_replica(cancel, job_id):
             yield event
             if isinstance(event, ErrorEvent):
@@ -390,7 +395,7 @@ class RayBackend:
                     # Nothing ran (the replica died before it took the job): another replica can take it.
                     log.warning("Ray Serve: job not started (%s: %s); sending it again", type(exc).__name__, exc)
                     yield LogEvent("⚠ The worker chosen for this job was lost before it started; trying another…",
-                                   "warning", job_id=job_id)
+                                   LogLevel.WARNING, job_id=job_id)
                     continue
                 yield from _job_failed(exc, cancel, seen, job_id)
                 return
@@ -403,16 +408,17 @@ def _note(event, seen: dict) -> None:
     how far it got; the replica's log lines go to this process's log too, prefixed with its id."""
     seen["received"] += 1
     seen["worker"] = getattr(event, "replica", "") or seen["worker"]
-    if isinstance(event, LogEvent):
-        log.log(logging.WARNING if event.level == "warning" else logging.INFO, "[%s] %s",
-                seen["worker"] or "?", event.message)
-    elif isinstance(event, ProgressEvent):
-        seen["progress"] = event
-    elif isinstance(event, ResultEvent):
-        seen["results"] += 1
+    match event:
+        case LogEvent():
+            log.log(logging.WARNING if event.level is LogLevel.WARNING else logging.INFO, "[%s] %s",
+                    seen["worker"] or "?", event.message)
+        case ProgressEvent():
+            seen["progress"] = event
+        case ResultEvent():
+            seen["results"] += 1
 
 
-def _job_failed(exc: Exception, cancel: CancelToken, seen: dict, job_id: str) -> Iterator[object]:
+def _job_failed(exc: Exception, cancel: CancelToken, seen: dict, job_id: str) -> Iterator[Event]:
     """The events that end a job whose stream broke: cancelled (Stop, a closed tab), or its worker stopped."""
     worker, last_progress, results = seen["worker"] or "?", seen["progress"], seen["results"]
     if cancel.cancelled or _is_cancellation(exc):
@@ -420,7 +426,7 @@ def _job_failed(exc: Exception, cancel: CancelToken, seen: dict, job_id: str) ->
         msg = f"cancelled at step {done}"
         log.info("[%s] ⏹ %s", worker, msg)
         yield LogEvent(f"⏹ {msg}", job_id=job_id, replica=seen["worker"])
-        yield ErrorEvent(msg, "cancelled", job_id=job_id, replica=seen["worker"])
+        yield ErrorEvent(msg, ErrorKind.CANCELLED, job_id=job_id, replica=seen["worker"])
         return
     where = (f"at step {last_progress.step}/{last_progress.total}" if last_progress
              else "before its first step")
@@ -428,7 +434,7 @@ def _job_failed(exc: Exception, cancel: CancelToken, seen: dict, job_id: str) ->
     msg = (f"The worker running this job ({worker}) stopped {where} ({type(exc).__name__}). "
            f"Nothing more was saved{kept}. Ray restarts the worker; try again.")
     log.error("Ray Serve: %s — %s", msg, str(exc).splitlines()[0][:300] if str(exc) else "")
-    yield ErrorEvent(msg, "runtime", job_id=job_id, replica=seen["worker"])
+    yield ErrorEvent(msg, ErrorKind.RUNTIME, job_id=job_id, replica=seen["worker"])
 
 
 def _cancel_on(cancel: CancelToken, response, done: threading.Event) -> None:

@@ -24,7 +24,7 @@ import time
 from dataclasses import replace
 
 from ..jobs import CancelToken
-from ..schema import ErrorEvent, GenerationRequest, LogEvent
+from ..schema import ErrorEvent, ErrorKind, GenerationRequest, LogEvent
 from ..settings import AppSettings
 
 log = logging.getLogger("sdxl_ui")
@@ -147,7 +147,7 @@ class Worker:
                 log.exception("replica %s: job failed", self._replica)
                 loop.call_soon_threadsafe(events.put_nowait, ErrorEvent(
                     f"Generation failed on worker {self._replica}: {type(exc).__name__}: {str(exc)[:300]}",
-                    "runtime", job_id=job_id))
+                    ErrorKind.RUNTIME, job_id=job_id))
             finally:
                 loop.call_soon_threadsafe(events.put_nowait, done)
 

@@ -35,10 +35,11 @@ def _run_jobs(backend, jobs: int, clients: int, steps: int, quality: Quality, ou
                                         quality=quality)
             worker = ""
             for event in backend.generate(request):
-                if isinstance(event, ResultEvent):
-                    done.append(i)
-                elif isinstance(event, ErrorEvent):
-                    failed.append((i, event.message))
+                match event:
+                    case ResultEvent():
+                        done.append(i)
+                    case ErrorEvent():
+                        failed.append((i, event.message))
                 if event.replica and event.replica != worker:  # the Ray replica that runs this job
                     worker = event.replica
                     with lock:

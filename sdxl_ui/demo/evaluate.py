@@ -75,10 +75,11 @@ def run_prompts(service, scenes: list[S.Scene], seed0: int = SEED0, keep_images:
         request = GenerationRequest.from_raw(prompt=prompt, seed=seed0 + i, **request_fields)
         image, seconds = None, 0.0
         for event in service.generate(request):
-            if isinstance(event, ErrorEvent):
-                raise RuntimeError(f"eval-demo: generation failed for {prompt!r}: {event.message}")
-            if isinstance(event, ResultEvent):
-                image, seconds = event.image, event.timings.generate_s
+            match event:
+                case ErrorEvent():
+                    raise RuntimeError(f"eval-demo: generation failed for {prompt!r}: {event.message}")
+                case ResultEvent():
+                    image, seconds = event.image, event.timings.generate_s
         result.add(scene, S.read_scene(image), seconds, prompt, seed0 + i)
         if keep_images is not None:
             keep_images.append((prompt, image))
@@ -242,7 +243,7 @@ def cmd_eval_demo(args) -> int:
     from ..commandline import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, fail, settings_from_args
     from ..models import ModelLoadError
     from ..policy import PlanError
-    from ..schema import ValidationError
+    from ..schema import ErrorKind, ValidationError
     from ..service import GenerationService
 
     try:
@@ -254,7 +255,7 @@ def cmd_eval_demo(args) -> int:
         if args.steps is not None and not 1 <= args.steps <= 150:
             raise ValidationError("steps", args.steps, "must be 1 … 150")
     except ValidationError as exc:
-        return fail(str(exc), EXIT_BAD_INPUT, args.json, "validation")
+        return fail(str(exc), EXIT_BAD_INPUT, args.json, ErrorKind.VALIDATION)
     with tempfile.TemporaryDirectory(prefix="eval-demo-") as tmp:
         if args.outputs is None:
             settings = settings.with_(outputs=Path(tmp))
@@ -282,18 +283,19 @@ def cmd_eval_demo(args) -> int:
                 return EXIT_OK
             result = evaluate(service, args.quality, args.steps)
             if args.grid:
-                from ..schema import GenerationRequest, ResultEvent
+                from ..jobs import collect
+                from ..schema import GenerationRequest
 
                 items = []
 
                 for k, prompt in enumerate(GRID_PROMPTS):
                     request = GenerationRequest.from_raw(prompt=prompt, seed=SEED0 + k, quality=args.quality,
                                                          steps=args.steps)
-                    items += [(prompt, e.image) for e in service.generate(request) if isinstance(e, ResultEvent)]
+                    items += [(prompt, r.image) for r in collect(service.generate(request)).results]
                 make_grid(items, path=args.grid)
                 result["grid"] = str(args.grid)
         except (ModelLoadError, PlanError, RuntimeError) as exc:
-            return fail(str(exc), EXIT_FAIL, args.json, "model")
+            return fail(str(exc), EXIT_FAIL, args.json, ErrorKind.MODEL)
     if args.json:
         print(json.dumps(result, indent=1))
         return EXIT_OK

@@ -27,6 +27,7 @@ from ..schema import (
     MAX_STEPS,
     PRESETS,
     ErrorEvent,
+    ErrorKind,
     GenerationRequest,
     LogEvent,
     ProgressEvent,
@@ -34,11 +35,12 @@ from ..schema import (
     ResultEvent,
     Schedule,
     Scheduler,
+    ServiceState,
     Toggle,
     ValidationError,
 )
 from ..samplers import SAMPLERS, SCHEDULES
-from ..jobs import CancelToken, HourlyLimit
+from ..jobs import CancelToken, HourlyLimit, capabilities_of
 from ..optimizations.registry import SWITCHES
 from .access import Access
 from .loras import lora_panel, wire_loras
@@ -124,7 +126,7 @@ def _size(preset, width, height, native: int) -> tuple:
 def _demo_offered(status: dict) -> bool:
     """The state in which the page shows "continue with the demo model": the model failed to load (a model that
     is itself a stand-in, with a note, is never replaced)."""
-    return status.get("state") == "error" and status.get("note") is None
+    return status.get("state") == ServiceState.ERROR and status.get("note") is None
 
 
 def _serve_copy(path: str, cache_dir: str) -> str:
@@ -178,7 +180,7 @@ def _status_renderer(service, config: UIConfig):
 def _quality_defaults(service, quality) -> tuple[int, float]:
     """(steps, guidance) for a quality: the model profile's (e.g. Turbo: 4 / 1 steps, guidance 0), else the preset's
     (a backend without profiles)."""
-    if hasattr(service, "quality_defaults"):
+    if capabilities_of(service).quality_defaults:
         return service.quality_defaults(quality)
     return PRESETS[quality].steps, PRESETS[quality].guidance
 
@@ -278,7 +280,7 @@ def _wire_status(demo, page, service, config: UIConfig, status_update) -> None:
     """The status panel's refresh, and the operator's "continue with the demo model"."""
     def refresh_status():
         status = service.status()
-        busy = status.get("state") in ("loading…", "not loaded")
+        busy = status.get("state") in (ServiceState.LOADING, ServiceState.NOT_LOADED)
         return status_update(), gr.update(visible=_demo_offered(status)), gr.Timer(active=busy)
 
     outputs = [page.status_panel, page.demo_button, page.status_timer]
@@ -336,24 +338,25 @@ def _job_runner(demo, page, service, config: UIConfig, runs: _Runs, limit: Hourl
         shown: dict = {}
         try:
             for event in service.generate(req, cancel=token):
-                if isinstance(event, LogEvent):
-                    lines.append(_public_text(event.message, service.settings))
-                    yield {page.log_pane: log_html(lines)}
-                elif isinstance(event, ProgressEvent):
-                    lines.append(event.line())
-                    update = {page.log_pane: log_html(lines),
-                              page.progress: progress_html(event.fraction, event.line())}
-                    if event.preview is not None:
-                        update[page.preview] = event.preview
-                    yield update
-                elif isinstance(event, ResultEvent):
-                    shown = _shown_result(demo, page, event, paths)
-                    yield {**shown, page.log_pane: log_html(lines)}
-                elif isinstance(event, ErrorEvent):
-                    message = _public_text(event.message, service.settings)
-                    lines.append(f"❌ {message}" if event.kind != "cancelled" else f"⏹ {message}")
-                    yield {page.log_pane: log_html(lines), page.progress: progress_html(0, message)}
-                    return
+                match event:
+                    case LogEvent():
+                        lines.append(_public_text(event.message, service.settings))
+                        yield {page.log_pane: log_html(lines)}
+                    case ProgressEvent():
+                        lines.append(event.line())
+                        update = {page.log_pane: log_html(lines),
+                                  page.progress: progress_html(event.fraction, event.line())}
+                        if event.preview is not None:
+                            update[page.preview] = event.preview
+                        yield update
+                    case ResultEvent():
+                        shown = _shown_result(demo, page, event, paths)
+                        yield {**shown, page.log_pane: log_html(lines)}
+                    case ErrorEvent():
+                        message = _public_text(event.message, service.settings)
+                        lines.append(f"⏹ {message}" if event.kind is ErrorKind.CANCELLED else f"❌ {message}")
+                        yield {page.log_pane: log_html(lines), page.progress: progress_html(0, message)}
+                        return
             # The last update repeats the results, so an API client (which keeps the last one) gets them.
             yield {**shown, page.progress: progress_html(1.0, "done"), page.log_pane: log_html(lines),
                    page.status_panel: status_update()}
@@ -427,7 +430,7 @@ def _wire_jobs(demo, page, service, config: UIConfig, status_update) -> None:
         [page.log_pane, page.progress, page.preview, page.output, page.used_seed, page.gallery, page.history,
          page.status_panel],
         # One job per device: 1 for the in-process service, the number of replicas for the Ray backend.
-        api_name="generate", concurrency_id=CONCURRENCY_ID, concurrency_limit=getattr(service, "concurrency", 1),
+        api_name="generate", concurrency_id=CONCURRENCY_ID, concurrency_limit=service.concurrency,
         show_progress="minimal",
         show_progress_on=[page.output],
         # The request's own validation names the field and the value in the log pane; gradio's component

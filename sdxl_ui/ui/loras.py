@@ -8,6 +8,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..jobs import capabilities_of
+
 log = logging.getLogger("sdxl_ui")
 MAX_LISTED = 200
 
@@ -31,7 +33,7 @@ def rows(service) -> list[list]:
 
 def lora_panel(service) -> dict:
     """The panel's components (inside the Advanced accordion); hidden for a backend that cannot switch LoRAs."""
-    offered = hasattr(service, "set_loras")
+    offered = capabilities_of(service).loras
     with gr.Column(visible=offered and bool(listing(service.settings.lora_dir))):
         table = gr.Dataframe(value=rows(service) or [["", 0.0]], headers=["LoRA (folder " + (Path(
             service.settings.lora_dir).name or ".") + ")", "weight (0 = off)"], datatype=["str", "number"], type="array",

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import html
 
+from ..schema import ServiceState
+
 LOG_LIMIT = 400  # lines kept in the log pane per run
 
 
@@ -21,6 +23,11 @@ def progress_html(fraction: float, line: str) -> str:
 STATUS_MARK = {"active": "✓", "off": "–", "unavailable": "✗", "not_applicable": "n/a"}
 
 
+def _state_label(state) -> str:
+    """A ``ServiceState``'s display label (a state read back as a plain string is its own label)."""
+    return state.label if isinstance(state, ServiceState) else str(state)
+
+
 def status_html(status: dict) -> str:
     """status: {model, note, device, dtype, state, message, rows: [{name, status, detail}], share}."""
     e = html.escape
@@ -29,7 +36,7 @@ def status_html(status: dict) -> str:
                  + (f' <span class="sdxl-demo">{e(status["note"])}</span>' if status.get("note") else "")
                  + f" · <b>Device</b> {e(str(status.get('device', '?')))}"
                  + f" · <b>Precision</b> {e(str(status.get('dtype', '?')))}"
-                 + f" · <b>State</b> {e(status.get('state', '?'))}</div>")
+                 + f" · <b>State</b> {e(_state_label(status.get('state', '?')))}</div>")
     if status.get("message"):
         parts.append(f'<div class="sdxl-warn">{e(status["message"])}</div>')
     if status.get("share"):

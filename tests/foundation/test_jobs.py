@@ -7,11 +7,12 @@ import subprocess
 import sys
 import threading
 
+import pytest
 from tests.helpers import ROOT
 
 from sdxl_ui.backends.ray_auth import auth_message, refused_for_auth, token_source
-from sdxl_ui.jobs import Admission, CancelToken, new_job_id
-from sdxl_ui.schema import ErrorEvent, LogEvent, ProgressEvent
+from sdxl_ui.jobs import Admission, CancelToken, Capabilities, collect, new_job_id
+from sdxl_ui.schema import ErrorEvent, ErrorKind, Event, LogEvent, LogLevel, ProgressEvent, ResultEvent, ServiceState
 
 
 def test_the_contract_is_one_object_wherever_it_is_imported_from():
@@ -67,6 +68,42 @@ def test_events_carry_their_ids_with_defaults_for_every_existing_constructor():
     assert (event.job_id, event.replica) == ("abc", "r1")
     ids = {new_job_id() for _ in range(100)}
     assert len(ids) == 100 and all(ids)
+
+
+def test_kinds_levels_and_states_are_enums_whose_values_are_the_old_strings():
+    """Nothing changes on the wire: JSON, f-strings and == read the old strings; code compares members."""
+    import json
+    import pickle
+
+    error, line = ErrorEvent("x", "busy"), LogEvent("y", "warning")
+    assert error.kind is ErrorKind.BUSY and line.level is LogLevel.WARNING and LogEvent("z").level is LogLevel.INFO
+    assert pickle.loads(pickle.dumps(error)).kind is ErrorKind.BUSY  # as a Ray worker sends it
+    assert json.dumps({"kind": error.kind, "state": ServiceState.LOADING}, ensure_ascii=False) == \
+        '{"kind": "busy", "state": "loading…"}'
+    assert f"{error.kind}/{ServiceState.NOT_LOADED}" == "busy/not loaded" and error.kind == "busy"
+    assert ServiceState.LOADING.label == "loading…" and ServiceState("error") is ServiceState.ERROR
+    assert [k.value for k in ErrorKind] == ["validation", "model", "memory", "cancelled", "runtime", "busy",
+                                             "settings", "device"]
+    with pytest.raises(ValueError):
+        ErrorEvent("x", "no such kind")
+
+
+def test_collect_gathers_a_job_s_events_by_type_in_order():
+    progress = [ProgressEvent(i, 2, 0.1, 0.1, 0.1) for i in (1, 2)]
+    first, last = ErrorEvent("a", "runtime"), ErrorEvent("b", "cancelled")
+    seen = []
+    got = collect([LogEvent("hi"), *progress, first, last], each=seen.append)
+    assert got.logs == [LogEvent("hi")] and got.progress is progress[-1] and got.last_step == 2
+    assert got.errors == [first, last] and got.error is last and got.results == [] and len(seen) == 5
+    assert collect([]).error is None and collect([]).last_step == 0
+    assert set(Event.__args__) == {LogEvent, ProgressEvent, ResultEvent, ErrorEvent}
+
+
+def test_capabilities_default_to_a_backend_with_nothing_beyond_the_protocol():
+    caps = Capabilities()
+    assert not (caps.quality_defaults or caps.loras or caps.start) and caps.local_files
+    with pytest.raises(AttributeError):
+        caps.start = True  # frozen: a backend declares them once
 
 
 def test_token_auth_message_names_what_to_set_and_where_the_token_lives(monkeypatch, tmp_path):

@@ -10,8 +10,10 @@ import pytest
 
 from sdxl_ui.a1111.adapter import MAX_ITER, detail_422, info_json, map_sampler, parse_txt2img
 from sdxl_ui.a1111.jobs import CallerJobs, DeviceQueue, QueuedBackend
+from sdxl_ui.jobs import Capabilities
 from sdxl_ui.optimizations.registry import SWITCHES
-from sdxl_ui.schema import ErrorEvent, LogEvent, ProgressEvent, ResultEvent, Schedule, Scheduler, ValidationError
+from sdxl_ui.schema import (ErrorEvent, ErrorKind, LogEvent, ProgressEvent, ResultEvent, Schedule, Scheduler,
+                            ValidationError)
 
 
 def until(condition, timeout: float = 10.0) -> None:
@@ -155,6 +157,7 @@ class FakeBackend:
     """A backend whose jobs take ``steps`` × ``step_s`` and record the order they started in."""
 
     concurrency = 1
+    capabilities = Capabilities()  # nothing beyond the protocol; saves on this machine
 
     def __init__(self, steps=5, step_s=0.02):
         self.steps, self.step_s, self.started, self.running, self.overlap = steps, step_s, [], 0, False
@@ -203,6 +206,15 @@ def test_page_and_api_jobs_share_one_line_in_arrival_order():
     assert page.concurrency == 1 + 8  # the page's gradio queue lets its jobs through to the shared line
 
 
+def test_api_jobs_use_a_scratch_folder_only_where_the_backend_saves_on_this_machine():
+    """save_images false: a scratch path here, removed after; Ray workers (local_files False) save in their own
+    outputs folder, since a path here is no path on another machine."""
+    remote = FakeBackend()
+    remote.capabilities = Capabilities(start=True, local_files=False)
+    queue = DeviceQueue(lambda: 1, max_waiting=1)
+    assert CallerJobs(queue, FakeBackend()).scratch and not CallerJobs(queue, remote).scratch
+
+
 def test_a_full_line_refuses_page_and_api_jobs():
     backend = FakeBackend(steps=20)
     queue = DeviceQueue(lambda: 1, max_waiting=1)
@@ -212,7 +224,8 @@ def test_a_full_line_refuses_page_and_api_jobs():
     assert jobs.submit("b", parse()) is not None  # waits
     assert jobs.submit("c", parse()) is None  # full
     events = list(QueuedBackend(backend, queue).generate(parse().request))
-    assert isinstance(events[-1], ErrorEvent) and events[-1].kind == "busy" and "queue full" in events[-1].message
+    error = events[-1]
+    assert isinstance(error, ErrorEvent) and error.kind is ErrorKind.BUSY and "queue full" in error.message
 
 
 def test_interrupt_and_progress_act_on_the_callers_own_job():
@@ -265,7 +278,7 @@ def test_a_page_job_waiting_in_line_says_so_and_can_be_cancelled():
     token.cancel()
     events += list(gen)
     assert isinstance(events[0], LogEvent) and "1 job(s) ahead" in events[0].message
-    assert events[-1].kind == "cancelled" and queue.length() == 0
+    assert events[-1].kind is ErrorKind.CANCELLED and queue.length() == 0
 
 
 def _app(backend, **config):

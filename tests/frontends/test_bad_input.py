@@ -14,7 +14,7 @@ from tests.helpers import RELIABILITY, ROOT, load_probe, run
 
 from sdxl_ui import ImageService
 from sdxl_ui.metadata import parse_parameters, read_parameters
-from sdxl_ui.schema import GenerationRequest
+from sdxl_ui.schema import GenerationRequest, ServiceState
 from sdxl_ui.service import GenerationService
 from sdxl_ui.settings import AppSettings
 
@@ -191,7 +191,7 @@ def test_a_bad_model_is_named_before_the_memory_check_on_a_small_machine(tmp_pat
     empty.mkdir()
     service = GenerationService(AppSettings(model=str(empty), outputs=tmp_path), probe=load_probe("cpu_small_ram"))
     status = service.status()
-    assert status["state"] == "error" and "no model_index.json" in status["message"], status["message"]
+    assert status["state"] == ServiceState.ERROR and "no model_index.json" in status["message"], status["message"]
     (error,) = run(service, GenerationRequest(prompt="x"))["errors"]
     assert "no model_index.json" in error.message and "needs ~" not in error.message
     RELIABILITY["bad_inputs"].add("empty model folder, little RAM")
@@ -210,8 +210,8 @@ def test_bad_models_through_api_cli_and_page(tmp_path):
         service = GenerationService(AppSettings(model=spec, outputs=tmp_path))
         build_ui(service)  # the page builds (status panel explains) even though the model is bad
         status = service.status()
-        if status["state"] != "error":  # folder/file errors show once a load was tried
+        if status["state"] != ServiceState.ERROR:  # folder/file errors show once a load was tried
             run(service, GenerationRequest(prompt="x"))
             status = service.status()
-        assert status["state"] == "error" and problem in status["message"]
+        assert status["state"] == ServiceState.ERROR and problem in status["message"]
         RELIABILITY["bad_inputs"].add(case)

@@ -13,7 +13,7 @@ import pytest
 from tests.helpers import ARGS, RELIABILITY, ROOT, App, load_probe, run
 
 from sdxl_ui.metadata import parse_parameters, read_parameters
-from sdxl_ui.schema import GenerationRequest
+from sdxl_ui.schema import ErrorKind, GenerationRequest
 from sdxl_ui.service import CancelToken, GenerationService
 from sdxl_ui.settings import AppSettings
 
@@ -33,7 +33,7 @@ def test_out_of_memory_during_a_step_gives_device_advice_and_the_next_request_su
     monkeypatch.setattr(unet, "forward", failing)
     out = run(service, GenerationRequest(prompt="a fox", steps=10, seed=1))
     (error,) = out["errors"]
-    assert error.kind == "memory" and "step 1/7" in error.message and "close other programs" in error.message
+    assert error.kind is ErrorKind.MEMORY and "step 1/7" in error.message and "close other programs" in error.message
     monkeypatch.setattr(unet, "forward", original)
     assert run(service, GenerationRequest(prompt="a fox", steps=2, seed=1))["results"]
     RELIABILITY["faults"].add("out of memory")
@@ -50,7 +50,7 @@ def test_cancel_mid_step(service):
         last = event
     # The worker may already be inside step 4 when Stop is pressed: that step finishes, no further one starts.
     assert seen[-1] in (3, 4)
-    assert last.kind == "cancelled" and last.message == f"cancelled at step {seen[-1]}/98"
+    assert last.kind is ErrorKind.CANCELLED and last.message == f"cancelled at step {seen[-1]}/98"
     # The device is free again: the next request runs normally.
     assert run(service, GenerationRequest(prompt="a fox", steps=2, seed=1))["results"]
     RELIABILITY["faults"].add("cancel mid-step")
@@ -78,7 +78,7 @@ def test_cancel_while_queued(service):
             queued_cancel.cancel()
     first_cancel.cancel()
     t.join(30)
-    assert events[-1].kind == "cancelled" and events[-1].message == "cancelled while waiting for the device"
+    assert events[-1].kind is ErrorKind.CANCELLED and events[-1].message == "cancelled while waiting for the device"
     assert not any(hasattr(e, "step") for e in events)  # it never ran a step
     RELIABILITY["faults"].add("cancel while queued")
 
@@ -241,7 +241,7 @@ def test_cublas_alloc_failure_is_out_of_memory_not_a_broken_gpu(tmp_path, monkey
     out = run(service, GenerationRequest(prompt="a fox", steps=2, seed=3))
     assert not out["results"] and not any("falling back" in line for line in out["logs"])
     (error,) = out["errors"]
-    assert error.kind == "memory" and error.message.startswith("Out of memory at step 0/2 on CUDA")
+    assert error.kind is ErrorKind.MEMORY and error.message.startswith("Out of memory at step 0/2 on CUDA")
     assert "--offload model" in error.message
     assert service.settings.device.value == "auto" and service.plan.device == "cuda"  # the GPU is kept
     RELIABILITY["faults"].add("cuBLAS allocation failure")
@@ -261,7 +261,7 @@ def test_other_gpu_errors_are_reported_and_keep_the_gpu(fault, message, tmp_path
     out = run(service, GenerationRequest(prompt="a fox", steps=2, seed=3))
     assert not out["results"] and not any("falling back" in line for line in out["logs"]), out["logs"]
     (error,) = out["errors"]
-    assert error.kind == "runtime" and error.message == f"Generation failed: RuntimeError: {message}"
+    assert error.kind is ErrorKind.RUNTIME and error.message == f"Generation failed: RuntimeError: {message}"
     assert service.settings.device.value == "auto" and service.plan.device == "cuda"  # the GPU is kept
     RELIABILITY["faults"].add(fault)
 

@@ -15,6 +15,7 @@ import gradio as gr
 import pytest
 from tests.helpers import RELIABILITY, App, free_port, launched, load_probe
 
+from sdxl_ui.schema import ServiceState
 from sdxl_ui.service import GenerationService
 from sdxl_ui.settings import AppSettings
 from sdxl_ui.ui import UIConfig, build_ui
@@ -91,9 +92,9 @@ def _failed_service(tmp_path) -> GenerationService:
     (tmp_path / "broken-model").mkdir()
     service = GenerationService(AppSettings(model=str(tmp_path / "broken-model"), outputs=tmp_path),
                                 probe=load_probe("cpu_epyc_avx512_bf16"))
-    if service.status()["state"] != "error":  # a service that learns it only by loading (app.py preloads)
+    if service.status()["state"] != ServiceState.ERROR:  # a service that learns it only by loading (app.py preloads)
         service.preload_in_background().join(300)
-    assert service.status()["state"] == "error"  # the state the "use the demo model" button is shown in
+    assert service.status()["state"] == ServiceState.ERROR  # the state the "use the demo model" button is shown in
     return service
 
 

@@ -20,3 +20,11 @@ def test_status_panel_shows_demo_note_rows_and_escapes():
     assert "&lt;tiny&gt;" in html and "demo model — random weights" in html
     assert "<img" not in html and "read back from the loaded pipeline" in html
     assert "CUDA-only &lt;kernels&gt;" in html
+
+
+def test_status_panel_shows_the_state_s_label():
+    from sdxl_ui.schema import ServiceState
+
+    for state in ServiceState:
+        assert f"<b>State</b> {state.label}</div>" in status_html({"model": "tiny", "state": state})
+    assert "<b>State</b> loading…</div>" in status_html({"model": "tiny", "state": "loading…"})  # read back as text

@@ -26,14 +26,15 @@ def run(service, request, **kwargs):
     out = {"results": [], "errors": [], "logs": [], "progress": [], "t": []}  # t: (time, event type) of each
     for event in service.generate(request, **kwargs):
         out["t"].append((time.time(), type(event).__name__))
-        if isinstance(event, ResultEvent):
-            out["results"].append(event)
-        elif isinstance(event, ErrorEvent):
-            out["errors"].append(event)
-        elif isinstance(event, LogEvent):
-            out["logs"].append(event.message)
-        elif isinstance(event, ProgressEvent):
-            out["progress"].append(event)
+        match event:
+            case ResultEvent():
+                out["results"].append(event)
+            case ErrorEvent():
+                out["errors"].append(event)
+            case LogEvent():
+                out["logs"].append(event.message)
+            case ProgressEvent():
+                out["progress"].append(event)
     return out
 
 

@@ -11,7 +11,7 @@ from tests.helpers import run
 from sdxl_ui.demo.scenes import read_scene
 from sdxl_ui.long_prompts import MAX_CHUNKS, chunk_lines, chunked_arguments, chunks, conditioning
 from sdxl_ui.prompt_syntax import parse_attention
-from sdxl_ui.schema import GenerationRequest
+from sdxl_ui.schema import GenerationRequest, LogLevel
 from sdxl_ui.service import GenerationService
 from sdxl_ui.settings import AppSettings
 
@@ -39,7 +39,7 @@ def test_within_the_window_the_prompt_is_text_and_beyond_it_chunks(demo):
     zeros, _ = chunked_arguments(pipe, f"{PREFIX} a red circle", "")  # an empty negative: zeros, as diffusers
     assert not zeros["negative_prompt_embeds"].any()
     lines = chunk_lines(pipe, conditioning(pipe, "word " * 500, ""))
-    assert lines[0][1] == "warning" and f"{MAX_CHUNKS} chunks of 30 read, the rest cut" in lines[0][0]
+    assert lines[0][1] is LogLevel.WARNING and f"{MAX_CHUNKS} chunks of 30 read, the rest cut" in lines[0][0]
 
 
 def test_a_scene_past_the_demo_encoders_window_is_drawn_only_with_chunking(demo):

@@ -11,7 +11,7 @@ from tests.helpers.loras import bad_loras, make_lora, make_text_encoder_lora, to
 
 from sdxl_ui.adapters import LoraError, file_hash, fused
 from sdxl_ui.metadata import parse_parameters, read_parameters
-from sdxl_ui.schema import GenerationRequest, ValidationError
+from sdxl_ui.schema import ErrorKind, GenerationRequest, ValidationError
 from sdxl_ui.service import GenerationService
 from sdxl_ui.settings import AppSettings
 
@@ -95,7 +95,7 @@ def test_a_bad_lora_is_refused_by_name_and_the_model_is_unchanged(tmp_path, lora
 def test_a_bad_lora_at_load_is_bad_input_of_the_run(tmp_path, lora_files):
     svc = service(tmp_path, loras=(str(lora_files["sd15"]),))
     out = run(svc, GenerationRequest(**FAST))
-    assert out["errors"] and out["errors"][0].kind == "validation"
+    assert out["errors"] and out["errors"][0].kind is ErrorKind.VALIDATION
     assert "sd15_layout.safetensors" in out["errors"][0].message and "SD 1.5" in out["errors"][0].message
 
 
@@ -207,7 +207,7 @@ def test_a_lora_tag_outside_the_folder_is_refused_by_name_and_the_model_is_uncha
     image(svc)
     unet_before = weights(svc.models.base.unet)
     out = run(svc, GenerationRequest(**{**FAST, "prompt": prompt}))
-    assert len(out["errors"]) == 1 and out["errors"][0].kind == "validation"
+    assert len(out["errors"]) == 1 and out["errors"][0].kind is ErrorKind.VALIDATION
     message = out["errors"][0].message
     assert message.startswith("prompt: no LoRA of that name in the LoRA folder style/") and "<lora:" in message
     assert str(lora_files["good"].parent) not in message  # the folder by its name only

@@ -14,7 +14,7 @@ import pytest
 import torch
 from tests.helpers import load_probe, run
 
-from sdxl_ui.schema import GenerationRequest
+from sdxl_ui.schema import ErrorKind, GenerationRequest
 from sdxl_ui.service import CancelToken, GenerationService
 from sdxl_ui.settings import AppSettings
 
@@ -143,7 +143,7 @@ def test_stop_frees_the_accelerator_and_the_next_run_works(offloaded, stop_at_un
     for unet in (models.base.unet, models.refiner.unet):
         unet.register_forward_hook(count)
     out = run(service, request(), cancel=token)
-    assert [e.kind for e in out["errors"]] == ["cancelled"] and not out["results"]
+    assert [e.kind for e in out["errors"]] == [ErrorKind.CANCELLED] and not out["results"]
     assert len(calls) == stop_at_unet_call  # the pipeline skipped its remaining steps
     assert rec.resident() == set(), f"resident after Stop: {sorted(rec.resident())}"
     seen.clear()

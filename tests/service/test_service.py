@@ -4,7 +4,7 @@ import numpy as np
 from tests.helpers import load_probe, run
 
 from sdxl_ui.metadata import parse_parameters, read_parameters
-from sdxl_ui.schema import GenerationRequest
+from sdxl_ui.schema import ErrorKind, GenerationRequest
 from sdxl_ui.service import CancelToken, GenerationService
 from sdxl_ui.settings import AppSettings
 
@@ -136,7 +136,7 @@ def test_missing_model_gives_one_clear_message(tmp_path):
     out = run(service, GenerationRequest(prompt="a fox"))
     assert not out["results"]
     (error,) = out["errors"]
-    assert error.kind == "model"
+    assert error.kind is ErrorKind.MODEL
     for must in ("stabilityai/stable-diffusion-xl-base-1.0", "download", "--model /path", "--model demo"):
         assert must in error.message
     assert "Traceback" not in error.message
