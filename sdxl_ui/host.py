@@ -17,7 +17,7 @@ from .models import LoadedModels, ModelLoadError, ModelSource, check_source, loa
 from .optimizations.registry import Plan
 from .policy import PlanError, make_plan
 from .profiles import profile_named
-from .schema import PRESETS, HardwareProbe, LogEvent, OptimizationReport, Quality
+from .schema import PRESETS, HardwareProbe, LogEvent, OptimizationReport, Quality, ServiceState
 from .settings import AppSettings, Toggle
 
 log = logging.getLogger("sdxl_ui")
@@ -156,9 +156,10 @@ class ModelHost:
             out["note"] = source.note
             plan = self.plan
         except (ModelLoadError, PlanError) as exc:
-            return {**out, "state": "error", "message": str(exc)}
+            return {**out, "state": ServiceState.ERROR, "message": str(exc)}
         rep = self.current_report() or expected_report(plan, self.probe)
-        state = "loaded" if self.loaded else "loading…" if self.loading else "error" if self.load_error else "not loaded"
+        state = (ServiceState.LOADED if self.loaded else ServiceState.LOADING if self.loading
+                 else ServiceState.ERROR if self.load_error else ServiceState.NOT_LOADED)
         return {**out, "device": plan.device, "dtype": plan.dtype, "state": state, "message": self.load_error,
                 "rows": rep.to_list(), "source": rep.source}
 

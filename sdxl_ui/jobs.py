@@ -118,10 +118,8 @@ LOCAL_SERVICE = Capabilities(quality_defaults=True, loras=True, start=False, loc
 
 
 def capabilities_of(backend) -> Capabilities:
-    """``backend.capabilities``. Transitional: the local ``GenerationService`` (``sdxl_ui.service``) is to declare
-    ``capabilities = LOCAL_SERVICE``; until it does, a backend without the attribute is that service (a strict xfail
-    in tests/packaging/test_no_probes.py turns red once it declares it: then this becomes the plain attribute)."""
-    return getattr(backend, "capabilities", LOCAL_SERVICE)
+    """``backend.capabilities``: every backend declares them (the local service ``LOCAL_SERVICE``)."""
+    return backend.capabilities
 
 
 @runtime_checkable

@@ -26,7 +26,7 @@ from .policy import plan_request
 from .profiles import profile_named
 from .samplers import SCHEDULE_BY_KEY, plan_sampler, sampler_label
 from .saving import write_png_atomic
-from .schema import MAX_SEED, GenerationRequest, LogEvent, ProgressEvent, Quality, ResultEvent, Schedule, \
+from .schema import MAX_SEED, GenerationRequest, LogEvent, LogLevel, ProgressEvent, Quality, ResultEvent, Schedule, \
     Scheduler, Timings
 
 PREVIEW_EVERY = 5
@@ -106,7 +106,7 @@ class Run:
         for line in rep.log_lines():
             emit(LogEvent(line))
         for warning in plan.warnings:
-            emit(LogEvent(f"⚠ {warning}", "warning"))
+            emit(LogEvent(f"⚠ {warning}", LogLevel.WARNING))
         prompts = self.prompt_arguments(steps)
 
         # Always from the model's original config: a previous sampler's options (e.g. Karras sigmas) must not leak.
@@ -120,7 +120,7 @@ class Run:
         schedule = SCHEDULE_BY_KEY[request.schedule].label if not own and request.schedule is not \
             Schedule.AUTOMATIC else None  # A1111's "Schedule type" field, by its label
         for note in () if own else plan_sampler(request.sampler, request.schedule).notes:
-            emit(LogEvent(f"sampler: {note}", "warning"))
+            emit(LogEvent(f"sampler: {note}", LogLevel.WARNING))
         return RunPlan(plan, width, height, steps, guidance, use_refiner, label, dict(profile.options) if own else {},
                        wanted, schedule, prompts)
 
@@ -240,7 +240,8 @@ class Run:
             else:
                 path = save_unique(image, params, extra, self.host.settings.outputs)
         except OSError as exc:
-            self.emit(LogEvent(f"⚠ Image NOT saved ({exc.strerror or exc}); it is shown but not on disk", "warning"))
+            self.emit(LogEvent(f"⚠ Image NOT saved ({exc.strerror or exc}); it is shown but not on disk",
+                               LogLevel.WARNING))
             return None, f"not saved: {exc.strerror or exc}"
         self.emit(LogEvent(f"✅ Image saved to {path}"))
         return path, None

@@ -20,14 +20,15 @@ from .adapters import LoraError
 from .denoise import decode_latents, run_stages  # noqa: F401 - re-exported (tests, bench)
 from .failures import is_gpu_failure, is_out_of_memory, memory_advice
 from .host import ModelHost
-from .jobs import SHUTTING_DOWN, Admission, CancelToken, new_job_id  # noqa: F401 - CancelToken: importable here
+from .jobs import (LOCAL_SERVICE, SHUTTING_DOWN, Admission, CancelToken,  # noqa: F401 - CancelToken: importable here
+                   new_job_id)
 from .models import LoadedModels, ModelLoadError, ModelSource
 from .optimizations.registry import Plan, parse_switches
 from .policy import PlanError
 from .run import PREVIEW_EVERY, Cancelled, Progress, Run  # noqa: F401 - re-exported
 from .saving import check_output_path, write_png_atomic  # noqa: F401 - re-exported (CLI, API)
-from .schema import ErrorEvent, GenerationRequest, HardwareProbe, LogEvent, OptimizationReport, Quality, \
-    ValidationError
+from .schema import ErrorEvent, ErrorKind, GenerationRequest, HardwareProbe, LogEvent, LogLevel, OptimizationReport, \
+    Quality, ValidationError
 from .settings import AppSettings
 
 log = logging.getLogger("sdxl_ui")
@@ -37,6 +38,7 @@ class GenerationService:
     """The in-process backend: one ``ModelHost``, one job at a time on its device."""
 
     concurrency = 1  # the seam (backends.Backend): one job at a time on this process's device
+    capabilities = LOCAL_SERVICE  # quality_defaults, set_loras; nothing to start; saves on this machine
 
     def __init__(self, settings: AppSettings | None = None, probe: HardwareProbe | None = None,
                  probe_fn: Callable[[], HardwareProbe] | None = None, source: ModelSource | None = None,
@@ -134,7 +136,7 @@ class GenerationService:
 
         def emit(event) -> None:
             if isinstance(event, LogEvent):
-                log.log(logging.WARNING if event.level == "warning" else logging.INFO, event.message)
+                log.log(logging.WARNING if event.level is LogLevel.WARNING else logging.INFO, event.message)
             events.put(replace(event, job_id=job_id))
 
         def worker():
@@ -147,7 +149,7 @@ class GenerationService:
         thread = threading.Thread(target=worker, name="sdxl-generate", daemon=True)
         # started under the admission's lock: shutdown() only ever joins started threads
         if not self._admission.admit(cancel, thread, start=thread.start):
-            yield ErrorEvent(SHUTTING_DOWN, "busy", job_id=job_id)
+            yield ErrorEvent(SHUTTING_DOWN, ErrorKind.BUSY, job_id=job_id)
             return
         try:
             while True:
@@ -180,7 +182,7 @@ class GenerationService:
             target = check_output_path(output_path) if output_path is not None else None
             parse_switches(request.techniques)  # names the unknown switch before the job waits for the device
         except ValidationError as exc:  # before waiting for the device: a typo should not cost a queue slot
-            emit(ErrorEvent(str(exc), "validation"))
+            emit(ErrorEvent(str(exc), ErrorKind.VALIDATION))
             return
         if not self._acquire_device(cancel, emit, resume):
             return
@@ -194,25 +196,26 @@ class GenerationService:
             finally:
                 _release(models)  # the run hooks' release (model offload: nothing stays on the GPU)
         except LoraError as exc:  # bad input (exit 2), named by file and reason; the model is unchanged
-            emit(ErrorEvent(str(exc), "validation"))
+            emit(ErrorEvent(str(exc), ErrorKind.VALIDATION))
         except Cancelled:
             msg = f"cancelled at step {progress.done}/{progress.total}"
             emit(LogEvent(f"⏹ {msg}"))
-            emit(ErrorEvent(msg, "cancelled"))
+            emit(ErrorEvent(msg, ErrorKind.CANCELLED))
         except ValidationError as exc:
-            emit(ErrorEvent(str(exc), "validation"))
+            emit(ErrorEvent(str(exc), ErrorKind.VALIDATION))
         except (ModelLoadError, PlanError) as exc:
-            emit(ErrorEvent(str(exc), "model"))
+            emit(ErrorEvent(str(exc), ErrorKind.MODEL))
         except Exception as exc:  # noqa: BLE001 - the user gets a message, the console the traceback
             if is_out_of_memory(exc):
                 emit(ErrorEvent(f"Out of memory at step {progress.done}/{progress.total} on "
-                                f"{device.upper()}: {memory_advice(device)}", "memory"))
+                                f"{device.upper()}: {memory_advice(device)}", ErrorKind.MEMORY))
             elif device != "cpu" and is_gpu_failure(exc) and not self._fell_back:
                 self._fall_back_to_cpu(exc, emit)
                 self._run(request, cancel, output_path, emit, resume=progress)  # once: _fell_back is now set
             else:
                 log.exception("generation failed")
-                emit(ErrorEvent(f"Generation failed: {type(exc).__name__}: {str(exc)[:300]}", "runtime"))
+                emit(ErrorEvent(f"Generation failed: {type(exc).__name__}: {str(exc)[:300]}",
+                                ErrorKind.RUNTIME))
         finally:
             self.host.device_lock.release()
 
@@ -223,11 +226,11 @@ class GenerationService:
             emit(LogEvent("Waiting for the device: another generation is running…"))
             while not lock.acquire(timeout=0.2):
                 if cancel.cancelled:
-                    emit(ErrorEvent("cancelled while waiting for the device", "cancelled"))
+                    emit(ErrorEvent("cancelled while waiting for the device", ErrorKind.CANCELLED))
                     return False
         if cancel.cancelled and resume is None:  # e.g. shutdown() ran while this job was on its way to the lock
             lock.release()
-            emit(ErrorEvent("cancelled before it started", "cancelled"))
+            emit(ErrorEvent("cancelled before it started", ErrorKind.CANCELLED))
             return False
         return True
 
@@ -236,7 +239,8 @@ class GenerationService:
         self._fell_back = True
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         emit(LogEvent(f"⚠ The GPU cannot run this model's kernels ({first}); falling back to CPU for this "
-                      "session. `python -m sdxl_ui doctor` shows the GPU, its arch and torch's build.", "warning"))
+                      "session. `python -m sdxl_ui doctor` shows the GPU, its arch and torch's build.",
+                      LogLevel.WARNING))
         self.host.reconfigure(self.host.settings.with_(device="cpu"))
 
 

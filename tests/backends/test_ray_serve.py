@@ -71,9 +71,7 @@ def collect(backend, request, cancel=None, **kwargs) -> dict:
 def test_both_backends_are_the_same_seam(pool, tmp_path):
     from sdxl_ui.service import GenerationService
 
-    # The local service is checked against the protocol in tests/packaging/test_no_probes.py (a strict xfail until
-    # GenerationService declares capabilities = jobs.LOCAL_SERVICE).
-    assert isinstance(pool, Backend)
+    assert isinstance(pool, Backend) and isinstance(GenerationService(AppSettings(model="tiny")), Backend)
     assert pool.concurrency == 2 and GenerationService.concurrency == 1
 
 

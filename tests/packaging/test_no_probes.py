@@ -7,7 +7,6 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
 from tests.helpers import ROOT
 
 from sdxl_ui.jobs import LOCAL_SERVICE, Capabilities, capabilities_of
@@ -76,10 +75,6 @@ def test_a_wrapped_backend_passes_its_capabilities_on():
     assert capabilities_of(QueuedBackend(Remote(), DeviceQueue(lambda: 1, 1))) is Remote.capabilities
 
 
-@pytest.mark.xfail(strict=True, reason="service.py and host.py are another branch's (issue 26, parts 1-2): "
-                   "GenerationService does not declare capabilities = jobs.LOCAL_SERVICE yet, nor does "
-                   "ModelHost.status() return ServiceState members; once they do, remove this mark and the "
-                   "fallback in jobs.capabilities_of")
 def test_the_local_service_declares_its_capabilities_and_typed_state(tmp_path):
     from sdxl_ui.jobs import Backend
     from sdxl_ui.schema import ServiceState
