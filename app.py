@@ -239,7 +239,8 @@ def _launch(demo, args, auth, forwarded: str, api=None) -> bool:
     from starlette.middleware import Middleware
 
     from sdxl_ui.a1111.limits import BodyLimitMiddleware
-    from sdxl_ui.ui.access import LoginThrottle, LoginThrottleMiddleware
+    from sdxl_ui.logins import LoginThrottle
+    from sdxl_ui.ui.access import LoginThrottleMiddleware
     from sdxl_ui.ui.guard import SessionGuardMiddleware
     from sdxl_ui.ui.render import CSS
 

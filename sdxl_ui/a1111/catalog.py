@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from fastapi import Depends, Request, Response
+from fastapi import Request, Response
 
 from ..adapters import metadata
 from .adapter import public_name
@@ -69,7 +69,7 @@ def reply(payload) -> Response:
 
 def add_catalog(router, api, caller_of) -> None:
     def empty(path: str):
-        async def listing(caller: str = Depends(caller_of)):
+        async def listing():
             return reply([])
 
         listing.__name__ = path.replace("-", "_")
@@ -79,23 +79,23 @@ def add_catalog(router, api, caller_of) -> None:
         empty(path)
 
     @router.get("/embeddings")
-    async def embeddings(caller: str = Depends(caller_of)):
+    async def embeddings():
         return reply({"loaded": {}, "skipped": {}})
 
     @router.get("/prompt-styles")
-    async def prompt_styles(caller: str = Depends(caller_of)):
+    async def prompt_styles():
         return reply(style_list(api.config.styles))
 
     @router.get("/cmd-flags")
-    async def flags(request: Request, caller: str = Depends(caller_of)):
+    async def flags(request: Request):
         return reply(cmd_flags(api, request))
 
     @router.get("/loras")
-    async def loras(caller: str = Depends(caller_of)):
+    async def loras():
         return reply(await asyncio.to_thread(lora_list, api.backend.settings.lora_dir))
 
     def refresh(path: str):
-        async def refreshed(caller: str = Depends(caller_of)):
+        async def refreshed(caller: str = caller_of):
             if path == "refresh-loras":
                 count = len(await asyncio.to_thread(lora_files, api.backend.settings.lora_dir))
                 log.info("api: %s rescanned the LoRA folder: %d file(s)", caller, count)
