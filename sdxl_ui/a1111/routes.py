@@ -25,6 +25,9 @@ from .adapter import SAMPLERS, SCHEDULERS, detail_422, error_body, field_names, 
     preview_base64, public_name, quality_presets, txt2img_response
 from .auth import caller_dependency, client_of
 from .catalog import SERVED, add_catalog
+from .models import (A1111JSON, MemoryResponse, Nothing, Options, PNGInfoResponse, ProgressResponse, SamplerItem,
+                     SchedulerItem, ScriptsList, SDModelItem, TextToImageResponse, answers, body_of, errors)
+from .openapi import docs_routes
 
 log = logging.getLogger("sdxl_ui")
 
@@ -51,11 +54,18 @@ async def read_json(request: Request):
     return await asyncio.to_thread(_parse_body, raw) if len(raw) > 65536 else _parse_body(raw)
 
 
-def build_router(api) -> APIRouter:
-    """Every route behind the one caller dependency (HTTP Basic when the API has logins); a route that needs the
-    caller's name reads the same dependency (FastAPI calls it once per request)."""
+def api_routes(api) -> list:
+    """The routes app.py serves: /sdapi/v1, then its /openapi.json and /docs, all behind one caller dependency."""
     caller_of = Depends(caller_dependency(api.config))
-    router = APIRouter(prefix="/sdapi/v1", dependencies=[caller_of])
+    router = build_router(api, caller_of)
+    return [*router.routes, *docs_routes(router.routes, caller_of)]
+
+
+def build_router(api, caller_of) -> APIRouter:
+    """Every route behind the one caller dependency (``Depends`` of ``auth.caller_dependency``: HTTP Basic when the
+    API has logins); a route that needs the caller's name reads the same dependency (FastAPI calls it once)."""
+    router = APIRouter(prefix="/sdapi/v1", dependencies=[caller_of], default_response_class=A1111JSON,
+                       responses=errors(401, 413, 429) if api.config.logins else errors(413))
     add_txt2img(router, api, caller_of)
     add_progress(router, api, caller_of)
     add_info(router, api, caller_of)
@@ -71,7 +81,7 @@ def build_router(api) -> APIRouter:
 
 
 def add_txt2img(router, api, caller_of) -> None:
-    @router.post("/txt2img")
+    @router.post("/txt2img", **answers(TextToImageResponse, 422, 500, 503), openapi_extra=body_of("txt2img"))
     async def txt2img(request: Request, caller: str = caller_of):
         backend = api.backend
         try:
@@ -100,8 +110,7 @@ def add_txt2img(router, api, caller_of) -> None:
             status = ERROR_STATUS.get(job.error.kind, 500)
             headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
             return reply(error_body("GenerationError", job.error.message), status, headers)
-        payload = await asyncio.to_thread(txt2img_response, spec, job.results, public_model(backend.settings))
-        return reply(payload)
+        return await asyncio.to_thread(txt2img_response, spec, job.results, public_model(backend.settings))
 
 
 def _idle_progress() -> dict:
@@ -112,29 +121,29 @@ def _idle_progress() -> dict:
 
 
 def add_progress(router, api, caller_of) -> None:
-    @router.get("/progress")
+    @router.get("/progress", **answers(ProgressResponse))
     async def progress(skip_current_image: bool = False, caller: str = caller_of):
         job = api.jobs.current(caller)
         if job is None:
-            return reply(_idle_progress())
+            return _idle_progress()
         image = None if skip_current_image else await asyncio.to_thread(preview_base64, job.preview)
-        return reply({
+        return {
             "progress": round(job.progress, 4), "eta_relative": float(job.eta_s or 0.0),
             "state": {"skipped": job.skipped, "interrupted": job.interrupted, "stopping_generation": False,
                       "job": f"txt2img ({job.state})", "job_count": job.spec.n_iter, "job_timestamp": "0",
                       "job_no": job.job_no, "sampling_step": job.step, "sampling_steps": job.total},
-            "current_image": image, "textinfo": job.textinfo})
+            "current_image": image, "textinfo": job.textinfo}
 
-    @router.post("/interrupt")
+    @router.post("/interrupt", **answers(Nothing))
     async def interrupt(caller: str = caller_of):
         if api.jobs.interrupt(caller):
             log.info("api: %s interrupted its job", caller)
-        return reply({})
+        return {}
 
-    @router.post("/skip")
+    @router.post("/skip", **answers(Nothing))
     async def skip(caller: str = caller_of):
         api.jobs.skip(caller)
-        return reply({})
+        return {}
 
 
 def switch_targets(api) -> dict[str, str]:
@@ -151,48 +160,47 @@ def _models(api) -> list[str]:
 
 
 def add_info(router, api, caller_of) -> None:
-    @router.get("/sd-models")
+    @router.get("/sd-models", **answers(list[SDModelItem]))
     async def sd_models():
-        return reply([{"title": m, "model_name": m, "hash": None, "sha256": None, "filename": m, "config": None}
-                      for m in _models(api)])
+        return [{"title": m, "model_name": m, "hash": None, "sha256": None, "filename": m, "config": None}
+                for m in _models(api)]
 
-    @router.get("/samplers")
+    @router.get("/samplers", **answers(list[SamplerItem]))
     async def samplers():
-        return reply(SAMPLERS)
+        return SAMPLERS
 
-    @router.get("/schedulers")
+    @router.get("/schedulers", **answers(list[SchedulerItem]))
     async def schedulers():
-        return reply(SCHEDULERS)
+        return SCHEDULERS
 
-    @router.get("/scripts")
+    @router.get("/scripts", **answers(ScriptsList))
     async def scripts():
-        return reply({"txt2img": [], "img2img": []})
+        return {"txt2img": [], "img2img": []}
 
-    @router.get("/options")
+    @router.get("/options", **answers(Options))
     async def options():
-        return reply({"sd_model_checkpoint": public_model(api.backend.settings), "sd_checkpoint_hash": None,
-                      "samples_format": "png", "samples_save": True, "live_previews_enable": True,
-                      "sdxl_ui_quality_presets": quality_presets(),
-                      "sdxl_ui_techniques": [s.name for s in SWITCHES]})
+        return {"sd_model_checkpoint": public_model(api.backend.settings), "sd_checkpoint_hash": None,
+                "samples_format": "png", "samples_save": True, "live_previews_enable": True,
+                "sdxl_ui_quality_presets": quality_presets(), "sdxl_ui_techniques": [s.name for s in SWITCHES]}
 
-    @router.post("/options")
+    @router.post("/options", **answers(None, 403, 422), openapi_extra=body_of("options"))
     async def set_options(request: Request, caller: str = caller_of):
         return await change_options(api, request, caller)
 
-    @router.get("/memory")
+    @router.get("/memory", **answers(MemoryResponse))
     async def memory():
         import psutil
 
         ram = psutil.virtual_memory()
         device = api.backend.status().get("device", "?")
-        return reply({"ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total},
-                      "cuda": {"error": f"not reported by sdxl_ui's API (device: {device})"}})
+        return {"ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total},
+                "cuda": {"error": f"not reported by sdxl_ui's API (device: {device})"}}
 
-    @router.post("/png-info")
+    @router.post("/png-info", **answers(PNGInfoResponse, 422), openapi_extra=body_of("png-info"))
     async def png_info(request: Request):
         raw = await request.body()  # at most MAX_BODY (limits.BodyLimitMiddleware); the work is off the event loop
         try:
-            return reply(await asyncio.to_thread(png_info_reply, raw))
+            return await asyncio.to_thread(png_info_reply, raw)
         except ValidationError as exc:
             return reply(detail_422(exc), 422)
 
