@@ -99,3 +99,17 @@ def test_the_request_model_and_the_adapter_agree():
     assert (job.batch_size, job.n_iter, job.send_images, job.save_images) == (
         defaults.batch_size, defaults.n_iter, defaults.send_images, defaults.save_images)
     assert job.request.prompt == defaults.prompt and job.request.negative_prompt == defaults.negative_prompt
+
+
+def test_every_route_is_behind_the_one_login():
+    from fastapi.routing import APIRoute
+
+    client = _client(logins={"alice": "pw"})
+    routes = [r for r in client.app.routes if isinstance(r, APIRoute)]
+    assert len(routes) > 25
+    for route in routes:
+        for method in route.methods:
+            path = route.path.replace("{rest:path}", "anything")
+            reply = client.request(method, path)
+            assert reply.status_code == 401 and "www-authenticate" in reply.headers, (method, path)
+            assert client.request(method, path, auth=("alice", "pw")).status_code != 401, (method, path)
