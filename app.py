@@ -240,7 +240,8 @@ def _launch(demo, args, auth, forwarded: str, api=None) -> bool:
     from starlette.middleware import Middleware
 
     from sdxl_ui.a1111.limits import BodyLimitMiddleware
-    from sdxl_ui.ui.access import LoginThrottle, LoginThrottleMiddleware
+    from sdxl_ui.logins import LoginThrottle
+    from sdxl_ui.ui.access import LoginThrottleMiddleware
     from sdxl_ui.ui.guard import SessionGuardMiddleware
     from sdxl_ui.ui.render import CSS
 
@@ -253,7 +254,9 @@ def _launch(demo, args, auth, forwarded: str, api=None) -> bool:
     if auth:
         middleware.append(Middleware(LoginThrottleMiddleware, throttle=throttle))
     app_kwargs = {"middleware": middleware}
-    if auth or api and api.config.logins:  # FastAPI's own schema of every route (gradio's needs the page's login)
+    # FastAPI's own schema of every route: never with a login (gradio's needs the page's login); with --api the API
+    # serves its own /openapi.json and /docs, behind its login (sdxl_ui/a1111/openapi.py).
+    if auth or api:
         app_kwargs["openapi_url"] = None
     if api:  # --api: AUTOMATIC1111's /sdapi/v1 on this port (sdxl_ui/a1111)
         api.config.throttle = throttle

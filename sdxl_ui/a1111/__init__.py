@@ -105,6 +105,7 @@ class A1111Api:
         self.limit = HourlyLimit(config.max_jobs_per_user)
 
     def routes(self) -> list:
-        from .routes import build_router
+        """/sdapi/v1 and its /openapi.json and /docs (sdxl_ui/a1111/routes.py)."""
+        from .routes import api_routes
 
-        return list(build_router(self).routes)
+        return api_routes(self)

@@ -7,14 +7,14 @@ as A1111 does. No path of the server is ever shown (a folder by its name, a LoRA
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from pathlib import Path
 
-from fastapi import Depends, Request, Response
+from fastapi import Request
 
 from ..adapters import metadata
 from .adapter import public_name
+from .models import EMPTY_LIST_ITEMS, EmbeddingsResponse, Flags, LoraItem, PromptStyleItem, answers
 from .styles import style_list
 
 log = logging.getLogger("sdxl_ui")
@@ -62,47 +62,42 @@ def cmd_flags(api, request: Request) -> dict:
     return flags
 
 
-def reply(payload) -> Response:
-    """JSON with \\u escapes (as routes.reply): a LoRA's metadata that is not valid Unicode is still sent."""
-    return Response(json.dumps(payload), media_type="application/json")
-
-
 def add_catalog(router, api, caller_of) -> None:
     def empty(path: str):
-        async def listing(caller: str = Depends(caller_of)):
-            return reply([])
+        async def listing():
+            return []
 
         listing.__name__ = path.replace("-", "_")
-        router.add_api_route(f"/{path}", listing, methods=["GET"])
+        router.add_api_route(f"/{path}", listing, methods=["GET"], **answers(list[EMPTY_LIST_ITEMS[path]]))
 
     for path in EMPTY_LISTS:
         empty(path)
 
-    @router.get("/embeddings")
-    async def embeddings(caller: str = Depends(caller_of)):
-        return reply({"loaded": {}, "skipped": {}})
+    @router.get("/embeddings", **answers(EmbeddingsResponse))
+    async def embeddings():
+        return {"loaded": {}, "skipped": {}}
 
-    @router.get("/prompt-styles")
-    async def prompt_styles(caller: str = Depends(caller_of)):
-        return reply(style_list(api.config.styles))
+    @router.get("/prompt-styles", **answers(list[PromptStyleItem]))
+    async def prompt_styles():
+        return style_list(api.config.styles)
 
-    @router.get("/cmd-flags")
-    async def flags(request: Request, caller: str = Depends(caller_of)):
-        return reply(cmd_flags(api, request))
+    @router.get("/cmd-flags", **answers(Flags))
+    async def flags(request: Request):
+        return cmd_flags(api, request)
 
-    @router.get("/loras")
-    async def loras(caller: str = Depends(caller_of)):
-        return reply(await asyncio.to_thread(lora_list, api.backend.settings.lora_dir))
+    @router.get("/loras", **answers(list[LoraItem]))
+    async def loras():  # a LoRA's metadata that is not valid Unicode is still sent (models.A1111JSON: \\u escapes)
+        return await asyncio.to_thread(lora_list, api.backend.settings.lora_dir)
 
     def refresh(path: str):
-        async def refreshed(caller: str = Depends(caller_of)):
+        async def refreshed(caller: str = caller_of):
             if path == "refresh-loras":
                 count = len(await asyncio.to_thread(lora_files, api.backend.settings.lora_dir))
                 log.info("api: %s rescanned the LoRA folder: %d file(s)", caller, count)
-            return reply(None)  # A1111: null (nothing else here is cached: every list is read when asked)
+            return None  # A1111: null (nothing else here is cached: every list is read when asked)
 
         refreshed.__name__ = path.replace("-", "_")
-        router.add_api_route(f"/{path}", refreshed, methods=["POST"])
+        router.add_api_route(f"/{path}", refreshed, methods=["POST"], **answers(None))
 
     for path in REFRESHED:
         refresh(path)

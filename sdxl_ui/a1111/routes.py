@@ -1,4 +1,5 @@
-"""The FastAPI routes of ``/sdapi/v1``: HTTP Basic on every route, then the adapter and the shared queue.
+"""The FastAPI routes of ``/sdapi/v1``: HTTP Basic on every route (``auth``: one router-level dependency), then the
+adapter and the shared queue.
 
 Errors: 401 (login), 403 (not the operator), 422 (FastAPI's ``detail`` shape, naming the field and the value),
 429 (login throttle, job limit), 503 (queue full, with Retry-After), 501 (an AUTOMATIC1111 endpoint sdxl_ui does not
@@ -12,18 +13,21 @@ import binascii
 import io
 import json
 import logging
-import secrets
 import time
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
+from ..logins import LOOPBACK
 from ..metadata import parse_parameters
 from ..optimizations.registry import SWITCHES
 from ..schema import ErrorKind, ValidationError
-from ..ui.access import LOOPBACK, LoginThrottle
 from .adapter import SAMPLERS, SCHEDULERS, detail_422, error_body, field_names, parse_json, parse_txt2img, \
     preview_base64, public_name, quality_presets, txt2img_response
+from .auth import caller_dependency, client_of
 from .catalog import SERVED, add_catalog
+from .models import (A1111JSON, MemoryResponse, Nothing, Options, PNGInfoResponse, ProgressResponse, SamplerItem,
+                     SchedulerItem, ScriptsList, SDModelItem, TextToImageResponse, answers, body_of, errors)
+from .openapi import docs_routes
 
 log = logging.getLogger("sdxl_ui")
 
@@ -45,71 +49,31 @@ def public_model(settings) -> str:
     return public_name(settings.model)
 
 
-def _basic(header: str | None) -> tuple[str | None, str | None]:
-    if not header or not header.lower().startswith("basic "):
-        return None, None
-    try:
-        user, _, password = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8").partition(":")
-    except ValueError:  # not base64 (binascii.Error), not ASCII (a header read as Latin-1), not UTF-8 inside
-        return None, None
-    return user, password
-
-
-def make_auth(config):
-    throttle = config.throttle or LoginThrottle()
-    challenge = {"WWW-Authenticate": 'Basic realm="sdxl_ui API"'}
-
-    def valid(user, password) -> bool:
-        expected = config.logins.get(user)
-        return expected is not None and secrets.compare_digest(expected.encode(), (password or "").encode())
-
-    async def caller(request: Request) -> str:
-        client = request.client.host if request.client else "?"
-        if not config.logins:
-            return client
-        user, password = _basic(request.headers.get("authorization"))
-        if user is None:
-            raise HTTPException(401, "Not authenticated: this API needs HTTP Basic credentials", headers=challenge)
-        now = time.monotonic()
-        if throttle.locked_until.get(client, 0.0) > now:
-            raise HTTPException(429, "Too many failed logins from this address; try again later")
-        recent = [t for t in throttle.failures.get(client, []) if now - t < throttle.window_s]
-        if len(recent) < throttle.free and valid(user, password):
-            return user  # the common case: no throttle bookkeeping, so parallel calls of one client stay parallel
-        refused, delay = throttle.begin(client, now, user)
-        if refused:
-            log.warning("api: login refused from %s: %s", client, refused)
-            raise HTTPException(429, refused)
-        ok = False
-        try:
-            await asyncio.sleep(delay)
-            ok = valid(user, password)
-        finally:
-            count, locked = throttle.end(client, ok, time.monotonic(), user)
-        if not ok:
-            log.warning("api: login failed for user %r from %s (%d failed)", user[:64], client, count)
-            raise HTTPException(401, "Incorrect credentials", headers=challenge)
-        return user
-
-    return caller
-
-
 async def read_json(request: Request):
     """The request's JSON body (parsed off the event loop), or ValidationError naming what is wrong with it."""
     raw = await request.body()
     return await asyncio.to_thread(_parse_body, raw) if len(raw) > 65536 else _parse_body(raw)
 
 
-def build_router(api) -> APIRouter:
-    router = APIRouter(prefix="/sdapi/v1")
-    caller_of = make_auth(api.config)
+def api_routes(api) -> list:
+    """The routes app.py serves: /sdapi/v1, then its /openapi.json and /docs, all behind one caller dependency."""
+    caller_of = Depends(caller_dependency(api.config))
+    router = build_router(api, caller_of)
+    return [*router.routes, *docs_routes(router.routes, caller_of)]
+
+
+def build_router(api, caller_of) -> APIRouter:
+    """Every route behind the one caller dependency (``Depends`` of ``auth.caller_dependency``: HTTP Basic when the
+    API has logins); a route that needs the caller's name reads the same dependency (FastAPI calls it once)."""
+    router = APIRouter(prefix="/sdapi/v1", dependencies=[caller_of], default_response_class=A1111JSON,
+                       responses=errors(401, 413, 429) if api.config.logins else errors(413))
     add_txt2img(router, api, caller_of)
     add_progress(router, api, caller_of)
     add_info(router, api, caller_of)
     add_catalog(router, api, caller_of)  # the listing endpoints, before the catch-all below
 
-    @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
-    async def not_supported(rest: str, caller: str = Depends(caller_of)):
+    @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    async def not_supported(rest: str):
         return reply(error_body("NotImplementedError", f"/sdapi/v1/{rest[:100]} is not supported by sdxl_ui "
                                                        f"(no img2img, upscaling, interrogation, …); supported: "
                                                        f"{SUPPORTED}"), 501)
@@ -118,8 +82,8 @@ def build_router(api) -> APIRouter:
 
 
 def add_txt2img(router, api, caller_of) -> None:
-    @router.post("/txt2img")
-    async def txt2img(request: Request, caller: str = Depends(caller_of)):
+    @router.post("/txt2img", **answers(TextToImageResponse, 422, 500, 503), openapi_extra=body_of("txt2img"))
+    async def txt2img(request: Request, caller: str = caller_of):
         backend = api.backend
         try:
             body = await read_json(request)
@@ -147,8 +111,7 @@ def add_txt2img(router, api, caller_of) -> None:
             status = ERROR_STATUS.get(job.error.kind, 500)
             headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
             return reply(error_body("GenerationError", job.error.message), status, headers)
-        payload = await asyncio.to_thread(txt2img_response, spec, job.results, public_model(backend.settings))
-        return reply(payload)
+        return await asyncio.to_thread(txt2img_response, spec, job.results, public_model(backend.settings))
 
 
 def _idle_progress() -> dict:
@@ -159,29 +122,29 @@ def _idle_progress() -> dict:
 
 
 def add_progress(router, api, caller_of) -> None:
-    @router.get("/progress")
-    async def progress(skip_current_image: bool = False, caller: str = Depends(caller_of)):
+    @router.get("/progress", **answers(ProgressResponse))
+    async def progress(skip_current_image: bool = False, caller: str = caller_of):
         job = api.jobs.current(caller)
         if job is None:
-            return reply(_idle_progress())
+            return _idle_progress()
         image = None if skip_current_image else await asyncio.to_thread(preview_base64, job.preview)
-        return reply({
+        return {
             "progress": round(job.progress, 4), "eta_relative": float(job.eta_s or 0.0),
             "state": {"skipped": job.skipped, "interrupted": job.interrupted, "stopping_generation": False,
                       "job": f"txt2img ({job.state})", "job_count": job.spec.n_iter, "job_timestamp": "0",
                       "job_no": job.job_no, "sampling_step": job.step, "sampling_steps": job.total},
-            "current_image": image, "textinfo": job.textinfo})
+            "current_image": image, "textinfo": job.textinfo}
 
-    @router.post("/interrupt")
-    async def interrupt(caller: str = Depends(caller_of)):
+    @router.post("/interrupt", **answers(Nothing))
+    async def interrupt(caller: str = caller_of):
         if api.jobs.interrupt(caller):
             log.info("api: %s interrupted its job", caller)
-        return reply({})
+        return {}
 
-    @router.post("/skip")
-    async def skip(caller: str = Depends(caller_of)):
+    @router.post("/skip", **answers(Nothing))
+    async def skip(caller: str = caller_of):
         api.jobs.skip(caller)
-        return reply({})
+        return {}
 
 
 def switch_targets(api) -> dict[str, str]:
@@ -198,48 +161,47 @@ def _models(api) -> list[str]:
 
 
 def add_info(router, api, caller_of) -> None:
-    @router.get("/sd-models")
-    async def sd_models(caller: str = Depends(caller_of)):
-        return reply([{"title": m, "model_name": m, "hash": None, "sha256": None, "filename": m, "config": None}
-                      for m in _models(api)])
+    @router.get("/sd-models", **answers(list[SDModelItem]))
+    async def sd_models():
+        return [{"title": m, "model_name": m, "hash": None, "sha256": None, "filename": m, "config": None}
+                for m in _models(api)]
 
-    @router.get("/samplers")
-    async def samplers(caller: str = Depends(caller_of)):
-        return reply(SAMPLERS)
+    @router.get("/samplers", **answers(list[SamplerItem]))
+    async def samplers():
+        return SAMPLERS
 
-    @router.get("/schedulers")
-    async def schedulers(caller: str = Depends(caller_of)):
-        return reply(SCHEDULERS)
+    @router.get("/schedulers", **answers(list[SchedulerItem]))
+    async def schedulers():
+        return SCHEDULERS
 
-    @router.get("/scripts")
-    async def scripts(caller: str = Depends(caller_of)):
-        return reply({"txt2img": [], "img2img": []})
+    @router.get("/scripts", **answers(ScriptsList))
+    async def scripts():
+        return {"txt2img": [], "img2img": []}
 
-    @router.get("/options")
-    async def options(caller: str = Depends(caller_of)):
-        return reply({"sd_model_checkpoint": public_model(api.backend.settings), "sd_checkpoint_hash": None,
-                      "samples_format": "png", "samples_save": True, "live_previews_enable": True,
-                      "sdxl_ui_quality_presets": quality_presets(),
-                      "sdxl_ui_techniques": [s.name for s in SWITCHES]})
+    @router.get("/options", **answers(Options))
+    async def options():
+        return {"sd_model_checkpoint": public_model(api.backend.settings), "sd_checkpoint_hash": None,
+                "samples_format": "png", "samples_save": True, "live_previews_enable": True,
+                "sdxl_ui_quality_presets": quality_presets(), "sdxl_ui_techniques": [s.name for s in SWITCHES]}
 
-    @router.post("/options")
-    async def set_options(request: Request, caller: str = Depends(caller_of)):
+    @router.post("/options", **answers(None, 403, 422), openapi_extra=body_of("options"))
+    async def set_options(request: Request, caller: str = caller_of):
         return await change_options(api, request, caller)
 
-    @router.get("/memory")
-    async def memory(caller: str = Depends(caller_of)):
+    @router.get("/memory", **answers(MemoryResponse))
+    async def memory():
         import psutil
 
         ram = psutil.virtual_memory()
         device = api.backend.status().get("device", "?")
-        return reply({"ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total},
-                      "cuda": {"error": f"not reported by sdxl_ui's API (device: {device})"}})
+        return {"ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total},
+                "cuda": {"error": f"not reported by sdxl_ui's API (device: {device})"}}
 
-    @router.post("/png-info")
-    async def png_info(request: Request, caller: str = Depends(caller_of)):
+    @router.post("/png-info", **answers(PNGInfoResponse, 422), openapi_extra=body_of("png-info"))
+    async def png_info(request: Request):
         raw = await request.body()  # at most MAX_BODY (limits.BodyLimitMiddleware); the work is off the event loop
         try:
-            return reply(await asyncio.to_thread(png_info_reply, raw))
+            return await asyncio.to_thread(png_info_reply, raw)
         except ValidationError as exc:
             return reply(detail_422(exc), 422)
 
@@ -310,7 +272,7 @@ async def change_options(api, request: Request, caller: str) -> Response:
         return reply(None)
     config = api.config
     operator = caller == config.operator if config.logins else \
-        (request.client.host if request.client else "?") in LOOPBACK
+        client_of(request) in LOOPBACK
     if not operator:
         log.warning("api: refused a model switch to %r from %s: not the operator", wanted, caller)
         return reply(error_body("HTTPException", "Only the operator of this app may switch the model "

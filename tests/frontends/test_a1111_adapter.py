@@ -295,7 +295,7 @@ def _app(backend, **config):
 
 
 def test_failed_api_logins_go_through_the_login_throttle():
-    from sdxl_ui.ui.access import LoginThrottle
+    from sdxl_ui.logins import LoginThrottle
 
     throttle = LoginThrottle(free=2, lock_after=4, base_delay_s=0.05, max_delay_s=0.1)
     http = _app(FakeBackend(), logins={"alice": "pw"}, throttle=throttle)

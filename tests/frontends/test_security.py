@@ -19,7 +19,8 @@ from sdxl_ui.schema import ServiceState
 from sdxl_ui.service import GenerationService
 from sdxl_ui.settings import AppSettings
 from sdxl_ui.ui import UIConfig, build_ui
-from sdxl_ui.ui.access import Access, LoginThrottle, LoginThrottleMiddleware
+from sdxl_ui.logins import LoginThrottle
+from sdxl_ui.ui.access import Access, LoginThrottleMiddleware
 
 ARGS = dict(negative_text="", quality_label="High quality", cfg=8.0, n_images=1, size_label="Native (256×256)",
             w=256, h=256, sched="auto")

@@ -204,7 +204,8 @@ def test_rotating_addresses_do_not_speed_up_guessing_and_the_owner_still_gets_in
     import gradio as gr
     from starlette.middleware import Middleware
 
-    from sdxl_ui.ui.access import LoginThrottle, LoginThrottleMiddleware
+    from sdxl_ui.logins import LoginThrottle
+    from sdxl_ui.ui.access import LoginThrottleMiddleware
 
     monkeypatch.setenv("FORWARDED_ALLOW_IPS", "127.0.0.1")  # what app.py --forwarded-allow-ips 127.0.0.1 sets
     throttle = LoginThrottle(free=2, lock_after=3, base_delay_s=0.5, max_delay_s=0.5, account_free=3,

@@ -492,6 +492,16 @@ def test_the_openapi_schema_and_docs_need_a_login(login_api):
     RELIABILITY["bad_inputs"].add("/openapi.json without a login")
 
 
+def test_with_the_login_the_openapi_schema_describes_the_api_only(login_api):
+    status, _, document = http(f"{login_api.url}openapi.json", login=ALICE)
+    assert status == 200, (status, document)
+    assert "/sdapi/v1/txt2img" in document["paths"] and all(p.startswith("/sdapi/v1/") for p in document["paths"])
+    assert {"prompt", "steps", "cfg_scale", "sampler_name"} <= set(
+        document["components"]["schemas"]["StableDiffusionProcessingTxt2Img"]["properties"])
+    status, _, page = http(f"{login_api.url}docs", login=BOB)
+    assert status == 200 and "swagger" in page.lower() and "/openapi.json" in page
+
+
 # ---------------------------------------------------------------- 5 (again). the page's login is unchanged
 
 def test_the_api_still_answers_a_right_login(login_api):
