@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from sdxl_ui.jobs import LOCAL_SERVICE
 from sdxl_ui.schema import ErrorEvent, ProgressEvent, ResultEvent
 
 SNAPSHOT = Path(__file__).with_name("a1111_responses.json")
@@ -29,6 +30,7 @@ class StillBackend:
     """A backend that answers at once with an 8×8 picture whose infotext names the request (deterministic)."""
 
     concurrency = 1
+    capabilities = LOCAL_SERVICE  # answers like the local service (the API's scratch folder, its LoRAs)
 
     def __init__(self):
         from sdxl_ui.settings import AppSettings
