@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--hq", action="store_true",
                        help="also time the whole High-quality image end to end (50 steps, base then refiner "
                             "where the plan uses it) for stock and plan; meant for GPUs, or --arch tiny")
+    bench.add_argument("--prompt-chunks", action="store_true",
+                       help="instead: the text encoders' time for a prompt of 1 to 4 chunks (the full SDXL encoders)")
     bench.add_argument("--json", action="store_true")
 
     selftest = sub.add_parser("selftest", help="build and run every configuration the planner can choose on this "

@@ -114,10 +114,51 @@ class Conditioning:
     negative: ParsedPrompt
     phases: tuple = ()  # ((first step index, prompt_embeds, pooled, negative_embeds, negative_pooled), …) after 0
     cut: bool = False  # more than MAX_CHUNKS: the rest is not read
+    cut_note: str | None = None  # what was cut, for the PNG and the API's info ("Prompt cut")
 
-    def schedule(self, then=None):
-        """The step-end callback that switches the conditioning at each phase (``then`` after it), or ``then``."""
-        return prompt_schedule()(self.phases, then) if self.phases else then
+    def schedule(self, then=None, switched: list | None = None):
+        """The step-end callback that switches the conditioning at each phase (``then`` after it), or ``then``;
+        ``switched`` collects the step indexes that got a new conditioning."""
+        return prompt_schedule()(self.phases, then, switched) if self.phases else then
+
+    def remember(self, pipe) -> "PromptState":
+        """What the report reads back of this run's prompts: set on ``pipe``'s registry (``hooks.state``)."""
+        from .optimizations import hooks
+
+        state = PromptState(self.chunks, "prompt" in self.arguments, self.prompt.weights, self.prompt.breaks,
+                            len(self.prompt.phases), self.prompt.steps, [], self.cut, tuple(p[0] for p in self.phases))
+        hooks.set_state(pipe, "prompt", state)
+        return state
+
+
+@dataclass
+class PromptState:
+    """How the last run conditioned on its prompt (the report's "prompt handling" row reads ``summary``)."""
+
+    chunks: int
+    text: bool  # plain words within the window: given to diffusers as text
+    weights: tuple[float, ...]
+    breaks: int
+    phases: int
+    steps: int
+    switched: list[int]  # step indexes whose conditioning the schedule switched (filled during the run)
+    cut: bool
+    planned: tuple[int, ...] = ()  # the step indexes where the schedule switches
+
+    def summary(self) -> str:
+        if self.text:
+            return "last run: plain words within the encoders' window, given to the pipeline as text"
+        parts = [f"{self.chunks} chunk{'s' if self.chunks > 1 else ''}" + (" (the rest cut)" if self.cut else "")]
+        if self.weights:
+            parts.append(f"weights {', '.join(f'{w:.3g}' for w in self.weights)}")
+        if self.breaks:
+            parts.append(f"{self.breaks} BREAK")
+        if self.phases > 1:
+            done = bool(self.switched)
+            steps = ", ".join(str(i + 1) for i in (self.switched if done else self.planned))
+            parts.append(f"{self.phases} phases over {self.steps} steps, {'switched' if done else 'switching'} at "
+                         f"step {steps}")
+        return "last run: " + "; ".join(parts)
 
 
 def conditioning(pipe, prompt: str, negative: str, clip_skip: int = 0, steps: int = 1) -> Conditioning:
@@ -149,7 +190,16 @@ def conditioning(pipe, prompt: str, negative: str, clip_skip: int = 0, steps: in
     _, embeds, pooled, negative_embeds, negative_pooled = encoded[0]
     return Conditioning({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled,
                          "negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled},
-                        n, parsed, parsed_negative, tuple(encoded[1:]), cut)
+                        n, parsed, parsed_negative, tuple(encoded[1:]), cut, _cut_note(pipe, parsed, parsed_negative)
+                        if cut else None)
+
+
+def _cut_note(pipe, *prompts: ParsedPrompt) -> str:
+    per = (pipe.tokenizer or pipe.tokenizer_2).model_max_length - 2
+    names = ("prompt", "negative prompt")
+    return "; ".join(f"{name} {tokens} tokens, {MAX_CHUNKS * per} read ({MAX_CHUNKS} chunks of {per})"
+                     for name, parsed in zip(names, prompts)
+                     if (tokens := max(token_count(pipe, p.fragments) for p in parsed.phases)) > MAX_CHUNKS * per)
 
 
 def chunked_arguments(pipe, prompt: str, negative: str, clip_skip: int = 0) -> tuple[dict, int]:
@@ -172,18 +222,16 @@ def prompt_schedule():
 
         tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds"]
 
-        def __init__(self, phases, then=None):
+        def __init__(self, phases, then=None, switched: list | None = None):
             super().__init__()
             self.phases, self.then = {p[0]: p[1:] for p in phases}, then
             self.tensor_inputs = list(dict.fromkeys([*PromptSchedule.tensor_inputs,
                                                      *getattr(then, "tensor_inputs", [])]))
-            self.switched: list[int] = []  # the step indexes that got a new conditioning in the last call
+            self.switched = [] if switched is None else switched  # the step indexes given a new conditioning
 
         def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
             import torch
 
-            if step_index == 0:
-                self.switched = []
             phase = self.phases.get(step_index + 1)
             if phase is not None:
                 embeds, pooled, negative_embeds, negative_pooled = phase

@@ -57,6 +57,7 @@ class ImageParameters:
     schedule: str | None = None  # A1111's "Schedule type" (its label) when the request chose one
     tiling: bool = False  # A1111's "Tiling: True": the picture wraps at its edges
     clip_skip: int = 0  # diffusers' clip_skip; A1111's "Clip skip: N" is N = clip_skip + 1, written when > 1
+    prompt_cut: str | None = None  # what of a prompt longer than the chunks' limit was not read (long_prompts)
 
     def __post_init__(self):
         object.__setattr__(self, "loras", tuple((str(n), float(w), str(h)) for n, w, h in self.loras))
@@ -80,6 +81,8 @@ class ImageParameters:
             fields.append(("Tiling", "True"))
         if self.vae:
             fields.append(("VAE", self.vae))
+        if self.prompt_cut:
+            fields.append(("Prompt cut", self.prompt_cut))
         if self.note:
             fields.append(("Note", self.note))
         tail = ", ".join(f"{k}: {_quote(_clean(v).replace(chr(10), ' '))}" for k, v in fields)

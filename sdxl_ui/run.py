@@ -88,7 +88,6 @@ class Run:
         apply_request_loras(models.base, host.settings, request, plan)  # its <lora:…> tags, for this job alone
         apply(plan, models)
         host.applied(models, plan, use_refiner)  # the status panel reports against this, not the load plan
-        rep = report(models, plan, host.probe, use_refiner=use_refiner)
         # A few-step profile's own steps and guidance, unless the request sets them.
         wanted = request.steps if request.steps is not None else profile.steps_for(high) or request.requested_steps
         steps = plan.steps_for(wanted)
@@ -103,11 +102,11 @@ class Run:
                       + (f" — profile {plan.profile}" if profile.few_step else "")))
         emit(LogEvent("Refinement: " + (f"ENABLED (base to {REFINER_SPLIT}, refiner from {REFINER_SPLIT})"
                                         if use_refiner else _refiner_off(plan))))
-        for line in rep.log_lines():
+        prompts = self.prompt_arguments(steps)  # before the report: its prompt row reads this run's
+        for line in report(models, plan, host.probe, use_refiner=use_refiner).log_lines():
             emit(LogEvent(line))
         for warning in plan.warnings:
             emit(LogEvent(f"⚠ {warning}", LogLevel.WARNING))
-        prompts = self.prompt_arguments(steps)
 
         # Always from the model's original config: a previous sampler's options (e.g. Karras sigmas) must not leak.
         # A few-step profile's own scheduler when the request leaves the sampler on auto.
@@ -152,7 +151,8 @@ class Run:
         text = dict(prompt=refiner_words, negative_prompt=request.negative_prompt or None)
         common = dict(**(cond.arguments if cond is not None else text), num_inference_steps=steps,
                       guidance_scale=run.guidance, generator=generator, output_type="latent", **run.options)
-        schedule = cond.schedule if cond is not None else (lambda then: then)  # a scheduled prompt's switches
+        state = cond.remember(models.base) if cond is not None else None  # what the report reads back, per image
+        schedule = (lambda then: cond.schedule(then, state.switched)) if cond is not None else (lambda then: then)
         stages = 2 if use_refiner else 1
         emit(LogEvent(f"⏱️ Stage 1/{stages}: Base generation (image {index + 1}/{request.images}, seed {seed})…"))
 
@@ -193,6 +193,7 @@ class Run:
             refiner=run.use_refiner, note=models.note, profile=plan.profile if plan.profile != "sdxl" else None,
             vae=final_decoder(models.base), tiling=bool(plan.tiling), clip_skip=request.clip_skip,
             loras=tuple((lora.name, lora.weight, lora.hash) for lora in fused(models.base)),
+            prompt_cut=run.prompts.cut_note if run.prompts is not None else None,
         )
 
     def prompt_arguments(self, steps: int) -> Conditioning:
@@ -200,6 +201,7 @@ class Run:
         schedule (``long_prompts``), said in the log."""
         pipe, request = self.models.base, self.request
         found = conditioning(pipe, request.encoder_prompt, request.negative_prompt, request.clip_skip, steps)
+        found.remember(pipe)
         for line, level in chunk_lines(pipe, found):
             self.emit(LogEvent(line, level))
         return found

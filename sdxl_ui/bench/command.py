@@ -33,6 +33,10 @@ def cmd_bench(args) -> int:
     plan_settings = settings.with_(device=device_choice, model="stabilityai/stable-diffusion-xl-base-1.0")
     plan = make_plan(probe, plan_settings, "tiny" if args.arch == "tiny" else "sdxl", args.res, args.res, True)
     device = plan.device
+    if args.prompt_chunks:
+        from .prompts import cmd_prompt_chunks
+
+        return cmd_prompt_chunks(args, probe, plan)
 
     def say(msg):  # progress goes to stderr, also with --json (stdout holds only the JSON object)
         print(msg, file=sys.stderr, flush=True)

@@ -70,4 +70,27 @@ class Tiling(Unit):
         return [live_row("tiling", circular == total > 0, live.plan.tiling, live.plan.reasons["tiling"], detail)]
 
 
-UNITS = (Tiling(),)
+class PromptHandling(Unit):
+    """How the prompt conditions the run, in AUTOMATIC1111's syntax (``prompt_syntax``, ``long_prompts``): not a
+    decision of the plan but read back from the last run (its chunks, weights, BREAKs and schedule)."""
+
+    key, rows = "prompt", ("prompt handling",)
+    decide_at, row_at = 165, 137
+
+    def decide(self, ctx):
+        ctx.reasons["prompt"] = ("AUTOMATIC1111's prompt syntax: (word:1.2) and [word] weights, BREAK, "
+                                 "[from:to:when] and [a|b]; beyond the encoders' window in chunks of it (up to 8, "
+                                 "600 tokens for SDXL; the log says what is cut past them)")
+
+    def expected(self, plan, probe):
+        return [planned_row("prompt handling", True, plan.reasons["prompt"])]
+
+    def live(self, live):
+        from . import hooks
+
+        found = hooks.state(live.base, "prompt")
+        state = found.summary() if found is not None else "no run yet"
+        return [live_row("prompt handling", True, True, live.plan.reasons["prompt"], state)]
+
+
+UNITS = (Tiling(), PromptHandling())

@@ -92,8 +92,15 @@ def test_each_quality_preset_keeps_the_scene(demo, quality):
 
 @pytest.mark.parametrize("sampler", [s.value for s in Scheduler if s is not Scheduler.AUTO])
 def test_every_scheduler_offered_keeps_the_scene(demo, sampler):
+    """27 of 32 on the 8 prompts; a sampler below it gets the next 8 and must reach 54 of 64 on all 16. Eight
+    prompts are few for the stochastic samplers, whose noise path follows the CPU's rounding: on the AMX Xeon
+    (2026-12-02) DPM++ 3M SDE read 26 of 32 on the first 8 and 57 of 64 on 16 (on the EPYC, 27 or more on 8); a
+    broken sampler reads ~20 of 32 (DPM++ 3M SDE at Fast quality's steps: 21)."""
     result = E.run_prompts(demo, SUBSET, quality="high", scheduler=sampler)
-    assert _score(result) >= 27, (sampler, result.right, result.misses)  # of 32
+    score = _score(result)
+    if score < 27:  # of 32
+        more = E.run_prompts(demo, E.prompt_set()[8:16], quality="high", scheduler=sampler)
+        assert score + _score(more) >= 54, (sampler, score, _score(more), result.misses, more.misses)  # of 64
 
 
 def test_refiner_hand_off_keeps_the_scene(tmp_path_factory):
