@@ -197,3 +197,17 @@ def test_putting_a_real_import_back_fails_and_names_it(tmp_path, added, expected
     line = len(text.splitlines())
     problems = violations(modules(tmp_path / "sdxl_ui"), DOC.read_text(), root=tmp_path)
     assert any(expected.format(line=line) in p for p in problems), problems
+
+
+def test_the_foundation_imports_no_torch_diffusers_or_gradio():
+    """Layer 0 is plain data and rules: no module of it imports torch, diffusers or gradio, not even in a function."""
+    table, heavy = layer_table(DOC.read_text()), ("torch", "diffusers", "gradio", "transformers")
+    found = []
+    for name, path in modules().items():
+        if layer_of(name, table) != 0:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            found += [f"{name}: {n}" for n in names if n.split(".")[0] in heavy]
+    assert not found, found
