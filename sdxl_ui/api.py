@@ -18,6 +18,7 @@ import asyncio
 import logging
 from pathlib import Path
 
+from .commandline import read_picture
 from .jobs import collect
 from .schema import GenerationRequest, Quality, ResultEvent, ValidationError
 from .service import check_output_path
@@ -44,21 +45,27 @@ class ImageService:
 
     async def generate_image(self, prompt: str, output_path: str | Path, num_inference_steps: int | None = 50,
                              high_quality: bool = True, negative_prompt: str = "", guidance_scale: float | None = None,
-                             seed: int | None = None, width: int | None = None, height: int | None = None) -> bool:
+                             seed: int | None = None, width: int | None = None, height: int | None = None,
+                             init_image=None, strength: float = 0.75) -> bool:
         """Generate one image to ``output_path``. True on success; False (and ``last_error``) otherwise.
         ``num_inference_steps=None`` (or ``guidance_scale=None``): the quality preset's, or a few-step model
-        profile's own (README: Few-step models and LoRAs)."""
+        profile's own (README: Few-step models and LoRAs). ``init_image`` (a PIL image or a file's path) with
+        ``strength``: image to image."""
         return await asyncio.to_thread(self._generate, prompt, output_path, num_inference_steps, high_quality,
-                                       negative_prompt, guidance_scale, seed, width, height)
+                                       negative_prompt, guidance_scale, seed, width, height, init_image, strength)
 
-    def _generate(self, prompt, output_path, steps, high_quality, negative, guidance, seed, width, height) -> bool:
+    def _generate(self, prompt, output_path, steps, high_quality, negative, guidance, seed, width, height,
+                  init_image=None, strength=0.75) -> bool:
         self.last_result, self.last_error = None, None
         try:
             if not isinstance(high_quality, bool):  # "no" is truthy: only a real bool says which preset
                 raise ValidationError("high_quality", high_quality, "must be True or False")
+            if isinstance(init_image, (str, Path)):
+                init_image = read_picture("init_image", str(init_image))
             request = GenerationRequest(prompt=prompt, negative_prompt="" if negative is None else negative,
                                         steps=steps, quality=Quality.HIGH if high_quality else Quality.FAST,
-                                        guidance=guidance, seed=seed, width=width, height=height)
+                                        guidance=guidance, seed=seed, width=width, height=height,
+                                        init_image=init_image, strength=strength)
             # The seed's API always names its file; relative paths are relative to the current folder (as
             # open() and the CLI's --out). Checked here, before any work, like every other field.
             target = check_output_path(output_path)

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from .optimizations.registry import SWITCHES
 from .schema import ErrorKind, ValidationError
@@ -107,3 +108,17 @@ def setup_logging(level: int) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own health checks, one line each
     # transformers warns that image processors fall back to PIL without torchvision (we never install it).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def read_picture(field: str, path: str):
+    """The picture in the file at ``path`` (opened lazily: its size is known before it is decoded), or a
+    ValidationError naming ``field``: no such file, a folder, not a picture."""
+    from PIL import Image, UnidentifiedImageError
+
+    where = Path(path).expanduser()
+    if not where.is_file():
+        raise ValidationError(field, path, "is not a file" if where.exists() else "no such file")
+    try:
+        return Image.open(where)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValidationError(field, path, f"cannot be read as a picture ({type(exc).__name__})") from None

@@ -154,3 +154,18 @@ def run_stages(models, use_refiner: bool, width: int, height: int, common: dict,
         if on_stage_end and not getattr(models.refiner, "interrupt", False):
             on_stage_end(2)
     return latents
+
+
+def image_to_image(models, picture, strength: float, common: dict, step_callback=None):
+    """One image's latents from ``picture`` (PIL, the output's size): diffusers' StableDiffusionXLImg2ImgPipeline
+    built with ``from_pipe`` over the loaded base's own modules (no weights loaded twice), carrying the base's run
+    hooks and state, noised to ``strength`` and denoised with ``common``'s prompts, steps and guidance."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from .optimizations import hooks
+
+    base = models.base
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(base)
+    pipe.set_progress_bar_config(disable=True)
+    hooks.share(base, pipe)
+    return hooks.call(pipe, step_callback, image=picture, strength=strength, **common)

@@ -58,6 +58,7 @@ class ImageParameters:
     tiling: bool = False  # A1111's "Tiling: True": the picture wraps at its edges
     clip_skip: int = 0  # diffusers' clip_skip; A1111's "Clip skip: N" is N = clip_skip + 1, written when > 1
     prompt_cut: str | None = None  # what of a prompt longer than the chunks' limit was not read (long_prompts)
+    denoising_strength: float | None = None  # A1111's "Denoising strength": image to image's strength
 
     def __post_init__(self):
         object.__setattr__(self, "loras", tuple((str(n), float(w), str(h)) for n, w, h in self.loras))
@@ -77,6 +78,8 @@ class ImageParameters:
             fields.append(("Lora weights", ", ".join(f"{_lora_name(n)}: {w:g}" for n, w, _ in self.loras)))
         if self.clip_skip:
             fields.append(("Clip skip", self.clip_skip + 1))
+        if self.denoising_strength is not None:
+            fields.append(("Denoising strength", f"{self.denoising_strength:g}"))
         if self.tiling:
             fields.append(("Tiling", "True"))
         if self.vae:

@@ -7,16 +7,17 @@ image, inpaint, hires fix) are further kinds of run beside this one, not flags t
 """
 from __future__ import annotations
 
+import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
 from .adapters import apply_request_loras, fused
-from .denoise import REFINER_SPLIT, decode_latents, final_decoder, latent_preview, profile_scheduler, run_stages, \
-    scheduler_for
+from .denoise import REFINER_SPLIT, decode_latents, final_decoder, image_to_image, latent_preview, profile_scheduler, \
+    run_stages, scheduler_for
 from .jobs import CancelToken
 from .long_prompts import Conditioning, chunk_lines, conditioning, refiner_text
 from .metadata import ImageParameters
@@ -80,7 +81,7 @@ class Run:
         host, request, models, emit = self.host, self.request, self.models, self.emit
         profile = profile_named(host.plan.profile)
         size = host.size(profile)
-        width, height = request.width or size, request.height or size
+        width, height = self.size(size)
         high = request.quality is Quality.HIGH
         plan = plan_request(host.plan, host.probe, host.settings, host.model_size, width, height, high,
                             request.techniques, host.profile_evidence)
@@ -129,7 +130,7 @@ class Run:
         if progress.seed0 is None:
             progress.seed0 = request.seed if request.seed is not None else random.randint(0, MAX_SEED)
         first = progress.images
-        progress.total = run.steps * (request.images - first)
+        progress.total = self.steps_per_image(run) * (request.images - first)
         on_step = self.step_callbacks(time.perf_counter())
         for index in range(first, request.images):
             self.image(run, index, load_s if index == 0 else 0.0, start, on_step)
@@ -161,10 +162,9 @@ class Run:
                 emit(LogEvent(f"⏱️ Stage 2/2: Refiner from {REFINER_SPLIT}…"))
 
         with torch.inference_mode():
-            latents = run_stages(
-                models, use_refiner, run.width, run.height, common, on_stage_end=stage_done, refiner_text=text,
-                on_step=lambda stage: (schedule if stage == 1 else (lambda then: then))(
-                    on_step(f"Stage {stage}/{stages}" if use_refiner else "")))
+            latents = self.denoise(run, common, text, stage_done,
+                                   lambda stage: (schedule if stage == 1 else (lambda then: then))(
+                                       on_step(f"Stage {stage}/{stages}" if use_refiner else "")))
             if self.cancel.cancelled:
                 raise Cancelled()
             t_decode = time.perf_counter()
@@ -183,6 +183,18 @@ class Run:
             dtype=plan.dtype, parameters=params.to_text(), save_error=save_error,
         ))
 
+    def size(self, native: int) -> tuple[int, int]:
+        """(width, height): the request's, else the model's native side."""
+        return self.request.width or native, self.request.height or native
+
+    def steps_per_image(self, run: RunPlan) -> int:
+        return run.steps
+
+    def denoise(self, run: RunPlan, common: dict, text: dict, stage_done, on_step):
+        """One image's latents: the base (then the refiner) from noise (``denoise.run_stages``)."""
+        return run_stages(self.models, run.use_refiner, run.width, run.height, common, on_stage_end=stage_done,
+                          refiner_text=text, on_step=on_step)
+
     def parameters(self, run: RunPlan, seed: int) -> ImageParameters:
         """The PNG's ``parameters``, as A1111 writes them."""
         request, models, plan = self.request, self.models, run.plan
@@ -194,6 +206,7 @@ class Run:
             vae=final_decoder(models.base), tiling=bool(plan.tiling), clip_skip=request.clip_skip,
             loras=tuple((lora.name, lora.weight, lora.hash) for lora in fused(models.base)),
             prompt_cut=run.prompts.cut_note if run.prompts is not None else None,
+            denoising_strength=request.strength if request.kind == "img2img" else None,
         )
 
     def prompt_arguments(self, steps: int) -> Conditioning:
@@ -267,3 +280,43 @@ def save_unique(image, params: ImageParameters, extra: dict, outputs: Path) -> P
 def _refiner_off(plan: Plan) -> str:
     reason = plan.reasons.get("refiner", "")
     return reason if reason.startswith("DISABLED") else f"DISABLED ({reason})"
+
+
+class ImageToImage(Run):
+    """Image to image: the request's picture noised to ``strength`` and denoised with its prompt, by diffusers'
+    ``StableDiffusionXLImg2ImgPipeline`` over the loaded base's own modules (``denoise.image_to_image``: no weights
+    loaded twice, the same run hooks). About strength × steps steps run; when that is under one step, the steps
+    are raised until one runs (FastSD CPU's rule), and the log says so. No refiner pass."""
+
+    def size(self, native: int) -> tuple[int, int]:
+        """The request's size, else the picture's own, each side down to a multiple of 8."""
+        width, height = self.request.init_image.size
+        return self.request.width or width // 8 * 8, self.request.height or height // 8 * 8
+
+    def prepare(self) -> RunPlan:
+        run = super().prepare()
+        strength = self.request.strength
+        steps = run.steps if int(run.steps * strength) >= 1 else math.ceil(1 / strength - 1e-9)
+        if steps != run.steps:
+            self.emit(LogEvent(f"Image to image: strength {strength:g} of {run.steps} steps is under one step; "
+                               f"{steps} steps, so that one runs", LogLevel.WARNING))
+        run = replace(run, steps=steps, use_refiner=False)
+        self.emit(LogEvent(f"Image to image: strength {strength:g} — {self.steps_per_image(run)} of {steps} steps "
+                           f"run from the picture ({run.width}×{run.height})"))
+        return run
+
+    def steps_per_image(self, run: RunPlan) -> int:
+        return min(int(run.steps * self.request.strength), run.steps)
+
+    def denoise(self, run: RunPlan, common: dict, text: dict, stage_done, on_step):
+        from PIL import Image
+
+        picture = self.request.init_image.convert("RGB")
+        if picture.size != (run.width, run.height):
+            picture = picture.resize((run.width, run.height), Image.LANCZOS)
+        return image_to_image(self.models, picture, self.request.strength, common, on_step(1))
+
+
+def kind_of(request: GenerationRequest) -> type[Run]:
+    """The kind of run a request asks for."""
+    return ImageToImage if request.kind == "img2img" else Run

@@ -210,6 +210,10 @@ class GenerationRequest:
     # Per-request technique switches by name (e.g. {"feature_cache": "off"}; auto = the quality preset's choice):
     # the names are the units' switches (``optimizations/registry.SWITCHES``), checked when the request is planned.
     techniques: Mapping[str, Toggle] = field(default_factory=dict)
+    # Image to image: the picture to start from (a PIL image; None: text to image) and how much of it is redrawn
+    # (A1111's denoising_strength: 0 keeps it, 1 redraws it all; about strength × steps steps run).
+    init_image: Any = None
+    strength: float = 0.75
 
     def __post_init__(self):
         prompt_as_given = self.prompt
@@ -247,6 +251,24 @@ class GenerationRequest:
         clip_skip = _in_range("clip_skip", _int("clip_skip", self.clip_skip), 0, MAX_CLIP_SKIP)
         object.__setattr__(self, "clip_skip", clip_skip)
         object.__setattr__(self, "images", _in_range("images", _int("images", self.images), 1, MAX_IMAGES))
+        strength = _float("strength", self.strength)
+        if not 0.0 < strength <= 1.0:
+            raise ValidationError("strength", self.strength, "must be above 0 and at most 1 (the share of the picture "
+                                                             "redrawn)")
+        object.__setattr__(self, "strength", strength)
+        if self.init_image is not None:
+            size = getattr(self.init_image, "size", None)
+            if not callable(getattr(self.init_image, "convert", None)) or not isinstance(size, tuple):
+                raise ValidationError("init_image", type(self.init_image).__name__, "must be a picture (PNG, JPEG "
+                                                                                   "or WebP)")
+            if min(size) < MIN_SIDE or max(size) > MAX_SIDE:
+                raise ValidationError("init_image", f"{size[0]}×{size[1]}", f"must be {MIN_SIDE} to {MAX_SIDE} "
+                                                                            "pixels a side")
+
+    @property
+    def kind(self) -> str:
+        """The kind of run: ``txt2img``, or ``img2img`` from ``init_image``."""
+        return "img2img" if self.init_image is not None else "txt2img"
 
     @classmethod
     def from_raw(cls, **raw: Any) -> "GenerationRequest":

@@ -25,7 +25,7 @@ from .jobs import (LOCAL_SERVICE, SHUTTING_DOWN, Admission, CancelToken,  # noqa
 from .models import LoadedModels, ModelLoadError, ModelSource
 from .optimizations.registry import Plan, parse_switches
 from .policy import PlanError
-from .run import PREVIEW_EVERY, Cancelled, Progress, Run  # noqa: F401 - re-exported
+from .run import PREVIEW_EVERY, Cancelled, Progress, Run, kind_of  # noqa: F401 - re-exported
 from .saving import check_output_path, write_png_atomic  # noqa: F401 - re-exported (CLI, API)
 from .schema import ErrorEvent, ErrorKind, GenerationRequest, HardwareProbe, LogEvent, LogLevel, OptimizationReport, \
     Quality, ValidationError
@@ -192,7 +192,7 @@ class GenerationService:
             models, load_s = self.host.ensure_loaded(emit)
             device = self.host.plan.device
             try:
-                Run(self.host, request, models, emit, cancel, progress, target).images(load_s, start)
+                kind_of(request)(self.host, request, models, emit, cancel, progress, target).images(load_s, start)
             finally:
                 _release(models)  # the run hooks' release (model offload: nothing stays on the GPU)
         except LoraError as exc:  # bad input (exit 2), named by file and reason; the model is unchanged

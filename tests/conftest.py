@@ -114,6 +114,7 @@ MARKED = {
         "pipeline/test_samplers_run.py",  # 21 samplers × 12 schedule types on the tiny pipeline (~2 min)
         "pipeline/test_long_prompts.py",  # the demo model: 8 pictures at 20 steps
         "pipeline/test_prompt_weighting.py",  # the demo model: ~80 pictures at 20 steps
+        "pipeline/test_image_to_image.py",  # the demo model: image to image, and the CLI
         "tools/test_selftest.py::test_selftest_on_cpu_passes_every_cpu_configuration",
         "tools/test_bench.py::test_bench_runs_end_to_end_with_the_high_quality_path",
         # The tiny pipelines, many steps or images (5-60 s each on the loaded dev machine, 2026-11-28):

@@ -436,3 +436,58 @@ def quality_presets() -> dict:
     names = {q: a1111_names(GenerationRequest(prompt="x", scheduler=p.scheduler)) for q, p in PRESETS.items()}
     return {q.value: {"steps": p.steps, "cfg_scale": p.guidance, "sampler_name": names[q][0],
                       "scheduler": names[q][1]} for q, p in PRESETS.items()}
+
+
+IMG2IMG_FIELDS = ("init_images", "denoising_strength", "resize_mode", "mask", "mask_blur", "inpainting_fill",
+                  "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert", "image_cfg_scale",
+                  "include_init_images", "initial_noise_multiplier", "latent_mask", "mask_round")
+
+
+def decode_picture(field_name: str, value: Any):
+    """A base64 picture (optionally a ``data:image/…;base64,`` URL) as a lazily opened PIL image, or a
+    ValidationError naming the field."""
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(field_name, type(value).__name__, "must be a base64 picture")
+    text = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        raw = base64.b64decode(text, validate=True)
+        return Image.open(io.BytesIO(raw))
+    except (binascii.Error, ValueError):
+        raise ValidationError(field_name, value[:40], "is not base64") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise ValidationError(field_name, value[:40], "is not a picture (PNG, JPEG or WebP)") from None
+
+
+def parse_img2img(body: Any, native: int, model: str, switches=(), steps_policy: bool = False,
+                  styles: dict | None = None) -> Txt2Img:
+    """An AUTOMATIC1111 img2img body: txt2img's fields, the first of ``init_images`` and ``denoising_strength``;
+    without width and height the picture's own size. A mask (inpainting) is refused for now."""
+    if not isinstance(body, dict):
+        raise ValidationError("body", type(body).__name__, "must be a JSON object")
+    if body.get("mask"):
+        raise ValidationError("mask", "(a picture)", "inpainting is not supported by sdxl_ui yet (image to image "
+                                                     "without a mask is)")
+    images = body.get("init_images")
+    if not isinstance(images, list) or not images:
+        raise ValidationError("init_images", images, "must be a list with one base64 picture")
+    picture = decode_picture("init_images[0]", images[0])
+    strength = body.get("denoising_strength", 0.75)
+    rest = {k: v for k, v in body.items() if k not in IMG2IMG_FIELDS}
+    for side, value in zip(("width", "height"), picture.size):
+        rest.setdefault(side, value)  # A1111 sends its own; a client that does not gets the picture's size
+    job = parse_txt2img(rest, native, model, switches, steps_policy, styles)
+    try:
+        request = dataclasses.replace(job.request, init_image=picture,
+                                      strength=0.75 if strength is None else strength)
+    except ValidationError as exc:
+        raise ValidationError("denoising_strength" if exc.field == "strength" else exc.field, exc.value,
+                              exc.problem) from None
+    echo = {**job.echo, "denoising_strength": request.strength}
+    ignored = tuple(sorted(set(job.ignored) | {k for k in body if k in IMG2IMG_FIELDS and k not in (
+        "init_images", "denoising_strength", "resize_mode", "mask") and _asked(body, k)}))
+    return dataclasses.replace(job, request=request, echo=echo, ignored=ignored)

@@ -131,7 +131,21 @@ class OptionsRequest(Open):
     sd_model_checkpoint: Optional[str] = None
 
 
-REQUESTS = {"txt2img": Txt2ImgRequest, "png-info": PNGInfoRequest, "options": OptionsRequest}
+class Img2ImgRequest(Txt2ImgRequest):
+    """AUTOMATIC1111's StableDiffusionImg2ImgProcessingAPI: txt2img's fields and the picture to start from. The
+    mask (inpainting) is refused for now; ``resize_mode`` 0 (just resize) is what runs."""
+
+    model_config = ConfigDict(title="StableDiffusionProcessingImg2Img")
+    init_images: Optional[list[str]] = Field(None, description="one picture, base64 (PNG, JPEG or WebP; a data: "
+                                                               "URL too)")
+    denoising_strength: Optional[float] = Field(0.75, gt=0, le=1, description="how much of the picture is "
+                                                                             "redrawn")
+    resize_mode: Optional[int] = Field(0, description="0: just resize (the only mode here)")
+    mask: Optional[str] = Field(None, description="inpainting: refused (not supported yet)")
+
+
+REQUESTS = {"txt2img": Txt2ImgRequest, "img2img": Img2ImgRequest, "png-info": PNGInfoRequest,
+            "options": OptionsRequest}
 
 
 # ---------------------------------------------------------------- responses

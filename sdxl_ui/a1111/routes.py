@@ -21,8 +21,8 @@ from ..logins import LOOPBACK
 from ..metadata import parse_parameters
 from ..optimizations.registry import SWITCHES
 from ..schema import ErrorKind, ValidationError
-from .adapter import SAMPLERS, SCHEDULERS, detail_422, error_body, field_names, parse_json, parse_txt2img, \
-    preview_base64, public_name, quality_presets, txt2img_response
+from .adapter import SAMPLERS, SCHEDULERS, detail_422, error_body, field_names, parse_img2img, parse_json, \
+    parse_txt2img, preview_base64, public_name, quality_presets, txt2img_response
 from .auth import caller_dependency, client_of
 from .catalog import SERVED, add_catalog
 from .models import (A1111JSON, MemoryResponse, Nothing, Options, PNGInfoResponse, ProgressResponse, SamplerItem,
@@ -35,7 +35,7 @@ RETRY_AFTER_S = 30
 MAX_PIXELS = 8192 * 8192  # png-info: larger images are refused (their pixels are never decoded either way)
 ERROR_STATUS = {ErrorKind.VALIDATION: 422, ErrorKind.BUSY: 503, ErrorKind.CANCELLED: 503, ErrorKind.MEMORY: 500,
                 ErrorKind.MODEL: 500, ErrorKind.RUNTIME: 500}
-SUPPORTED = ", ".join(("txt2img", "progress", "interrupt", "skip", "sd-models", "samplers", "schedulers", "options",
+SUPPORTED = ", ".join(("txt2img", "img2img", "progress", "interrupt", "skip", "sd-models", "samplers", "schedulers", "options",
                        "memory", "scripts", "png-info", *SERVED))
 
 
@@ -75,32 +75,38 @@ def build_router(api, caller_of) -> APIRouter:
     @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def not_supported(rest: str):
         return reply(error_body("NotImplementedError", f"/sdapi/v1/{rest[:100]} is not supported by sdxl_ui "
-                                                       f"(no img2img, upscaling, interrogation, …); supported: "
+                                                       f"(no inpainting, upscaling, interrogation, …); supported: "
                                                        f"{SUPPORTED}"), 501)
 
     return router
 
 
 def add_txt2img(router, api, caller_of) -> None:
-    @router.post("/txt2img", **answers(TextToImageResponse, 422, 500, 503), openapi_extra=body_of("txt2img"))
-    async def txt2img(request: Request, caller: str = caller_of):
+    """``txt2img`` and ``img2img``: one job route each, the same queue, the same answer."""
+    for name, parse in (("txt2img", parse_txt2img), ("img2img", parse_img2img)):
+        router.add_api_route(f"/{name}", _job_route(api, name, parse, caller_of), methods=["POST"],
+                             **answers(TextToImageResponse, 422, 500, 503), openapi_extra=body_of(name))
+
+
+def _job_route(api, name: str, parse, caller_of):
+    async def route(request: Request, caller: str = caller_of):
         backend = api.backend
         try:
             body = await read_json(request)
-            spec = parse_txt2img(body, backend.native_size(), public_model(backend.settings), SWITCHES,
-                                 api.config.steps_policy, api.config.styles)
+            spec = parse(body, backend.native_size(), public_model(backend.settings), SWITCHES,
+                         api.config.steps_policy, api.config.styles)
         except ValidationError as exc:
-            log.info("api: refused a txt2img from %s: %s", caller, exc)
+            log.info("api: refused a %s from %s: %s", name, caller, exc)
             return reply(detail_422(exc), 422)
         if spec.ignored:
-            log.info("api: txt2img from %s: ignored fields %s", caller, field_names(spec.ignored))
+            log.info("api: %s from %s: ignored fields %s", name, caller, field_names(spec.ignored))
         refused = api.limit.check(caller, time.monotonic())
         if refused:
             return reply(error_body("HTTPException", refused), 429, {"Retry-After": "60"})
         job = api.jobs.submit(caller, spec)
         if job is None:
             message = f"queue full ({api.config.queue_size} jobs waiting); try again later"
-            log.info("api: txt2img from %s refused: %s", caller, message)
+            log.info("api: %s from %s refused: %s", name, caller, message)
             return reply(error_body("HTTPException", message), 503, {"Retry-After": str(RETRY_AFTER_S)})
         while not job.done.is_set():
             await asyncio.sleep(0.05)
@@ -112,6 +118,9 @@ def add_txt2img(router, api, caller_of) -> None:
             headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
             return reply(error_body("GenerationError", job.error.message), status, headers)
         return await asyncio.to_thread(txt2img_response, spec, job.results, public_model(backend.settings))
+
+    route.__name__ = name
+    return route
 
 
 def _idle_progress() -> dict:

@@ -53,6 +53,12 @@ def registry(pipe) -> Registry:
     return found
 
 
+def share(source, target) -> None:
+    """``target`` (a pipeline over ``source``'s own modules, e.g. diffusers' ``from_pipe``) gets ``source``'s
+    registry: the same hooks and state, not a copy."""
+    setattr(target, ATTR, registry(source))
+
+
 def installed(pipe) -> dict[str, Any]:
     """The hooks on ``pipe`` by name (a copy; empty when none)."""
     found = getattr(pipe, ATTR, None)

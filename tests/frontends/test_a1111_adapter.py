@@ -2,6 +2,7 @@
 response shape, first-come-first-served order of page and API jobs, and per-caller interrupt."""
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -438,3 +439,50 @@ def test_cmd_flags_from_the_command_line_show_no_secret_and_no_path():
     args = SimpleNamespace(host="0.0.0.0", share=True, styles="/home/op/private/styles.csv")
     assert cmd_flags(args, [("op", "pw-op")]) == {"listen": True, "server_name": "0.0.0.0", "share": True,
                                                    "gradio_auth": "***", "styles_file": ["styles.csv"]}
+
+
+def _png_base64(image) -> str:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_img2img_reads_the_picture_and_strength_and_refuses_a_mask_or_a_bad_picture():
+    from PIL import Image
+
+    from sdxl_ui.a1111.adapter import parse_img2img
+
+    picture = Image.new("RGB", (96, 64), (220, 40, 40))
+    job = parse_img2img({"prompt": "a blue circle", "init_images": [_png_base64(picture)], "denoising_strength": 0.4,
+                         "seed": 3}, 128, "demo")
+    request = job.request
+    assert request.kind == "img2img" and request.strength == 0.4 and request.init_image.size == (96, 64)
+    assert (request.width, request.height) == (96, 64)  # no width or height sent: the picture's own size
+    assert job.echo["denoising_strength"] == 0.4
+    url = "data:image/png;base64," + _png_base64(picture)
+    assert parse_img2img({"prompt": "x", "init_images": [url], "width": 128, "height": 128}, 128,
+                         "demo").request.width == 128
+    for body, field in [({"prompt": "x"}, "init_images"),
+                        ({"prompt": "x", "init_images": ["not base64!"]}, "init_images[0]"),
+                        ({"prompt": "x", "init_images": [base64.b64encode(b"hello").decode()]}, "init_images[0]"),
+                        ({"prompt": "x", "init_images": [_png_base64(picture)], "denoising_strength": 2},
+                         "denoising_strength"),
+                        ({"prompt": "x", "init_images": [_png_base64(picture)], "mask": _png_base64(picture)},
+                         "mask")]:
+        with pytest.raises(ValidationError) as caught:
+            parse_img2img(body, 128, "demo")
+        assert caught.value.field == field, (body.keys(), caught.value)
+
+
+def test_img2img_is_a_route_whose_refusals_are_422_naming_the_field():
+    client = _app(FakeBackend())
+    answer = client.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": ["%%%"]})
+    assert answer.status_code == 422 and "init_images[0]" in answer.text
+    from PIL import Image
+
+    ok = client.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": [_png_base64(Image.new("RGB", (64, 64)))],
+                                                "denoising_strength": 0.5})
+    assert ok.status_code == 200 and len(ok.json()["images"]) == 1
+    assert ok.json()["parameters"]["denoising_strength"] == 0.5

@@ -227,3 +227,16 @@ def test_a_disconnected_clients_job_is_cancelled(server):
     while time.time() < end and bob.get_progress()["state"]["job_count"]:
         time.sleep(0.1)
     assert bob.get_progress()["state"]["job_count"] == 0 and "the client of bob went away" in server.output
+
+
+def test_img2img_redraws_a_red_circle_blue(server):
+    from PIL import Image
+
+    from sdxl_ui.demo import scenes as S
+
+    pixels, _ = S.render(S.Scene("red", "white", "circle", "center", "large"), jitter=False)
+    result = client(server).img2img(images=[Image.fromarray(pixels)], prompt="a large blue circle in the center on a "
+                                    "white background", denoising_strength=0.6, seed=1, **FAST)
+    assert result.image.size == (128, 128) and "Denoising strength: 0.6" in result.image.info["parameters"]
+    reading = S.read_scene(result.image.convert("RGB"))
+    assert (reading.color, reading.shape, reading.position) == ("blue", "circle", "center"), reading
