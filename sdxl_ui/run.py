@@ -2,22 +2,21 @@
 
 ``Run`` is a kind of run — text to image — over the host's loaded models: ``prepare`` makes the ``RunPlan`` (the
 request's plan from the planning in one call, applied to the pipelines, its sampler, steps, guidance, sizes and
-prompt arguments), ``images`` makes the request's images, each by ``image``. The next kinds of run (image to
-image, inpaint, hires fix) are further kinds of run beside this one, not flags through the service.
+prompt arguments), ``images`` makes the request's images, each by ``image``. Other kinds of run are subclasses
+beside it (``image_run.ImageToImage``; inpaint and hires fix next), not flags through the service.
 """
 from __future__ import annotations
 
-import math
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
 from .adapters import apply_request_loras, fused
-from .denoise import REFINER_SPLIT, decode_latents, final_decoder, image_to_image, latent_preview, profile_scheduler, \
-    run_stages, scheduler_for
+from .denoise import REFINER_SPLIT, decode_latents, final_decoder, latent_preview, profile_scheduler, run_stages, \
+    scheduler_for
 from .jobs import CancelToken
 from .long_prompts import Conditioning, chunk_lines, conditioning, refiner_text
 from .metadata import ImageParameters
@@ -280,43 +279,3 @@ def save_unique(image, params: ImageParameters, extra: dict, outputs: Path) -> P
 def _refiner_off(plan: Plan) -> str:
     reason = plan.reasons.get("refiner", "")
     return reason if reason.startswith("DISABLED") else f"DISABLED ({reason})"
-
-
-class ImageToImage(Run):
-    """Image to image: the request's picture noised to ``strength`` and denoised with its prompt, by diffusers'
-    ``StableDiffusionXLImg2ImgPipeline`` over the loaded base's own modules (``denoise.image_to_image``: no weights
-    loaded twice, the same run hooks). About strength × steps steps run; when that is under one step, the steps
-    are raised until one runs (FastSD CPU's rule), and the log says so. No refiner pass."""
-
-    def size(self, native: int) -> tuple[int, int]:
-        """The request's size, else the picture's own, each side down to a multiple of 8."""
-        width, height = self.request.init_image.size
-        return self.request.width or width // 8 * 8, self.request.height or height // 8 * 8
-
-    def prepare(self) -> RunPlan:
-        run = super().prepare()
-        strength = self.request.strength
-        steps = run.steps if int(run.steps * strength) >= 1 else math.ceil(1 / strength - 1e-9)
-        if steps != run.steps:
-            self.emit(LogEvent(f"Image to image: strength {strength:g} of {run.steps} steps is under one step; "
-                               f"{steps} steps, so that one runs", LogLevel.WARNING))
-        run = replace(run, steps=steps, use_refiner=False)
-        self.emit(LogEvent(f"Image to image: strength {strength:g} — {self.steps_per_image(run)} of {steps} steps "
-                           f"run from the picture ({run.width}×{run.height})"))
-        return run
-
-    def steps_per_image(self, run: RunPlan) -> int:
-        return min(int(run.steps * self.request.strength), run.steps)
-
-    def denoise(self, run: RunPlan, common: dict, text: dict, stage_done, on_step):
-        from PIL import Image
-
-        picture = self.request.init_image.convert("RGB")
-        if picture.size != (run.width, run.height):
-            picture = picture.resize((run.width, run.height), Image.LANCZOS)
-        return image_to_image(self.models, picture, self.request.strength, common, on_step(1))
-
-
-def kind_of(request: GenerationRequest) -> type[Run]:
-    """The kind of run a request asks for."""
-    return ImageToImage if request.kind == "img2img" else Run

@@ -25,7 +25,8 @@ from .jobs import (LOCAL_SERVICE, SHUTTING_DOWN, Admission, CancelToken,  # noqa
 from .models import LoadedModels, ModelLoadError, ModelSource
 from .optimizations.registry import Plan, parse_switches
 from .policy import PlanError
-from .run import PREVIEW_EVERY, Cancelled, Progress, Run, kind_of  # noqa: F401 - re-exported
+from .image_run import kind_of
+from .run import PREVIEW_EVERY, Cancelled, Progress, Run  # noqa: F401 - re-exported
 from .saving import check_output_path, write_png_atomic  # noqa: F401 - re-exported (CLI, API)
 from .schema import ErrorEvent, ErrorKind, GenerationRequest, HardwareProbe, LogEvent, LogLevel, OptimizationReport, \
     Quality, ValidationError
