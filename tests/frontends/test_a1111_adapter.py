@@ -426,7 +426,7 @@ def test_the_listing_endpoints_answer_in_a1111s_shape(tmp_path):
         assert http.post(f"/sdapi/v1/{path}", auth=("alice", "a")).json() == {}
     idle = http.get("/sdapi/v1/progress", auth=("alice", "a")).json()
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0 and idle["eta_relative"] == 0
-    reply = http.post("/sdapi/v1/img2img", json={}, auth=("alice", "a"))
+    reply = http.post("/sdapi/v1/interrogate", json={}, auth=("alice", "a"))
     assert reply.status_code == 501 and set(reply.json()) == {"error", "detail", "body", "errors"}
     assert "cmd-flags" in reply.json()["detail"]  # the supported list names the new endpoints
 
