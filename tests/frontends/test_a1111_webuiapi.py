@@ -206,7 +206,7 @@ def _pnginfo(text):
 
 
 def test_unsupported_endpoints_answer_501_by_name(server):
-    for path in ("img2img", "extra-single-image", "interrogate"):
+    for path in ("extra-single-image", "interrogate"):  # img2img is served (test_img2img_redraws_…)
         status, _, body = http(server.api + path, {}, login=ALICE)
         assert status == 501 and f"/sdapi/v1/{path} is not supported" in body["detail"], body
 
