@@ -169,3 +169,34 @@ def image_to_image(models, picture, strength: float, common: dict, step_callback
     pipe.set_progress_bar_config(disable=True)
     hooks.share(base, pipe)
     return hooks.call(pipe, step_callback, image=picture, strength=strength, **common)
+
+
+def inpaint(models, picture, mask, strength: float, common: dict, content: str = "original", step_callback=None):
+    """One image's latents from ``picture`` redrawn where ``mask`` (PIL "L", the output's size) is white:
+    diffusers' StableDiffusionXLInpaintPipeline built with ``from_pipe`` over the loaded base's own modules (the
+    base's run hooks and state shared). With the base's 4-channel UNet it keeps the picture's noised latents
+    outside the mask at every step, as A1111 does. ``content``: A1111's masked content — ``latent noise`` or
+    ``latent nothing`` put fresh noise or zeros in the masked latents before they are noised to ``strength``
+    (``fill`` and ``original`` come in the picture itself)."""
+    import torch
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    from .optimizations import hooks
+
+    base = models.base
+    pipe = StableDiffusionXLInpaintPipeline.from_pipe(base)
+    pipe.set_progress_bar_config(disable=True)
+    hooks.share(base, pipe)
+    width, height = picture.size
+    image = picture
+    if content in ("latent noise", "latent nothing"):
+        pixels = pipe.image_processor.preprocess(picture, height=height, width=width).to(
+            device=pipe._execution_device, dtype=pipe.vae.dtype)
+        latents = pipe._encode_vae_image(pixels, generator=common.get("generator"))
+        small = torch.nn.functional.interpolate(pipe.mask_processor.preprocess(mask, height=height, width=width),
+                                                size=latents.shape[-2:], mode="bilinear").round().to(latents)
+        fresh = torch.zeros_like(latents) if content == "latent nothing" else torch.randn(
+            latents.shape, generator=common.get("generator"), dtype=torch.float32).to(latents)
+        image = latents * (1 - small) + fresh * small  # A1111's init_latent * mask + noise * nmask
+    return hooks.call(pipe, step_callback, image=image, mask_image=mask, strength=strength, width=width,
+                      height=height, **common)

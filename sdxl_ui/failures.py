@@ -1,6 +1,23 @@
-"""What a failed run means: out of memory (with advice per device) or a GPU that cannot run these kernels (the
-one case that moves a session to the CPU). Pure functions of the exception."""
+"""What a failed run means: bad input (``ValidationError``, the field and the value named), out of memory (with
+advice per device) or a GPU that cannot run these kernels (the one case that moves a session to the CPU). Pure
+functions of the exception."""
 from __future__ import annotations
+
+from typing import Any
+
+
+class ValidationError(ValueError):
+    """Bad user input. ``field`` and ``value`` say exactly what was wrong."""
+
+    def __init__(self, field_name: str, value: Any, problem: str):
+        self.field = field_name
+        self.value = value
+        self.problem = problem
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"{field_name}: {problem} (got {shown})")
+
 
 
 # cuBLAS/cuDNN report a failed workspace allocation under their own names: out of memory, not a broken GPU.

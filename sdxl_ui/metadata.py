@@ -59,6 +59,8 @@ class ImageParameters:
     clip_skip: int = 0  # diffusers' clip_skip; A1111's "Clip skip: N" is N = clip_skip + 1, written when > 1
     prompt_cut: str | None = None  # what of a prompt longer than the chunks' limit was not read (long_prompts)
     denoising_strength: float | None = None  # A1111's "Denoising strength": image to image's strength
+    # A1111's fields of a kind of run, in its words and order (e.g. ("Mask blur", "4"), ("Hires upscale", "2")).
+    extra: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "loras", tuple((str(n), float(w), str(h)) for n, w, h in self.loras))
@@ -80,6 +82,7 @@ class ImageParameters:
             fields.append(("Clip skip", self.clip_skip + 1))
         if self.denoising_strength is not None:
             fields.append(("Denoising strength", f"{self.denoising_strength:g}"))
+        fields.extend((str(k), v) for k, v in self.extra)
         if self.tiling:
             fields.append(("Tiling", "True"))
         if self.vae:

@@ -167,7 +167,7 @@ class Run:
             if self.cancel.cancelled:
                 raise Cancelled()
             t_decode = time.perf_counter()
-            image = decode_latents(models.base, latents)
+            image = self.finish(decode_latents(models.base, latents))
         emit(LogEvent(f"{final_decoder(models.base) or 'VAE'} decode {time.perf_counter() - t_decode:.1f} s"))
         rep = report(models, plan, self.host.probe, use_refiner=use_refiner)  # with this run's cache counts
         params = self.parameters(run, seed)
@@ -205,8 +205,20 @@ class Run:
             vae=final_decoder(models.base), tiling=bool(plan.tiling), clip_skip=request.clip_skip,
             loras=tuple((lora.name, lora.weight, lora.hash) for lora in fused(models.base)),
             prompt_cut=run.prompts.cut_note if run.prompts is not None else None,
-            denoising_strength=request.strength if request.kind == "img2img" else None,
+            denoising_strength=self.strength(), extra=self.parameter_fields(),
         )
+
+    def strength(self) -> float | None:
+        """A1111's "Denoising strength" of this kind of run (None: text to image has none)."""
+        return None
+
+    def parameter_fields(self) -> tuple:
+        """A1111's own fields of this kind of run for the PNG's parameters (e.g. inpainting's "Mask blur")."""
+        return ()
+
+    def finish(self, image):
+        """The decoded picture made final (inpainting pastes it back into the input)."""
+        return image
 
     def prompt_arguments(self, steps: int) -> Conditioning:
         """Plain words within the window as text; else embeddings from chunks with A1111's emphasis, BREAKs and

@@ -11,6 +11,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
+from .edits import HiresFix, InpaintOptions, check_pictures
+from .failures import ValidationError  # noqa: F401 - its home is failures; every layer names it schema.ValidationError
 from .prompts import PromptError, prompt_loras
 
 MAX_SEED = 2**32 - 1
@@ -22,19 +24,6 @@ MAX_IMAGES = 4
 MAX_PROMPT_CHARS = 10_000
 DEMO_NOTE = "tiny test model — random weights, output is noise"
 DEMO_MODEL_NOTE = "demo model — draws simple shapes and colours, a stand-in for SDXL weights"
-
-
-class ValidationError(ValueError):
-    """Bad user input. ``field`` and ``value`` say exactly what was wrong."""
-
-    def __init__(self, field_name: str, value: Any, problem: str):
-        self.field = field_name
-        self.value = value
-        self.problem = problem
-        shown = repr(value)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        super().__init__(f"{field_name}: {problem} (got {shown})")
 
 
 class Quality(str, enum.Enum):
@@ -214,6 +203,13 @@ class GenerationRequest:
     # (A1111's denoising_strength: 0 keeps it, 1 redraws it all; about strength × steps steps run).
     init_image: Any = None
     strength: float = 0.75
+    # Inpainting: a mask the picture's size (white = redraw, black = keep) and A1111's options; outpainting: the
+    # directions the picture is extended in by ``outpaint_pixels`` (the new band inpainted); the hires fix (edits.py).
+    mask: Any = None
+    inpaint: InpaintOptions = field(default_factory=InpaintOptions)
+    outpaint: tuple[str, ...] = ()
+    outpaint_pixels: int = 128
+    hires: HiresFix | None = None
 
     def __post_init__(self):
         prompt_as_given = self.prompt
@@ -256,19 +252,20 @@ class GenerationRequest:
             raise ValidationError("strength", self.strength, "must be above 0 and at most 1 (the share of the picture "
                                                              "redrawn)")
         object.__setattr__(self, "strength", strength)
-        if self.init_image is not None:
-            size = getattr(self.init_image, "size", None)
-            if not callable(getattr(self.init_image, "convert", None)) or not isinstance(size, tuple):
-                raise ValidationError("init_image", type(self.init_image).__name__, "must be a picture (PNG, JPEG "
-                                                                                   "or WebP)")
-            if min(size) < MIN_SIDE or max(size) > MAX_SIDE:
-                raise ValidationError("init_image", f"{size[0]}×{size[1]}", f"must be {MIN_SIDE} to {MAX_SIDE} "
-                                                                            "pixels a side")
+        if not isinstance(self.inpaint, InpaintOptions):
+            raise ValidationError("inpaint", self.inpaint, "must be InpaintOptions")
+        directions, pixels = check_pictures(self.init_image, self.mask, self.outpaint, self.outpaint_pixels,
+                                            self.hires, self.inpaint.invert)
+        object.__setattr__(self, "outpaint", directions)
+        object.__setattr__(self, "outpaint_pixels", pixels)
 
     @property
     def kind(self) -> str:
-        """The kind of run: ``txt2img``, or ``img2img`` from ``init_image``."""
-        return "img2img" if self.init_image is not None else "txt2img"
+        """The kind of run: ``txt2img`` (``hires`` with a hires fix), ``img2img`` from ``init_image``, ``inpaint``
+        with a mask or outpainting."""
+        if self.init_image is None:
+            return "hires" if self.hires is not None else "txt2img"
+        return "inpaint" if self.mask is not None or self.outpaint else "img2img"
 
     @classmethod
     def from_raw(cls, **raw: Any) -> "GenerationRequest":

@@ -41,6 +41,9 @@ from typing import Any
 from diffusers.callbacks import PipelineCallback
 
 HALVED = ("prompt_embeds", "add_text_embeds", "add_time_ids")
+# The inpainting pipeline's doubled mask (and, for a 9-channel UNet, masked-image latents): halved with the rest
+# when the pipeline hands them to callbacks, else its next step blends a 2N-row mask into N-row latents.
+HALVED_IF_THERE = ("mask", "masked_image_latents")
 _EPS = 1e-9
 
 
@@ -88,8 +91,8 @@ def _second_half(value, rows: int):
 
 
 class GuidanceInterval(PipelineCallback):
-    """A ``callback_on_step_end`` for StableDiffusionXLPipeline and StableDiffusionXLImg2ImgPipeline (diffusers
-    0.42) that confines classifier-free guidance to ``[start, stop)`` of the schedule. ``then``: another step-end
+    """A ``callback_on_step_end`` for StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline and
+    StableDiffusionXLInpaintPipeline (diffusers 0.42) that confines classifier-free guidance to ``[start, stop)`` of the schedule. ``then``: another step-end
     callback (a function or a PipelineCallback) called after this one with the same arguments."""
 
     tensor_inputs = ["latents", *HALVED]
@@ -147,7 +150,8 @@ class GuidanceInterval(PipelineCallback):
     def wrap(self, pipe, step_callback):
         """Become the step-end callback for one pipeline call, passing each step on to ``step_callback``."""
         self.then = step_callback
-        self.tensor_inputs = list(dict.fromkeys([*type(self).tensor_inputs,
+        own = [k for k in HALVED_IF_THERE if k in getattr(pipe, "_callback_tensor_inputs", ())]
+        self.tensor_inputs = list(dict.fromkeys([*type(self).tensor_inputs, *own,
                                                  *getattr(step_callback, "tensor_inputs", [])]))
         return self, self.attached(pipe)
 
@@ -257,6 +261,10 @@ class GuidanceInterval(PipelineCallback):
                     raise RuntimeError(f"guidance interval: {key} has {value.shape[0]} rows, expected {2 * rows} "
                                        "(the CFG batch of the latents' rows)")
                 callback_kwargs[key] = value[rows:]
+            for key in HALVED_IF_THERE:
+                value = callback_kwargs.get(key)
+                if value is not None and value.shape[0] == 2 * rows:
+                    callback_kwargs[key] = value[rows:]
             self._saved_scale = (pipeline, pipeline._guidance_scale)
             pipeline._guidance_scale = 1.0  # do_classifier_free_guidance is now False: no doubled latents
             self._halved = True
