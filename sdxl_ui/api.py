@@ -46,16 +46,22 @@ class ImageService:
     async def generate_image(self, prompt: str, output_path: str | Path, num_inference_steps: int | None = 50,
                              high_quality: bool = True, negative_prompt: str = "", guidance_scale: float | None = None,
                              seed: int | None = None, width: int | None = None, height: int | None = None,
-                             init_image=None, strength: float = 0.75) -> bool:
+                             init_image=None, strength: float = 0.75, mask=None, inpaint=None,
+                             outpaint=(), outpaint_pixels: int = 128, hires=None) -> bool:
         """Generate one image to ``output_path``. True on success; False (and ``last_error``) otherwise.
         ``num_inference_steps=None`` (or ``guidance_scale=None``): the quality preset's, or a few-step model
         profile's own (README: Few-step models and LoRAs). ``init_image`` (a PIL image or a file's path) with
-        ``strength``: image to image."""
+        ``strength``: image to image; with ``mask`` (the same) inpainting, its options ``inpaint`` (a dict or
+        ``edits.InpaintOptions``: blur, content, only_masked, padding, invert); ``outpaint`` (directions) and
+        ``outpaint_pixels``: outpainting; ``hires`` (a dict or ``edits.HiresFix``: scale, upscaler, steps,
+        strength, …): the hires fix of a text to image."""
+        pictures = dict(mask=mask, inpaint=inpaint, outpaint=outpaint, outpaint_pixels=outpaint_pixels, hires=hires)
         return await asyncio.to_thread(self._generate, prompt, output_path, num_inference_steps, high_quality,
-                                       negative_prompt, guidance_scale, seed, width, height, init_image, strength)
+                                       negative_prompt, guidance_scale, seed, width, height, init_image, strength,
+                                       pictures)
 
     def _generate(self, prompt, output_path, steps, high_quality, negative, guidance, seed, width, height,
-                  init_image=None, strength=0.75) -> bool:
+                  init_image=None, strength=0.75, pictures=None) -> bool:
         self.last_result, self.last_error = None, None
         try:
             if not isinstance(high_quality, bool):  # "no" is truthy: only a real bool says which preset
@@ -65,7 +71,7 @@ class ImageService:
             request = GenerationRequest(prompt=prompt, negative_prompt="" if negative is None else negative,
                                         steps=steps, quality=Quality.HIGH if high_quality else Quality.FAST,
                                         guidance=guidance, seed=seed, width=width, height=height,
-                                        init_image=init_image, strength=strength)
+                                        init_image=init_image, strength=strength, **edit_fields(pictures or {}))
             # The seed's API always names its file; relative paths are relative to the current folder (as
             # open() and the CLI's --out). Checked here, before any work, like every other field.
             target = check_output_path(output_path)
@@ -86,3 +92,20 @@ class ImageService:
         self.last_error = message
         log.error("❌ %s", message)
         return False
+
+
+def edit_fields(given: dict) -> dict:
+    """The Python API's picture keywords as request fields: a mask by its path too, the options as dicts too."""
+    from .edits import HiresFix, InpaintOptions
+
+    fields = {k: v for k, v in given.items() if v is not None}
+    if isinstance(fields.get("mask"), (str, Path)):
+        fields["mask"] = read_picture("mask", str(fields["mask"]))
+    for name, kind in (("inpaint", InpaintOptions), ("hires", HiresFix)):
+        value = fields.get(name)
+        if isinstance(value, dict):
+            try:
+                fields[name] = kind(**value)
+            except TypeError as exc:
+                raise ValidationError(name, sorted(value), f"unknown option ({exc})") from None
+    return fields

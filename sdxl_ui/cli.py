@@ -18,7 +18,8 @@ from pathlib import Path
 
 # Re-exported: app.py and older callers import these from the cli.
 from .commandline import (EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, add_settings_args,  # noqa: F401
-                          add_technique_args, fail, plan_error_code, settings_from_args, setup_logging, read_picture)
+                          add_picture_args, add_technique_args, fail, picture_fields, plan_error_code,
+                          settings_from_args, setup_logging, read_picture)
 from .jobs import capabilities_of, collect
 from .samplers import sampler_choice
 from .schema import ErrorKind, Event, GenerationRequest, ProgressEvent, ResultEvent, ValidationError
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", default="0.75",
                      help="image to image: how much of the picture is redrawn, above 0 to 1 (A1111's denoising "
                           "strength; about strength × steps steps run)")
+    add_picture_args(gen)
     add_technique_args(gen)
     gen.add_argument("--out", help="output .png (default: a new file under --outputs)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
@@ -138,7 +140,7 @@ def cmd_generate(args) -> int:
             **sampler_choice(args.scheduler, args.schedule), images=args.images,
             techniques={s.name: getattr(args, s.name) for s in SWITCHES},
             init_image=read_picture("init_image", args.init_image) if args.init_image else None,
-            strength=args.strength)
+            strength=args.strength, **picture_fields(args))
         # A relative --out is relative to the current folder, as in any shell tool (and the Python API).
         out = check_output_path(args.out) if args.out is not None else None
         if getattr(args, "ray_address", None):  # the same seam, served by the team's Ray workers

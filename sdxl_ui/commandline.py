@@ -122,3 +122,44 @@ def read_picture(field: str, path: str):
         return Image.open(where)
     except (UnidentifiedImageError, OSError) as exc:
         raise ValidationError(field, path, f"cannot be read as a picture ({type(exc).__name__})") from None
+
+
+def add_picture_args(parser: argparse.ArgumentParser) -> None:
+    """generate's inpainting, outpainting and hires fix flags (A1111's options, by its names where it has them)."""
+    group = parser.add_argument_group("inpaint, outpaint and hires fix")
+    group.add_argument("--mask", help="inpaint: a mask the size of --init-image (white = redraw, black = keep)")
+    group.add_argument("--mask-blur", default="4", help="inpaint: blur the mask's edge by this many pixels (0-64)")
+    group.add_argument("--masked-content", default="original",
+                       help="inpaint: what the masked area starts from: fill | original | 'latent noise' | "
+                            "'latent nothing' (outpaint: fill unless chosen)")
+    group.add_argument("--inpaint-area", choices=["whole", "masked"], default="whole",
+                       help="inpaint: draw the whole picture, or only the masked region (with --padding) at the "
+                            "output's size and paste it back")
+    group.add_argument("--padding", default="32", help="inpaint --inpaint-area masked: pixels around the mask")
+    group.add_argument("--invert-mask", action="store_true", help="inpaint: redraw what the mask keeps")
+    group.add_argument("--outpaint", default="", help="outpaint: extend --init-image left,right,up,down (any of them)")
+    group.add_argument("--outpaint-pixels", default="128", help="outpaint: by this many pixels (a multiple of 8)")
+    group.add_argument("--hires", metavar="SCALE",
+                       help="hires fix: text to image, upscaled SCALE times (e.g. 2), then redrawn at that size")
+    group.add_argument("--hires-upscaler", default="Latent",
+                       help="hires fix: Latent (and its variants), Lanczos, Nearest, or a model in --upscaler-dir")
+    group.add_argument("--hires-steps", default="0", help="hires fix: the second pass's steps (0: the first's)")
+    group.add_argument("--hires-strength", default="0.7", help="hires fix: the second pass's denoising strength")
+
+
+def picture_fields(args) -> dict:
+    """The request fields of generate's picture flags (each bad value a ValidationError naming its field)."""
+    from .edits import HiresFix, InpaintOptions
+
+    fields = {}
+    if args.mask:
+        fields["mask"] = read_picture("mask", args.mask)
+    fields["inpaint"] = InpaintOptions(blur=args.mask_blur, content=args.masked_content,
+                                       only_masked=args.inpaint_area == "masked", padding=args.padding,
+                                       invert=args.invert_mask)
+    if args.outpaint:
+        fields.update(outpaint=args.outpaint, outpaint_pixels=args.outpaint_pixels)
+    if args.hires:
+        fields["hires"] = HiresFix(scale=args.hires, upscaler=args.hires_upscaler, steps=args.hires_steps,
+                                   strength=args.hires_strength)
+    return fields

@@ -115,6 +115,7 @@ class AppSettings:
     lora_dir: Path = Path("loras")  # the page's Advanced lists its .safetensors files (the operator applies them)
     decoder: str = "full"  # the final image's decoder: the full VAE, or the tiny decoder (AutoencoderTiny)
     tiny_decoder: str = "auto"  # its source: auto = a tiny-decoder/ folder beside the model, else TAESDXL
+    upscaler_dir: Path | None = None  # the user's super-resolution models (ESRGAN, …) for the hires fix and extras
 
     def __post_init__(self):
         object.__setattr__(self, "use_refiner", parse_choice(Toggle, "use_refiner", self.use_refiner))

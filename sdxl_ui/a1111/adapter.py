@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
+from ..edits import HiresFix
 from ..metadata import parse_parameters
 from ..samplers import SAMPLER_LABELS, SCHEDULE_BY_KEY, parse_sampler, parse_schedule, plan_sampler
 from ..samplers import SAMPLERS as ALL_SAMPLERS
@@ -32,11 +33,13 @@ SCHEDULERS = [{"name": s.key.value, "label": s.label, "aliases": list(s.aliases)
                "default_rho": s.default_rho, "need_inner_model": s.need_inner_model} for s in ALL_SCHEDULES]
 # The request fields this adapter reads (A1111's StableDiffusionTxt2ImgProcessingAPI and our extension); the
 # fields of A1111's own that it cannot honour are listed in `info` as ignored, with the reason (IGNORED).
+HIRES_READ = ("hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "hr_prompt",
+              "hr_negative_prompt")  # with enable_hr and denoising_strength: the hires fix (``hires_fix``)
 MAPPED = frozenset({
     "prompt", "negative_prompt", "steps", "cfg_scale", "width", "height", "seed", "sampler_name", "sampler_index",
     "scheduler", "batch_size", "n_iter", "send_images", "save_images", "override_settings",
     "override_settings_restore_afterwards", "sdxl_ui", "enable_hr", "alwayson_scripts", "script_name",
-    "script_args", "styles", "tiling"})
+    "script_args", "styles", "tiling", *HIRES_READ})
 # A1111's fields that change the picture and that sdxl_ui does not do, with what the client gets instead. Fields at
 # their A1111 default (false, 0, -1, empty, null) are not listed: they ask for nothing.
 IGNORED = {
@@ -118,7 +121,7 @@ class Txt2Img:
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.n_iter * self.batch_size)]
 
 
-def _flag(name: str, value: Any, default: bool) -> bool:
+def flag(name: str, value: Any, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
@@ -159,8 +162,6 @@ def _extension(body: dict, switches) -> tuple[Quality | None, dict]:
 
 
 def _refuse_unsupported(body: dict, model: str) -> None:
-    if body.get("enable_hr"):
-        raise ValidationError("enable_hr", body["enable_hr"], "hires fix is not supported by sdxl_ui")
     if body.get("script_name"):
         raise ValidationError("script_name", body["script_name"], "script not found (sdxl_ui has no scripts)")
     overrides = body.get("override_settings") or {}
@@ -171,6 +172,34 @@ def _refuse_unsupported(body: dict, model: str) -> None:
         raise ValidationError("override_settings.sd_model_checkpoint", wanted,
                               f"switching the model per request is not supported (loaded: {model!r}; the operator "
                               "switches it with POST /sdapi/v1/options)")
+
+
+HIRES_IGNORED = {
+    "hr_checkpoint_name": "the second pass runs on the loaded model",
+    "hr_sampler_name": "the second pass runs the first pass's sampler",
+    "hr_scheduler": "the second pass runs the first pass's schedule type",
+    "hr_additional_modules": "Forge's: no additional modules here",
+    "hr_cfg": "Forge's: the second pass runs the first pass's guidance",
+    "hr_distilled_cfg": "Forge's: no distilled guidance here",
+}
+
+
+def hires_fix(body: dict) -> HiresFix | None:
+    """A1111's hires fix fields of a txt2img body (``enable_hr`` true), with its defaults: scale 2, the
+    ``Latent`` upscaler, the first pass's steps, denoising strength 0.7."""
+    if not flag("enable_hr", body.get("enable_hr"), False):
+        return None
+
+    def given(name, default):
+        value = body.get(name)
+        return default if value is None else value
+
+    for name in ("hr_resize_x", "hr_resize_y", "hr_second_pass_steps"):
+        _whole(name, given(name, 0), 0, 10**6)  # a bad number is refused here, by its A1111 name
+    return HiresFix(scale=given("hr_scale", 2.0), resize_x=given("hr_resize_x", 0), resize_y=given("hr_resize_y", 0),
+                    upscaler=given("hr_upscaler", "Latent") or "Latent", steps=given("hr_second_pass_steps", 0),
+                    strength=given("denoising_strength", 0.7), prompt=given("hr_prompt", ""),
+                    negative_prompt=given("hr_negative_prompt", ""))
 
 
 def _side(body: dict, name: str, native: int) -> int:
@@ -185,7 +214,7 @@ def _side(body: dict, name: str, native: int) -> int:
     return side - side % 8 if side >= MIN_SIDE else side  # below the minimum: refused by the request, as given
 
 
-def _asked(body: dict, name: str) -> bool:
+def asked(body: dict, name: str) -> bool:
     """The client asked for something with this field (a value other than A1111's "nothing" defaults)."""
     value = body.get(name)
     return value not in (None, False, 0, -1, "", [], {}) and not (name == "s_noise" and value == 1) and not (
@@ -222,13 +251,17 @@ def parse_txt2img(body: Any, native: int, model: str, switches=(), steps_policy:
     n_iter = _whole("n_iter", body.get("n_iter", 1) if body.get("n_iter") is not None else 1, 1, MAX_ITER)
     batch = body.get("batch_size", 1)
     batch = 1 if batch is None else _whole("batch_size", batch, 1, MAX_IMAGES)
-    ignored = {k: v for k, v in IGNORED.items() if k in body and _asked(body, k)}
+    hires = hires_fix(body)
+    ignored = {k: v for k, v in IGNORED.items() if k in body and asked(body, k)
+               and not (hires is not None and k == "denoising_strength")}
+    if hires is not None:
+        ignored.update({k: v for k, v in HIRES_IGNORED.items() if asked(body, k)})
     prompt, negative = apply_styles(body, styles or {}, ignored)
-    tiling = _flag("tiling", body.get("tiling"), False)
+    tiling = flag("tiling", body.get("tiling"), False)
     techniques = {**techniques, **({"tiling": "on"} if tiling and "tiling" in {s.name for s in switches} else {})}
     fields = dict(prompt=prompt, negative_prompt=negative, seed=seed, images=batch, techniques=dict(techniques),
                   width=_side(body, "width", native), height=_side(body, "height", native),
-                  clip_skip=_overrides(body, ignored), allow_empty_prompt=True)
+                  clip_skip=_overrides(body, ignored), allow_empty_prompt=True, hires=hires)
     if quality is not None:  # the preset's steps, guidance and sampler (clients send their own defaults always)
         fields.update(quality=quality)
     else:
@@ -248,8 +281,8 @@ def parse_txt2img(body: Any, native: int, model: str, switches=(), steps_policy:
     echo = {k: v for k, v in body.items() if k in A1111_FIELDS}
     echo.update(steps=request.requested_steps, cfg_scale=request.guidance_scale, width=request.width,
                 height=request.height, batch_size=batch, n_iter=n_iter, seed=body.get("seed", -1))
-    return Txt2Img(request, n_iter, _flag("send_images", body.get("send_images"), True),
-                   _flag("save_images", body.get("save_images"), False),
+    return Txt2Img(request, n_iter, flag("send_images", body.get("send_images"), True),
+                   flag("save_images", body.get("save_images"), False),
                    tuple(sorted(set(ignored) | {k for k in body if k not in MAPPED and k not in IGNORED})), echo,
                    ignored, notes)
 
@@ -438,11 +471,6 @@ def quality_presets() -> dict:
                       "scheduler": names[q][1]} for q, p in PRESETS.items()}
 
 
-IMG2IMG_FIELDS = ("init_images", "denoising_strength", "resize_mode", "mask", "mask_blur", "inpainting_fill",
-                  "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert", "image_cfg_scale",
-                  "include_init_images", "initial_noise_multiplier", "latent_mask", "mask_round")
-
-
 def decode_picture(field_name: str, value: Any):
     """A base64 picture (optionally a ``data:image/…;base64,`` URL) as a lazily opened PIL image, or a
     ValidationError naming the field."""
@@ -461,33 +489,3 @@ def decode_picture(field_name: str, value: Any):
         raise ValidationError(field_name, value[:40], "is not base64") from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         raise ValidationError(field_name, value[:40], "is not a picture (PNG, JPEG or WebP)") from None
-
-
-def parse_img2img(body: Any, native: int, model: str, switches=(), steps_policy: bool = False,
-                  styles: dict | None = None) -> Txt2Img:
-    """An AUTOMATIC1111 img2img body: txt2img's fields, the first of ``init_images`` and ``denoising_strength``;
-    without width and height the picture's own size. A mask (inpainting) is refused for now."""
-    if not isinstance(body, dict):
-        raise ValidationError("body", type(body).__name__, "must be a JSON object")
-    if body.get("mask"):
-        raise ValidationError("mask", "(a picture)", "inpainting is not supported by sdxl_ui yet (image to image "
-                                                     "without a mask is)")
-    images = body.get("init_images")
-    if not isinstance(images, list) or not images:
-        raise ValidationError("init_images", images, "must be a list with one base64 picture")
-    picture = decode_picture("init_images[0]", images[0])
-    strength = body.get("denoising_strength", 0.75)
-    rest = {k: v for k, v in body.items() if k not in IMG2IMG_FIELDS}
-    for side, value in zip(("width", "height"), picture.size):
-        rest.setdefault(side, value)  # A1111 sends its own; a client that does not gets the picture's size
-    job = parse_txt2img(rest, native, model, switches, steps_policy, styles)
-    try:
-        request = dataclasses.replace(job.request, init_image=picture,
-                                      strength=0.75 if strength is None else strength)
-    except ValidationError as exc:
-        raise ValidationError("denoising_strength" if exc.field == "strength" else exc.field, exc.value,
-                              exc.problem) from None
-    echo = {**job.echo, "denoising_strength": request.strength}
-    ignored = tuple(sorted(set(job.ignored) | {k for k in body if k in IMG2IMG_FIELDS and k not in (
-        "init_images", "denoising_strength", "resize_mode", "mask") and _asked(body, k)}))
-    return dataclasses.replace(job, request=request, echo=echo, ignored=ignored)

@@ -21,10 +21,11 @@ from ..logins import LOOPBACK
 from ..metadata import parse_parameters
 from ..optimizations.registry import SWITCHES
 from ..schema import ErrorKind, ValidationError
-from .adapter import SAMPLERS, SCHEDULERS, detail_422, error_body, field_names, parse_img2img, parse_json, \
+from .adapter import SAMPLERS, SCHEDULERS, detail_422, error_body, field_names, parse_json, \
     parse_txt2img, preview_base64, public_name, quality_presets, txt2img_response
 from .auth import caller_dependency, client_of
 from .catalog import SERVED, add_catalog
+from .img2img import parse_img2img
 from .models import (A1111JSON, MemoryResponse, Nothing, Options, PNGInfoResponse, ProgressResponse, SamplerItem,
                      SchedulerItem, ScriptsList, SDModelItem, TextToImageResponse, answers, body_of, errors)
 from .openapi import docs_routes
@@ -95,6 +96,10 @@ def _job_route(api, name: str, parse, caller_of):
             body = await read_json(request)
             spec = parse(body, backend.native_size(), public_model(backend.settings), SWITCHES,
                          api.config.steps_policy, api.config.styles)
+            if spec.request.hires is not None:  # an upscaler this server lacks: refused before the queue
+                from ..upscalers import find
+
+                find(spec.request.hires.upscaler, backend.settings.upscaler_dir, "hr_upscaler")
         except ValidationError as exc:
             log.info("api: refused a %s from %s: %s", name, caller, exc)
             return reply(detail_422(exc), 422)

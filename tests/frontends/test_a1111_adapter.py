@@ -101,7 +101,9 @@ def test_styles_apply_as_a1111_does():
     ({"steps": 0}, "steps"), ({"steps": 10**9}, "steps"), ({"width": 60}, "width"), ({"height": 4096}, "height"),
     ({"batch_size": -1}, "batch_size"), ({"n_iter": MAX_ITER + 1}, "n_iter"), ({"seed": -2}, "seed"),
     ({"cfg_scale": 99}, "cfg_scale"), ({"prompt": "\ud800"}, "prompt"), ({"prompt": 5}, "prompt"),
-    ({"sampler_name": "Heunn"}, "sampler_name"), ({"enable_hr": True}, "enable_hr"),
+    ({"sampler_name": "Heunn"}, "sampler_name"), ({"enable_hr": True, "hr_scale": 9}, "hr_scale"),
+    ({"enable_hr": "yes"}, "enable_hr"), ({"enable_hr": True, "denoising_strength": 0}, "denoising_strength"),
+    ({"enable_hr": True, "hr_resize_x": 100}, "hr_resize_x"),
     ({"script_name": "x/y/z plot"}, "script_name"), ({"send_images": "yes"}, "send_images"),
     ({"styles": "photo"}, "styles"), ({"override_settings": {"CLIP_stop_at_last_layers": 99}},
                                       "override_settings.CLIP_stop_at_last_layers"),
@@ -449,10 +451,10 @@ def _png_base64(image) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def test_img2img_reads_the_picture_and_strength_and_refuses_a_mask_or_a_bad_picture():
+def test_img2img_reads_the_picture_and_strength_and_refuses_a_bad_picture_or_mask():
     from PIL import Image
 
-    from sdxl_ui.a1111.adapter import parse_img2img
+    from sdxl_ui.a1111.img2img import parse_img2img
 
     picture = Image.new("RGB", (96, 64), (220, 40, 40))
     job = parse_img2img({"prompt": "a blue circle", "init_images": [_png_base64(picture)], "denoising_strength": 0.4,
@@ -469,11 +471,46 @@ def test_img2img_reads_the_picture_and_strength_and_refuses_a_mask_or_a_bad_pict
                         ({"prompt": "x", "init_images": [base64.b64encode(b"hello").decode()]}, "init_images[0]"),
                         ({"prompt": "x", "init_images": [_png_base64(picture)], "denoising_strength": 2},
                          "denoising_strength"),
-                        ({"prompt": "x", "init_images": [_png_base64(picture)], "mask": _png_base64(picture)},
-                         "mask")]:
+                        ({"prompt": "x", "init_images": [_png_base64(picture)],
+                          "mask": _png_base64(Image.new("L", (32, 32), 255))}, "mask"),
+                        ({"prompt": "x", "init_images": [_png_base64(picture)], "mask": "nope"}, "mask"),
+                        ({"prompt": "x", "init_images": [_png_base64(picture)],
+                          "mask": _png_base64(Image.new("L", (96, 64), 255)), "inpainting_fill": 7},
+                         "inpainting_fill"),
+                        ({"prompt": "x", "init_images": [_png_base64(picture)],
+                          "mask": _png_base64(Image.new("L", (96, 64), 255)), "mask_blur": 500}, "mask_blur")]:
         with pytest.raises(ValidationError) as caught:
             parse_img2img(body, 128, "demo")
         assert caught.value.field == field, (body.keys(), caught.value)
+
+
+def test_img2img_reads_a1111s_inpainting_options_and_txt2img_its_hires_fix():
+    from PIL import Image
+
+    from sdxl_ui.a1111.img2img import parse_img2img
+    from sdxl_ui.edits import MaskedContent
+
+    picture, mask = Image.new("RGB", (96, 64), (220, 40, 40)), Image.new("L", (96, 64), 255)
+    job = parse_img2img({"prompt": "x", "init_images": [_png_base64(picture)], "mask": _png_base64(mask),
+                         "mask_blur": 8, "inpainting_fill": 2, "inpaint_full_res": 1,
+                         "inpaint_full_res_padding": 16, "inpainting_mask_invert": 0, "resize_mode": 2}, 128, "demo")
+    request = job.request
+    assert request.kind == "inpaint" and request.mask.size == (96, 64)
+    assert (request.inpaint.blur, request.inpaint.content, request.inpaint.only_masked, request.inpaint.padding,
+            request.inpaint.invert) == (8, MaskedContent.LATENT_NOISE, True, 16, False)
+    assert "resize_mode" in job.reasons and job.echo["inpainting_fill"] == 2
+    defaults = parse_img2img({"prompt": "x", "init_images": [_png_base64(picture)], "mask": _png_base64(mask)}, 128,
+                             "demo").request.inpaint  # A1111's API defaults: fill, blur 4, whole picture
+    assert (defaults.content, defaults.blur, defaults.only_masked) == (MaskedContent.FILL, 4, False)
+    hires = parse_txt2img({"prompt": "x", "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Lanczos",
+                           "hr_second_pass_steps": 6, "denoising_strength": 0.45, "hr_sampler_name": "Euler"},
+                          128, "demo")
+    fix = hires.request.hires
+    assert hires.request.kind == "hires" and (fix.scale, fix.upscaler, fix.steps, fix.strength) == (
+        1.5, "Lanczos", 6, 0.45)
+    assert "denoising_strength" not in hires.reasons and "hr_sampler_name" in hires.reasons
+    plain = parse_txt2img({"prompt": "x", "enable_hr": False, "denoising_strength": 0.45}, 128, "demo")
+    assert plain.request.hires is None and "denoising_strength" in plain.reasons
 
 
 def test_img2img_is_a_route_whose_refusals_are_422_naming_the_field():
