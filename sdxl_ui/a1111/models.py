@@ -93,11 +93,14 @@ class Txt2ImgRequest(Open):
     disable_extra_networks: Optional[bool] = False
     firstpass_image: Optional[str] = None
     comments: Optional[dict[str, Any]] = None
-    enable_hr: Optional[bool] = Field(False, description="true is refused: no hires fix here")
+    enable_hr: Optional[bool] = Field(False, description="the hires fix: the picture upscaled by hr_scale (or to "
+                                                         "hr_resize_x × hr_resize_y) with hr_upscaler, then redrawn "
+                                                         "at denoising_strength")
     firstphase_width: Optional[int] = 0
     firstphase_height: Optional[int] = 0
     hr_scale: Optional[float] = 2.0
-    hr_upscaler: Optional[str] = None
+    hr_upscaler: Optional[str] = Field(None, description="a name of GET /latent-upscale-modes or /upscalers "
+                                                         "(default Latent)")
     hr_second_pass_steps: Optional[int] = 0
     hr_resize_x: Optional[int] = 0
     hr_resize_y: Optional[int] = 0
@@ -132,8 +135,8 @@ class OptionsRequest(Open):
 
 
 class Img2ImgRequest(Txt2ImgRequest):
-    """AUTOMATIC1111's StableDiffusionImg2ImgProcessingAPI: txt2img's fields and the picture to start from. The
-    mask (inpainting) is refused for now; ``resize_mode`` 0 (just resize) is what runs."""
+    """AUTOMATIC1111's StableDiffusionImg2ImgProcessingAPI: txt2img's fields, the picture to start from and, with
+    ``mask``, inpainting with A1111's options; ``resize_mode`` 0 (just resize) is what runs."""
 
     model_config = ConfigDict(title="StableDiffusionProcessingImg2Img")
     init_images: Optional[list[str]] = Field(None, description="one picture, base64 (PNG, JPEG or WebP; a data: "
@@ -141,7 +144,14 @@ class Img2ImgRequest(Txt2ImgRequest):
     denoising_strength: Optional[float] = Field(0.75, gt=0, le=1, description="how much of the picture is "
                                                                              "redrawn")
     resize_mode: Optional[int] = Field(0, description="0: just resize (the only mode here)")
-    mask: Optional[str] = Field(None, description="inpainting: refused (not supported yet)")
+    mask: Optional[str] = Field(None, description="inpainting: base64, the picture's size; white = redraw")
+    mask_blur: Optional[int] = Field(4, ge=0, le=64, description="the mask's edge blurred by this many pixels")
+    inpainting_fill: Optional[int] = Field(0, ge=0, le=3, description="masked content: 0 fill, 1 original, "
+                                                                      "2 latent noise, 3 latent nothing")
+    inpaint_full_res: Optional[bool] = Field(False, description="true: only the masked region (with "
+                                                                "inpaint_full_res_padding) is drawn at the size asked")
+    inpaint_full_res_padding: Optional[int] = Field(0, ge=0, le=256, description="pixels around the mask")
+    inpainting_mask_invert: Optional[int] = Field(0, ge=0, le=1, description="1: redraw what the mask keeps")
 
 
 REQUESTS = {"txt2img": Txt2ImgRequest, "img2img": Img2ImgRequest, "png-info": PNGInfoRequest,

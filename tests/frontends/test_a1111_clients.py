@@ -281,6 +281,20 @@ def test_sillytavern_defaults_with_the_prefix_cleared_draw_the_scene(server):
     assert all(judged(image, wanted).values()), reading(image)
 
 
+def test_sillytavern_hires_fix_draws_the_scene_at_twice_the_size(server):
+    """SillyTavern's "Hires. Fix" ticked: its body sends enable_hr with hr_scale, hr_upscaler, hr_second_pass_steps
+    and denoising_strength (its defaults: Latent, 0.7; the user chose scale 2). The picture is 256² and judged
+    right; the infotext names the second pass as A1111's does."""
+    wanted = scene(color="green", background="white", shape="triangle")
+    body = {**st_body(server, "", prompt(wanted), prefix="", seed=11), "enable_hr": True, "hr_scale": 2.0}
+    data = st_generate(server, body)
+    image = b64_png(data["images"][0])
+    assert image.size == (2 * SIZE, 2 * SIZE)
+    assert all(judged(image, wanted).values()), reading(image)
+    info = json.loads(data["info"])
+    assert "Hires upscaler: Latent" in info["infotexts"][0] and "Denoising strength: 0.7" in info["infotexts"][0]
+
+
 def test_sillytavern_abort_interrupts_and_its_login_never_comes_back(server):
     """A user who typed a login in SillyTavern (sent in the Basic header and, by its server, inside the JSON body)
     aborts a generation: ST's server posts /interrupt; the job stops, the reply and the log hold no password."""

@@ -240,3 +240,27 @@ def test_img2img_redraws_a_red_circle_blue(server):
     assert result.image.size == (128, 128) and "Denoising strength: 0.6" in result.image.info["parameters"]
     reading = S.read_scene(result.image.convert("RGB"))
     assert (reading.color, reading.shape, reading.position) == ("blue", "circle", "center"), reading
+
+
+def test_img2img_with_a_mask_inpaints_only_the_mask(server):
+    """webuiapi's img2img(mask_image=…): A1111's inpainting fields (mask, mask_blur, inpainting_fill,
+    inpaint_full_res, …) as webuiapi sends them. A blank picture with its centre masked gets a red circle there;
+    every pixel outside the blurred mask is the input's."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from sdxl_ui.demo import scenes as S
+    from sdxl_ui.masks import prepared_mask
+
+    blank, mask = Image.new("RGB", (128, 128), "white"), Image.new("L", (128, 128), 0)
+    ImageDraw.Draw(mask).rectangle((24, 24, 104, 104), fill=255)
+    result = client(server).img2img(images=[blank], mask_image=mask, mask_blur=4, inpainting_fill=0,
+                                    prompt="a large red circle in the center on a white background",
+                                    denoising_strength=1.0, seed=1, **FAST)
+    image = result.image.convert("RGB")
+    reading = S.read_scene(image)
+    assert (reading.color, reading.shape, reading.background) == ("red", "circle", "white"), reading
+    outside = np.asarray(prepared_mask(mask, 4, False)) == 0
+    assert (np.asarray(image)[outside] == np.asarray(blank)[outside]).all()
+    assert "Mask blur: 4, Masked content: fill" in result.image.info["parameters"]
+
