@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                             "where the plan uses it) for stock and plan; meant for GPUs, or --arch tiny")
     bench.add_argument("--prompt-chunks", action="store_true",
                        help="instead: the text encoders' time for a prompt of 1 to 4 chunks (the full SDXL encoders)")
+    bench.add_argument("--pictures", action="store_true",
+                       help="instead: image to image, the hires fix and inpainting at --res (e.g. 1024) with the LCM "
+                            "profile's 4 steps, end to end, beside text to image and stock diffusers fp32 (--only)")
     bench.add_argument("--json", action="store_true")
 
     selftest = sub.add_parser("selftest", help="build and run every configuration the planner can choose on this "

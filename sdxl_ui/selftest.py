@@ -166,7 +166,7 @@ def _peak_gb(torch, device: str) -> float | None:
 
 # ---------------------------------------------------------------- models
 
-def _full_loader(build_device: str):
+def full_loader(build_device: str):
     """A loader for GenerationService: the full SDXL 1.0 architecture, random weights, built in its dtype."""
     def load(source, refiner_spec, dtype, vae_dtype, want_refiner, *_):
         import torch
@@ -194,7 +194,7 @@ def _service(config, device, arch, probe, outputs):
         return GenerationService(settings, probe=probe)
     offloaded = settings.offload.value in ("model", "sequential")
     return GenerationService(settings, probe=probe, source=ModelSource("selftest", "sdxl-architecture-random"),
-                             loader=_full_loader("cpu" if offloaded else device))
+                             loader=full_loader("cpu" if offloaded else device))
 
 
 # ---------------------------------------------------------------- one configuration

@@ -79,12 +79,18 @@ def test_the_run_shares_the_bases_weights_and_hooks(demo, monkeypatch):
         return real(pipe, callback, **kwargs)
 
     monkeypatch.setattr(hooks, "call", spy)
+    img2img(demo, 0.1)  # the base loaded; its modules' dtypes as the plan set them
+    dtypes = {name: next(getattr(demo.models.base, name).parameters()).dtype for name in ("unet", "vae",
+                                                                                        "text_encoder_2")}
     img2img(demo, 0.3)
     base, pipe = demo.models.base, seen["pipe"]
+    # Building the pipeline casts nothing (diffusers' from_pipe casts the shared modules to fp32 in place).
+    assert {name: next(getattr(base, name).parameters()).dtype for name in dtypes} == dtypes
     assert type(pipe).__name__ == "StableDiffusionXLImg2ImgPipeline" and pipe is not base
     assert pipe.unet is base.unet and pipe.vae is base.vae and pipe.text_encoder_2 is base.text_encoder_2
     assert hooks.registry(pipe) is hooks.registry(base)  # the same hooks and state, not a copy
     assert denoise.image_to_image  # the one place the pipeline is built
+    assert str(dtypes["unet"]).removeprefix("torch.") == demo.host.plan.dtype
 
 
 def test_a_strength_under_one_step_raises_the_steps_until_one_runs(demo):
