@@ -93,11 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--hq", action="store_true",
                        help="also time the whole High-quality image end to end (50 steps, base then refiner "
                             "where the plan uses it) for stock and plan; meant for GPUs, or --arch tiny")
-    bench.add_argument("--prompt-chunks", action="store_true",
-                       help="instead: the text encoders' time for a prompt of 1 to 4 chunks (the full SDXL encoders)")
-    bench.add_argument("--pictures", action="store_true",
-                       help="instead: image to image, the hires fix and inpainting at --res (e.g. 1024) with the LCM "
-                            "profile's 4 steps, end to end, beside text to image and stock diffusers fp32 (--only)")
+    _bench_instead(bench)
     bench.add_argument("--json", action="store_true")
 
     selftest = sub.add_parser("selftest", help="build and run every configuration the planner can choose on this "
@@ -122,6 +118,15 @@ def _result_json(result: ResultEvent, note: str | None) -> dict:
                     "total_s": result.timings.total_s},
         "parameters": result.parameters, "save_error": result.save_error,
     }
+
+
+def _bench_instead(bench) -> None:
+    """bench's other measures, each instead of the step timing."""
+    bench.add_argument("--prompt-chunks", action="store_true",
+                       help="instead: the text encoders' time for a prompt of 1 to 4 chunks (the full SDXL encoders)")
+    bench.add_argument("--pictures", action="store_true",
+                       help="instead: image to image, the hires fix and inpainting at --res (e.g. 1024) with the LCM "
+                            "profile's 4 steps, end to end, beside text to image and stock diffusers fp32 (--only)")
 
 
 def _print_progress(event: Event) -> None:

@@ -38,12 +38,9 @@ def cmd_bench(args) -> int:
 
         return cmd_prompt_chunks(args, probe, plan)
     if args.pictures:
-        from .pictures import run_pictures, table
+        from .pictures import cmd_pictures
 
-        out = run_pictures(args.res, args.only)
-        out["machine"] = probe.cpu.model_name
-        print(json.dumps(out) if args.json else f"{table(out)}\n(on {probe.cpu.model_name})")
-        return 0 if "error" not in out.get("ours", {}) and "error" not in out.get("stock", {}) else 1
+        return cmd_pictures(args, probe)
 
     def say(msg):  # progress goes to stderr, also with --json (stdout holds only the JSON object)
         print(msg, file=sys.stderr, flush=True)

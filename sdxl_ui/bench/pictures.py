@@ -145,6 +145,14 @@ def table(out: dict) -> str:
     return "\n".join(lines)
 
 
+def cmd_pictures(args, probe) -> int:
+    """``bench --pictures``: the table (or ``--json``), the CPU named; 1 when a side failed."""
+    out = run_pictures(args.res, args.only)
+    out["machine"] = probe.cpu.model_name
+    print(json.dumps(out) if args.json else f"{table(out)}\n(on {probe.cpu.model_name})")
+    return 0 if "error" not in out.get("ours", {}) and "error" not in out.get("stock", {}) else 1
+
+
 if __name__ == "__main__":
     side, size = sys.argv[1], int(sys.argv[2])
     print(json.dumps(ours(size) if side == "ours" else stock(size)))
