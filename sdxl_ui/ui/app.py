@@ -44,6 +44,8 @@ from ..jobs import CancelToken, HourlyLimit, capabilities_of
 from ..optimizations.registry import SWITCHES
 from .access import Access
 from .loras import lora_panel, wire_loras
+from .pictures import TAB_PICTURES, TAB_TEXT, hires_fix, hires_panel, picture_fields, pictures_tab, read_editor, \
+    wire_send
 from .render import log_html, progress_html, status_html
 
 log = logging.getLogger("sdxl_ui")
@@ -229,9 +231,13 @@ def _layout(service, status_update) -> SimpleNamespace:
             negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
             quality = gr.Radio(list(QUALITY_LABELS), value="High quality", label="Quality", elem_id="quality")
             advanced = _advanced(service, service.native_size())
-            with gr.Row():
-                generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+            with gr.Tabs(selected=TAB_TEXT) as tabs:
+                with gr.Tab("Text to image", id=TAB_TEXT):
+                    hires = hires_panel(service.settings.upscaler_dir)
+                    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Tab("Image to image", id=TAB_PICTURES):
+                    pictures = pictures_tab()
+            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
             progress = gr.HTML(progress_html(0, "idle"), elem_id="progress")
             log_pane = gr.HTML(log_html([]), label="Log", show_label=True, container=True, autoscroll=True,
                                elem_id="log")
@@ -242,13 +248,14 @@ def _layout(service, status_update) -> SimpleNamespace:
             with gr.Row():
                 used_seed = gr.Number(label="Used seed", interactive=False, precision=0, elem_id="used-seed")
                 reuse = gr.Button("Reuse seed")
+            send_btn = gr.Button("Send to image to image", elem_id="send-to-pictures")
             gallery = gr.Gallery(label="This session's images", columns=4, height=200, elem_id="gallery")
     history = gr.State([])
     return SimpleNamespace(
         status_panel=status_panel, demo_button=demo_button, status_timer=status_timer, prompt=prompt,
         negative=negative, quality=quality, generate_btn=generate_btn, stop_btn=stop_btn, progress=progress,
         log_pane=log_pane, preview=preview, output=output, used_seed=used_seed, reuse=reuse, gallery=gallery,
-        history=history, **advanced)
+        history=history, tabs=tabs, send_btn=send_btn, **advanced, **hires, **pictures)
 
 
 def _wire_form(page, service) -> None:
@@ -309,20 +316,22 @@ def _wire_status(demo, page, service, config: UIConfig, status_update) -> None:
     page.demo_button.click(use_demo_model, None, [*outputs, page.size], queue=False, api_visibility="private")
 
 
+def _request_fields(quality_label, n_steps, cfg, seed_value, n_images, sched, schedule, techniques) -> dict:
+    """The fields both tabs' requests share (Quality and Advanced; the size is text to image's own)."""
+    quality_value = QUALITY_LABELS.get(quality_label, quality_label) if isinstance(
+        quality_label, str) else quality_label
+    return dict(quality=quality_value, steps=n_steps, guidance=cfg, seed=seed_value, images=n_images,
+                scheduler=sched, schedule=schedule or Schedule.AUTOMATIC.value,
+                techniques={k: v for k, v in (techniques or {}).items() if v is not None})
+
+
 def _job_runner(demo, page, service, config: UIConfig, runs: _Runs, limit: HourlyLimit, status_update):
-    """The body of a Generate run: validate, rate-limit, then turn the service's events into page updates."""
-    def run_job(lines, prompt_text, negative_text, quality_label, n_steps, cfg, seed_value, n_images,
-                size_label, w, h, sched, schedule, session_history, request, techniques=None):
+    """The body of a Generate run (either tab's): build the request (``build()``: a ValidationError is one line in
+    the log), rate-limit, then turn the service's events into page updates."""
+    def run_job(lines, build, session_history, request):
         session = request.session_hash if request is not None else "api"
         try:
-            wd, ht = _size(size_label, w, h, service.native_size())
-            quality_value = QUALITY_LABELS.get(quality_label, quality_label) if isinstance(
-                quality_label, str) else quality_label
-            req = GenerationRequest.from_raw(
-                prompt=prompt_text, negative_prompt=negative_text, quality=quality_value, steps=n_steps,
-                guidance=cfg, seed=seed_value, images=n_images, width=wd, height=ht, scheduler=sched,
-                schedule=schedule or Schedule.AUTOMATIC.value,
-                techniques={k: v for k, v in (techniques or {}).items() if v is not None})
+            req = build()
         except ValidationError as exc:
             log.info("refused a request from %s: %s", config.access.describe(request), exc)  # one line
             lines.append(f"❌ {exc}")
@@ -402,33 +411,46 @@ def _with_switches(handler):
     return wrapper
 
 
-def _wire_jobs(demo, page, service, config: UIConfig, status_update) -> None:
-    """Generate, Stop, and a closed tab (which cancels that session's job)."""
-    runs = _Runs()
-    limit = config.limit or HourlyLimit(config.max_jobs_per_user)
-    run_job = _job_runner(demo, page, service, config, runs, limit, status_update)
+def _started(page, run_job, build, session_history, request):
+    """A Generate run as the page shows it from its first moment; a bug is one line, never a traceback."""
+    lines = ["⏳ Request received"]
+    yield {page.log_pane: log_html(lines), page.progress: progress_html(0, "starting…"), page.preview: None}
+    try:
+        yield from run_job(lines, build, session_history, request)
+    except Exception as exc:  # noqa: BLE001 - a bug here must not show a traceback in the page
+        log.exception("page: the Generate handler failed")
+        lines.append(f"❌ internal error ({type(exc).__name__}); the server's log has the details")
+        yield {page.log_pane: log_html(lines), page.progress: progress_html(0, "failed")}
 
+
+def _results(page) -> list:
+    return [page.log_pane, page.progress, page.preview, page.output, page.used_seed, page.gallery, page.history,
+            page.status_panel]
+
+
+def _wire_generate(page, service, run_job) -> None:
+    """Text to image's Generate (with its hires fix): the one public endpoint, ``generate``."""
     @_with_switches
     def generate(prompt_text, negative_text, quality_label, n_steps, cfg, seed_value, n_images, size_label,
-                 w, h, sched, schedule=Schedule.AUTOMATIC.value, techniques=None, session_history=None,
-                 request: gr.Request = None):
-        lines = ["⏳ Request received"]
-        yield {page.log_pane: log_html(lines), page.progress: progress_html(0, "starting…"), page.preview: None}
-        try:
-            yield from run_job(lines, prompt_text, negative_text, quality_label, n_steps, cfg, seed_value,
-                               n_images, size_label, w, h, sched, schedule, session_history, request,
-                               techniques=techniques)
-        except Exception as exc:  # noqa: BLE001 - a bug here must not show a traceback in the page
-            log.exception("page: the Generate handler failed")
-            lines.append(f"❌ internal error ({type(exc).__name__}); the server's log has the details")
-            yield {page.log_pane: log_html(lines), page.progress: progress_html(0, "failed")}
+                 w, h, sched, schedule=Schedule.AUTOMATIC.value, hires_on=False, hires_scale=2.0,
+                 hires_upscaler="Latent", hires_steps=0, hires_strength=0.7, techniques=None,
+                 session_history=None, request: gr.Request = None):
+        def build():
+            wd, ht = _size(size_label, w, h, service.native_size())
+            hires = hires_fix(hires_on, hires_scale, hires_upscaler, hires_steps, hires_strength,
+                              service.settings.upscaler_dir)
+            return GenerationRequest.from_raw(
+                prompt=prompt_text, negative_prompt=negative_text, width=wd, height=ht, hires=hires,
+                **_request_fields(quality_label, n_steps, cfg, seed_value, n_images, sched, schedule, techniques))
+
+        yield from _started(page, run_job, build, session_history, request)
 
     page.generate_btn.click(
         generate,
         [page.prompt, page.negative, page.quality, page.steps, page.guidance, page.seed, page.images, page.size,
-         page.width, page.height, page.scheduler, page.schedule, *page.switches, page.history],
-        [page.log_pane, page.progress, page.preview, page.output, page.used_seed, page.gallery, page.history,
-         page.status_panel],
+         page.width, page.height, page.scheduler, page.schedule, page.hires_on, page.hires_scale,
+         page.hires_upscaler, page.hires_steps, page.hires_strength, *page.switches, page.history],
+        _results(page),
         # One job per device: 1 for the in-process service, the number of replicas for the Ray backend.
         api_name="generate", concurrency_id=CONCURRENCY_ID, concurrency_limit=service.concurrency,
         show_progress="minimal",
@@ -437,6 +459,43 @@ def _wire_jobs(demo, page, service, config: UIConfig, status_update) -> None:
         # checks would instead raise a bare error and print a traceback in the server log for each bad value.
         preprocess=False,
     )
+
+
+def _wire_picture_generate(page, service, run_job) -> None:
+    """Image to image's Generate: the editor's picture (and its strokes: inpainting; or outpainting), the shared
+    prompts, Quality and Advanced (not its size: the picture's own). The page's own (api_visibility private: the
+    /sdapi/v1 img2img is the API's way in)."""
+    @_with_switches
+    def generate_picture(prompt_text, negative_text, quality_label, n_steps, cfg, seed_value, n_images, sched,
+                         schedule, editor_value, strength, mask_blur, content, area, padding, invert, outpaint,
+                         outpaint_pixels, techniques=None, session_history=None, request: gr.Request = None):
+        def build():
+            pictures = picture_fields(read_editor(page.editor, editor_value), strength, mask_blur, content, area,
+                                      padding, invert, outpaint, outpaint_pixels)
+            return GenerationRequest.from_raw(
+                prompt=prompt_text, negative_prompt=negative_text, **pictures,
+                **_request_fields(quality_label, n_steps, cfg, seed_value, n_images, sched, schedule, techniques))
+
+        yield from _started(page, run_job, build, session_history, request)
+
+    page.generate_picture_btn.click(
+        generate_picture,
+        [page.prompt, page.negative, page.quality, page.steps, page.guidance, page.seed, page.images,
+         page.scheduler, page.schedule, page.editor, page.strength, page.mask_blur, page.content, page.area,
+         page.padding, page.invert, page.outpaint, page.outpaint_pixels, *page.switches, page.history],
+        _results(page), api_name="generate_picture", api_visibility="private", concurrency_id=CONCURRENCY_ID,
+        concurrency_limit=service.concurrency, show_progress="minimal", show_progress_on=[page.output],
+        preprocess=False)
+
+
+def _wire_jobs(demo, page, service, config: UIConfig, status_update) -> None:
+    """Generate (both tabs), Stop, Send to image to image, and a closed tab (which cancels that session's job)."""
+    runs = _Runs()
+    limit = config.limit or HourlyLimit(config.max_jobs_per_user)
+    run_job = _job_runner(demo, page, service, config, runs, limit, status_update)
+    _wire_generate(page, service, run_job)
+    _wire_picture_generate(page, service, run_job)
+    wire_send(page)
 
     def stop(request: gr.Request):
         runs.cancel(request.session_hash if request is not None else "api")
