@@ -102,6 +102,11 @@ def _replay(args) -> int:
     """Re-derive and print a saved `bench --json` result (e.g. after changing the table) without re-timing."""
     with open(args.from_json, encoding="utf-8") as f:
         saved = json.load(f)
+    if "ours" in saved or "stock" in saved:  # a `bench --pictures --json` result
+        from .pictures import table
+
+        print(json.dumps(saved, indent=1) if args.json else f"{table(saved)}\n(on {saved.get('machine', '?')})")
+        return 0
     results = {k: v for k, v in saved.items() if isinstance(v, dict) and "matmul_peak_gflops" in v}
     plan_steps = round(50 * 0.7) if saved["device"] == "cpu" else 50
     summary = summarize(results, saved["arch"], saved["res"], saved["timed_steps"], saved["device"],
