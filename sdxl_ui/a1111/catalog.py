@@ -1,6 +1,7 @@
 """The listing endpoints of ``/sdapi/v1`` that AUTOMATIC1111's clients call on connecting (Open WebUI, SillyTavern,
 webuiapi; README: AUTOMATIC1111-compatible API), each in A1111 v1.10.1's shape with a truthful list: empty where
-sdxl_ui has no such thing (upscalers, VAEs, embeddings, …), the LoRA folder's files for ``/loras``, the ``--styles``
+sdxl_ui has no such thing (VAEs, embeddings, …), the hires fix's upscalers for ``/upscalers`` and
+``/latent-upscale-modes``, the LoRA folder's files for ``/loras``, the ``--styles``
 file for ``/prompt-styles``, the flags the app runs with for ``/cmd-flags``. The refresh endpoints answer ``null``,
 as A1111 does. No path of the server is ever shown (a folder by its name, a LoRA by its name in the folder).
 """
@@ -21,10 +22,9 @@ log = logging.getLogger("sdxl_ui")
 
 MAX_LORAS = 200  # the page's LoRA panel lists as many (ui/loras.py)
 # A1111's list endpoints that sdxl_ui answers with nothing in them: it has no such models.
-EMPTY_LISTS = ("upscalers", "latent-upscale-modes", "sd-vae", "sd-modules", "face-restorers", "hypernetworks",
-               "realesrgan-models")
+EMPTY_LISTS = ("sd-vae", "sd-modules", "face-restorers", "hypernetworks", "realesrgan-models")
 REFRESHED = ("refresh-checkpoints", "refresh-loras", "refresh-vae", "refresh-embeddings")
-SERVED = (*EMPTY_LISTS, "embeddings", "prompt-styles", "cmd-flags", "loras", *REFRESHED)
+SERVED = ("upscalers", "latent-upscale-modes", *EMPTY_LISTS, "embeddings", "prompt-styles", "cmd-flags", "loras", *REFRESHED)
 
 
 def lora_files(folder) -> list[Path]:
@@ -72,6 +72,20 @@ def add_catalog(router, api, caller_of) -> None:
 
     for path in EMPTY_LISTS:
         empty(path)
+
+    @router.get("/upscalers", **answers(list[EMPTY_LIST_ITEMS["upscalers"]]))
+    async def upscalers():
+        """The hires fix's pixel upscalers, in A1111's shape (its latent ones: /latent-upscale-modes)."""
+        from ..upscalers import available
+
+        return [{"name": u.name, "model_name": None, "model_path": None, "model_url": None, "scale": u.scale}
+                for u in available(api.backend.settings.upscaler_dir)]
+
+    @router.get("/latent-upscale-modes", **answers(list[EMPTY_LIST_ITEMS["latent-upscale-modes"]]))
+    async def latent_upscale_modes():
+        from ..upscalers import LATENT_MODES
+
+        return [{"name": name} for name in LATENT_MODES]
 
     @router.get("/embeddings", **answers(EmbeddingsResponse))
     async def embeddings():

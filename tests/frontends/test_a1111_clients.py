@@ -255,7 +255,10 @@ def test_sillytavern_connects_lists_sets_the_model_and_generates(sillytavern_def
     public/scripts/extensions/stable-diffusion/index.js): every list is an array of what it reads, the empty
     `Basic ` header is not refused, and data.images[0] is a PNG."""
     lists, _, data = sillytavern_defaults
-    assert lists["upscalers"] == [] and lists["vaes"] == ["Automatic"]
+    from sdxl_ui.upscalers import LATENT_MODES
+
+    # ST's dropdown: the first pixel upscaler, A1111's latent modes, then the rest (what the hires fix accepts)
+    assert lists["upscalers"] == ["None", *LATENT_MODES, "Lanczos", "Nearest"] and lists["vaes"] == ["Automatic"]
     image = b64_png(data["images"][0])
     assert image.size == (SIZE, SIZE)
     info = json.loads(data["info"])
@@ -351,8 +354,10 @@ def test_webuiapi_helpers_answer_in_a1111s_shape(server, lora_folder):
     reads /scripts; every helper is `response.json()` without a status check, the util_* ones index into it."""
     api = webuiapi.WebUIApi(port=server.port)
     api.util_wait_for_ready(check_interval=0.1)
-    assert api.get_upscalers() == [] and api.get_sd_vae() == [] and api.get_hypernetworks() == []
-    assert api.get_face_restorers() == [] and api.get_latent_upscale_modes() == [] and api.get_realesrgan_models() == []
+    assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos", "Nearest"]
+    assert api.get_sd_vae() == [] and api.get_hypernetworks() == []
+    assert [m["name"] for m in api.get_latent_upscale_modes()][:2] == ["Latent", "Latent (antialiased)"]
+    assert api.get_face_restorers() == [] and api.get_realesrgan_models() == []
     assert api.get_prompt_styles() == [{"name": "flat", "prompt": "{prompt}, flat colours", "negative_prompt": "blurry"}]
     assert api.get_embeddings()["loaded"] == {} and api.get_embeddings()["skipped"] == {}
     assert api.get_loras() == [{"name": "ink", "alias": "ink-style", "path": "ink.safetensors",
