@@ -1,4 +1,4 @@
-"""Command line: `python -m sdxl_ui generate | doctor | bench | selftest | train-demo | eval-demo`.
+"""Command line: `python -m sdxl_ui generate | upscale | doctor | bench | selftest | train-demo | eval-demo`.
 
 Exit codes: 0 success; 2 bad input, one line naming the field and the value (a request field, --out, a --model
 that does not exist or is not an SDXL model, a --device/--attention this machine cannot honour); 1 a runtime
@@ -20,7 +20,7 @@ from pathlib import Path
 from .commandline import (EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, add_settings_args,  # noqa: F401
                           add_picture_args, add_technique_args, fail, picture_fields, plan_error_code,
                           settings_from_args, setup_logging, read_picture)
-from .jobs import capabilities_of, collect
+from .jobs import CancelToken, capabilities_of, collect
 from .samplers import sampler_choice
 from .schema import ErrorKind, Event, GenerationRequest, ProgressEvent, ResultEvent, ValidationError
 from .optimizations.registry import SWITCHES
@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--ray-address", help="send the job to the workers that `app.py --ray-address` (or "
                                            "--workers) deployed on this Ray cluster (README: Serving a team)")
 
+    _upscale_args(sub)
     doc = sub.add_parser("doctor", help="print the hardware probe, the plan and the expected report")
     add_settings_args(doc)
     doc.add_argument("--json", action="store_true")
@@ -336,6 +337,56 @@ def _distill(args, out: Path) -> int:
     return EXIT_OK
 
 
+def _upscale_args(sub) -> None:
+    up = sub.add_parser("upscale", help="upscale a picture (no model loaded): a built-in upscaler or your own "
+                                        "super-resolution model")
+    up.add_argument("input", help="the picture (PNG, JPEG, WebP)")
+    up.add_argument("out", help="the upscaled picture (.png; its parameters chunk is kept, with the upscale's)")
+    up.add_argument("--upscaler", default="Lanczos",
+                    help="Lanczos (default), Nearest, or a model file's name in --upscaler-dir (e.g. 4x-UltraSharp)")
+    up.add_argument("--scale", default="2", help="times the size, 1 to 8 (default 2)")
+    up.add_argument("--width", default="0", help="to this width (with --height; the picture scaled to cover it)")
+    up.add_argument("--height", default="0", help="to this height (with --width)")
+    up.add_argument("--no-crop", action="store_true", help="with --width/--height: keep the proportions, no crop")
+    up.add_argument("--upscaler-dir", help="folder of your super-resolution models (.pth/.safetensors)")
+    up.add_argument("--device", choices=[c.value for c in DeviceChoice])
+    up.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def cmd_upscale(args) -> int:
+    """``upscale IN OUT``: the one picture through the service's upscale (the same path as A1111's extras)."""
+    from .edits import Upscale
+    from .run import Cancelled
+    from .saving import check_output_path, save_png_copy
+    from .service import GenerationService
+    from .settings import AppSettings
+
+    try:
+        spec = Upscale(upscaler=args.upscaler, scale=args.scale, width=args.width, height=args.height,
+                       crop=not args.no_crop)
+        settings = AppSettings.from_env(upscaler_dir=args.upscaler_dir, device=args.device)
+        if settings.upscaler_dir is not None and not settings.upscaler_dir.is_dir():
+            raise ValidationError("upscaler_dir", str(settings.upscaler_dir), "is not a folder")
+        picture = read_picture("input", args.input)
+        out = check_output_path(args.out)
+        cancel = CancelToken()
+        with _stop_on_signals(cancel):
+            result = GenerationService(settings).upscale([picture], spec, cancel)[0]
+        size = f"upscale by: {spec.scale:g}" if not spec.width else f"upscale to: {spec.width}x{spec.height}"
+        save_png_copy(result, out, picture, f"Postprocess {size}, Postprocess upscaler: {spec.upscaler}")
+    except ValidationError as exc:
+        return fail(str(exc), EXIT_BAD_INPUT, args.json, ErrorKind.VALIDATION)
+    except Cancelled:
+        return fail("interrupted: nothing saved", EXIT_FAIL, args.json, ErrorKind.CANCELLED)
+    except OSError as exc:
+        return fail(f"could not save {args.out}: {exc}", EXIT_FAIL, args.json, ErrorKind.RUNTIME)
+    if args.json:
+        print(json.dumps({"ok": True, "path": str(out), "width": result.width, "height": result.height}))
+    else:
+        print(out)
+    return EXIT_OK
+
+
 @contextlib.contextmanager
 def _stop_on_signals(cancel):
     """SIGTERM/SIGINT during a run cancel it at the next step instead of killing the process: an image being
@@ -370,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_generate(args)
     if args.command == "doctor":
         return cmd_doctor(args)
+    if args.command == "upscale":
+        return cmd_upscale(args)
     if args.command == "selftest":
         from .selftest import cmd_selftest
 

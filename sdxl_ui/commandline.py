@@ -43,6 +43,8 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
                         "$SDXL_UI_LORA (comma-separated)")
     g.add_argument("--lora-dir", help="folder of LoRA .safetensors files the page lists for the operator "
                                       "(default ./loras)")
+    g.add_argument("--upscaler-dir", help="folder of your super-resolution models (ESRGAN, Real-ESRGAN, SwinIR, … "
+                                          ".pth/.safetensors) for the hires fix and upscaling, named by file name")
     g.add_argument("--decoder", choices=["full", "tiny"],
                    help="the final image's decoder: full (the VAE; default) or tiny (AutoencoderTiny: much faster, a "
                         "slightly different picture); or $SDXL_UI_DECODER")
@@ -63,7 +65,7 @@ def add_technique_args(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args) -> AppSettings:
     names = ["model", "refiner", "use_refiner", "device", "precision", "attention", "offload", "vae_tiling",
              "threads", "outputs", "local_files_only", "single_file_config", "compile", "profile",
-             "lora_dir", "decoder", "tiny_decoder"]
+             "lora_dir", "decoder", "tiny_decoder", "upscaler_dir"]
     values = {n: getattr(args, n, None) for n in names}
     values["loras"] = tuple(args.lora) if getattr(args, "lora", None) else None
     return check_paths(AppSettings.from_env(**values))
@@ -78,6 +80,9 @@ def check_paths(settings: AppSettings) -> AppSettings:
     check_settings(settings)  # each unit's own (the tiny decoder's source)
     if settings.lora_dir.exists() and not settings.lora_dir.is_dir():
         raise ValidationError("lora_dir", str(settings.lora_dir), "is a file, not a folder")
+    if settings.upscaler_dir is not None and not settings.upscaler_dir.is_dir():
+        raise ValidationError("upscaler_dir", str(settings.upscaler_dir), "is not a folder" if
+                              settings.upscaler_dir.exists() else "does not exist")
     return settings
 
 

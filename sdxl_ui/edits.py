@@ -116,6 +116,69 @@ class HiresFix:
         return _multiple_of_8(width * self.scale), _multiple_of_8(height * self.scale)
 
 
+MAX_UPSCALE = 8.0
+MAX_UPSCALED_SIDE = 8192
+
+
+@dataclass(frozen=True)
+class Upscale:
+    """An upscale-only run (A1111's extras: ``upscaling_resize`` or ``upscaling_resize_w`` × ``_h`` with
+    ``upscaling_crop``, ``upscaler_1``, ``upscaler_2`` blended in at ``extras_upscaler_2_visibility``). The
+    upscalers' names are checked against what exists where it runs (``upscalers.find``)."""
+
+    upscaler: str = "Lanczos"
+    scale: float = 2.0
+    width: int = 0  # both given: to that size (the picture scaled to cover it, then cropped to it with crop)
+    height: int = 0
+    crop: bool = True
+    upscaler_2: str = "None"
+    visibility_2: float = 0.0
+
+    def __post_init__(self):
+        try:
+            scale = float(self.scale)
+        except (TypeError, ValueError):
+            raise ValidationError("upscaling_resize", self.scale, "must be a number") from None
+        if not 1.0 <= scale <= MAX_UPSCALE:
+            raise ValidationError("upscaling_resize", self.scale, f"must be between 1 and {MAX_UPSCALE:g}")
+        object.__setattr__(self, "scale", scale)
+        for name in ("width", "height"):
+            side = _int_in(f"upscaling_resize_{name[0]}", getattr(self, name), 0, MAX_UPSCALED_SIDE)
+            if 0 < side < MIN_SIDE:
+                raise ValidationError(f"upscaling_resize_{name[0]}", side, f"must be 0 or at least {MIN_SIDE}")
+            object.__setattr__(self, name, side)
+        if bool(self.width) != bool(self.height):
+            raise ValidationError("upscaling_resize_w" if not self.width else "upscaling_resize_h", 0,
+                                  "must be given with the other side (or both 0: by upscaling_resize)")
+        try:
+            visibility = float(self.visibility_2)
+        except (TypeError, ValueError):
+            raise ValidationError("extras_upscaler_2_visibility", self.visibility_2, "must be a number") from None
+        if not 0.0 <= visibility <= 1.0:
+            raise ValidationError("extras_upscaler_2_visibility", self.visibility_2, "must be between 0 and 1")
+        object.__setattr__(self, "visibility_2", visibility)
+        for name, field_name in (("upscaler", "upscaler_1"), ("upscaler_2", "upscaler_2")):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ValidationError(field_name, getattr(self, name), "must be an upscaler's name "
+                                                                        "(GET /sdapi/v1/upscalers)")
+        if not isinstance(self.crop, bool):
+            raise ValidationError("upscaling_crop", self.crop, "must be true or false")
+
+    def sizes(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """For a picture of ``width`` × ``height``: the size it is upscaled to, and the size it is cropped to
+        (the same unless resizing to a size of other proportions with ``crop``). Refused over 8192 a side."""
+        if self.width:
+            by = max(self.width / width, self.height / height)
+        else:
+            by = self.scale
+        upscaled = (max(1, round(width * by)), max(1, round(height * by)))
+        final = (self.width, self.height) if self.width and self.crop else upscaled
+        if max(upscaled) > MAX_UPSCALED_SIDE:
+            raise ValidationError("upscaling_resize", f"{by:g}", f"makes a {upscaled[0]}×{upscaled[1]} picture from "
+                                  f"{width}×{height}; at most {MAX_UPSCALED_SIDE} a side")
+        return upscaled, final
+
+
 def _multiple_of_8(value: float) -> int:
     return max(MIN_SIDE, int(round(value / 8)) * 8)
 

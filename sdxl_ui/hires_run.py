@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from .denoise import decode_latents, image_to_image, run_stages
 from .long_prompts import conditioning
-from .run import Run, RunPlan
+from .run import Cancelled, Run, RunPlan
 from .schema import LogEvent, LogLevel
 
 
@@ -59,7 +59,8 @@ class HiresFixRun(Run):
             start = upscale_latents(latents, self.upscaler.name, (width // 8, height // 8))
         else:
             picture = decode_latents(models.base, latents)
-            start = upscale_picture(picture, self.upscaler, (width, height))
+            start = upscale_picture(picture, self.upscaler, (width, height), self.host.plan.device,
+                                    on_tile=self.stop_if_cancelled)
         self.emit(LogEvent(f"⏱️ Hires pass: {width}×{height} from the {self.upscaler.name} upscale…"))
         second = {**common, "num_inference_steps": self.second_steps}
         if self.second_prompts is not None:
@@ -68,6 +69,11 @@ class HiresFixRun(Run):
                                                                    "negative_pooled_prompt_embeds")}
             second.update(self.second_prompts.arguments)
         return image_to_image(models, start, self.request.hires.strength, second, on_step(2))
+
+    def stop_if_cancelled(self, done: int, total: int) -> None:
+        """Between an upscaler model's tiles: a cancelled run stops there."""
+        if self.cancel.cancelled:
+            raise Cancelled()
 
     def strength(self) -> float | None:
         return self.request.hires.strength

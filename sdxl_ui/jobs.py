@@ -111,10 +111,12 @@ class Capabilities:
     loras: bool = False  # set_loras(specs): switch the fused LoRAs at run time (the page's LoRA panel)
     start: bool = False  # start(): a persistent pool of workers to start (or join) before the first job
     local_files: bool = True  # an output_path given to generate is a path on this machine (False: remote workers)
+    upscale: bool = False  # upscale(pictures, Upscale): pictures upscaled without the model (A1111's extras)
 
 
-# The in-process GenerationService: profile defaults and LoRA switching, nothing to start, saves on this machine.
-LOCAL_SERVICE = Capabilities(quality_defaults=True, loras=True, start=False, local_files=True)
+# The in-process GenerationService: profile defaults and LoRA switching, nothing to start, saves on this machine,
+# upscales.
+LOCAL_SERVICE = Capabilities(quality_defaults=True, loras=True, start=False, local_files=True, upscale=True)
 
 
 def capabilities_of(backend) -> Capabilities:

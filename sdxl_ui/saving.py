@@ -79,3 +79,26 @@ def write_png_atomic(image, path: Path, params: ImageParameters, extra: dict, ov
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def save_png_copy(image, path: Path, source, postprocessing: str) -> None:
+    """An upscaled picture written as ``write_png_atomic`` writes (never half a file; replacing ``path``), keeping
+    the source's ``parameters`` chunk and adding A1111's ``postprocessing`` one (what the upscale did)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    parameters = getattr(source, "info", {}).get("parameters")
+    if isinstance(parameters, str):
+        info.add_text("parameters", parameters)
+    info.add_text("postprocessing", postprocessing)
+    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.part")
+    try:
+        with open(tmp, "xb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -167,6 +167,20 @@ class GenerationService:
             if thread.is_alive():
                 cancel.cancel()
 
+    def upscale(self, pictures: list, spec, cancel: CancelToken | None = None) -> list:
+        """Pictures upscaled (``upscale_run``: A1111's extras) on this host's device, one job at a time with the
+        generations; a ValidationError names the field before the job waits for the device."""
+        from .upscale_run import check_upscale, upscale_pictures
+
+        cancel = cancel or CancelToken()
+        check_upscale(pictures, spec, self.settings.upscaler_dir)
+        if not self._acquire_device(cancel, lambda event: None, None):
+            raise Cancelled()
+        try:
+            return upscale_pictures(self.host, pictures, spec, cancel, log.info)
+        finally:
+            self.host.device_lock.release()
+
     def shutdown(self, timeout: float = 120.0) -> bool:
         """Stop taking jobs; stop the running ones at their next step (an image being decoded or saved is
         finished and saved first) and wait up to ``timeout`` s for them. True when nothing is left running."""

@@ -126,6 +126,8 @@ class AppSettings:
         object.__setattr__(self, "vae_tiling", parse_choice(Toggle, "vae_tiling", self.vae_tiling))
         object.__setattr__(self, "outputs", Path(self.outputs))
         object.__setattr__(self, "lora_dir", Path(self.lora_dir))
+        if self.upscaler_dir is not None:
+            object.__setattr__(self, "upscaler_dir", Path(self.upscaler_dir))
         profile = str(self.profile).strip().lower()
         if profile not in (PROFILE_AUTO, *PROFILE_NAMES):
             raise ValidationError("profile", self.profile, f"must be one of auto, {', '.join(PROFILE_NAMES)}")

@@ -1,6 +1,8 @@
-"""Upscalers for the hires fix: AUTOMATIC1111's built-ins — the latent ones (``Latent`` and its variants: the
-latents interpolated) and the pixel ones (``Lanczos``, ``Nearest``; ``None``: a plain Lanczos resize). Found by
-A1111's names; an unknown name is refused naming the field and listing what exists."""
+"""Upscalers for the hires fix and the upscale-only runs (A1111's extras): AUTOMATIC1111's built-ins — the latent
+ones (``Latent`` and its variants: the latents interpolated) and the pixel ones (``Lanczos``, ``Nearest``;
+``None``: a plain Lanczos resize) — and the user's own super-resolution models in the upscaler folder, named by
+their file's stem (``sr_models``: spandrel, tiled). Found by name, any case (a built-in's name wins over a file's);
+an unknown name is refused naming the field and listing what exists."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,8 +31,18 @@ class Upscaler:
 
 
 def available(folder: Path | None) -> list[Upscaler]:
-    """The pixel upscalers (A1111's ``/upscalers`` list; the latent modes are listed apart)."""
-    return [Upscaler("None", "none"), Upscaler("Lanczos", "pixels"), Upscaler("Nearest", "pixels")]
+    """The pixel upscalers (A1111's ``/upscalers`` list; the latent modes are listed apart): the built-ins, then
+    the model files in ``folder`` (their scale as their name states it, else None)."""
+    from .sr_models import model_files, scale_in_name
+
+    builtins = [Upscaler("None", "none"), Upscaler("Lanczos", "pixels"), Upscaler("Nearest", "pixels")]
+    taken = {u.name.lower() for u in builtins} | {name.lower() for name in LATENT_MODES}
+    models = []
+    for path in model_files(folder):
+        if path.stem.lower() not in taken:
+            taken.add(path.stem.lower())
+            models.append(Upscaler(path.stem, "model", path, scale_in_name(path)))
+    return builtins + models
 
 
 def find(name: str, folder: Path | None, field: str = "hr_upscaler") -> Upscaler:
@@ -53,9 +65,14 @@ def upscale_latents(latents, name: str, size: tuple[int, int]):
                                            antialias=antialias).to(latents.dtype)
 
 
-def upscale_picture(picture, upscaler: Upscaler, size: tuple[int, int], device="cpu", tile: int = 256):
-    """The picture at ``size`` = (width, height): Lanczos or Nearest (``None``: Lanczos)."""
+def upscale_picture(picture, upscaler: Upscaler, size: tuple[int, int], device: str = "cpu", on_tile=None):
+    """The picture at ``size`` = (width, height): Lanczos or Nearest (``None``: Lanczos), or the user's model (run
+    tile by tile on ``device`` until the size is reached, then resized to it exactly)."""
     from PIL import Image
 
+    if upscaler.kind == "model":
+        from .sr_models import upscale_to
+
+        return upscale_to(picture, upscaler.path, tuple(size), device, on_tile=on_tile)
     rule = Image.NEAREST if upscaler.name == "Nearest" else Image.LANCZOS
     return picture.convert("RGB").resize(size, rule)

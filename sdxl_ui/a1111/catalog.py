@@ -78,8 +78,10 @@ def add_catalog(router, api, caller_of) -> None:
         """The hires fix's pixel upscalers, in A1111's shape (its latent ones: /latent-upscale-modes)."""
         from ..upscalers import available
 
-        return [{"name": u.name, "model_name": None, "model_path": None, "model_url": None, "scale": u.scale}
-                for u in available(api.backend.settings.upscaler_dir)]
+        # A model file by its name only: the server's folders are not the client's business.
+        return [{"name": u.name, "model_name": u.name if u.path else None, "model_path": u.path.name if u.path
+                 else None, "model_url": None, "scale": u.scale}
+                for u in await asyncio.to_thread(available, api.backend.settings.upscaler_dir)]
 
     @router.get("/latent-upscale-modes", **answers(list[EMPTY_LIST_ITEMS["latent-upscale-modes"]]))
     async def latent_upscale_modes():

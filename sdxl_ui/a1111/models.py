@@ -154,8 +154,42 @@ class Img2ImgRequest(Txt2ImgRequest):
     inpainting_mask_invert: Optional[int] = Field(0, ge=0, le=1, description="1: redraw what the mask keeps")
 
 
+class ExtrasBaseRequest(Open):
+    """AUTOMATIC1111's ExtrasBaseRequest: upscaling only (face restoration is not in sdxl_ui: a visibility above 0
+    is named in ``html_info`` as ignored). ``upscaler_1`` "None" leaves the picture as it is, as in A1111."""
+
+    resize_mode: Optional[int] = Field(0, ge=0, le=1, description="0: by upscaling_resize, 1: to "
+                                                                  "upscaling_resize_w × upscaling_resize_h")
+    show_extras_results: Optional[bool] = Field(True, description="false: no picture in the answer")
+    gfpgan_visibility: Optional[float] = Field(0, description="ignored above 0 (no face restoration here)")
+    codeformer_visibility: Optional[float] = Field(0, description="ignored above 0 (no face restoration here)")
+    codeformer_weight: Optional[float] = Field(0, description="ignored")
+    upscaling_resize: Optional[float] = Field(2, ge=1, le=8, description="times the size (resize_mode 0)")
+    upscaling_resize_w: Optional[int] = Field(512, ge=64, le=8192, description="the width (resize_mode 1)")
+    upscaling_resize_h: Optional[int] = Field(512, ge=64, le=8192, description="the height (resize_mode 1)")
+    upscaling_crop: Optional[bool] = Field(True, description="resize_mode 1: crop the centre to the size")
+    upscaler_1: Optional[str] = Field("None", description="GET /upscalers: a built-in or a model file's name")
+    upscaler_2: Optional[str] = Field("None", description="blended over upscaler_1's picture at its visibility")
+    extras_upscaler_2_visibility: Optional[float] = Field(0, ge=0, le=1, description="upscaler_2's share")
+    upscale_first: Optional[bool] = Field(False, description="ignored (nothing else runs)")
+
+
+class ExtrasSingleImageRequest(ExtrasBaseRequest):
+    image: str = Field("", description="the picture, base64 (PNG, JPEG or WebP; a data: URL too)")
+
+
+class FileData(Open):
+    data: str = Field(description="base64 picture")
+    name: str = Field(description="its file name")
+
+
+class ExtrasBatchImagesRequest(ExtrasBaseRequest):
+    imageList: list[FileData] = Field(description="the pictures (at most 16)")
+
+
 REQUESTS = {"txt2img": Txt2ImgRequest, "img2img": Img2ImgRequest, "png-info": PNGInfoRequest,
-            "options": OptionsRequest}
+            "options": OptionsRequest, "extra-single-image": ExtrasSingleImageRequest,
+            "extra-batch-images": ExtrasBatchImagesRequest}
 
 
 # ---------------------------------------------------------------- responses
@@ -165,6 +199,16 @@ class TextToImageResponse(Open):
                                                                          "(PNG, with their parameters chunk)")
     parameters: dict = Field(description="The request's A1111 fields, as run")
     info: str = Field(description="A JSON string: A1111's processing info (seeds, infotexts, …)")
+
+
+class ExtrasSingleImageResponse(Open):
+    html_info: str = Field(description="what the upscale did (HTML, as A1111's)")
+    image: Optional[str] = Field(None, description="the upscaled picture, base64 PNG")
+
+
+class ExtrasBatchImagesResponse(Open):
+    html_info: str = Field(description="what the upscale did (HTML, as A1111's)")
+    images: list[str] = Field(description="the upscaled pictures, base64 PNG, in the order sent")
 
 
 class ProgressResponse(Open):

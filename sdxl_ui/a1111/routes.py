@@ -25,6 +25,7 @@ from .adapter import SAMPLERS, SCHEDULERS, detail_422, error_body, field_names, 
     parse_txt2img, preview_base64, public_name, quality_presets, txt2img_response
 from .auth import caller_dependency, client_of
 from .catalog import SERVED, add_catalog
+from .extras import add_extras
 from .img2img import parse_img2img
 from .models import (A1111JSON, MemoryResponse, Nothing, Options, PNGInfoResponse, ProgressResponse, SamplerItem,
                      SchedulerItem, ScriptsList, SDModelItem, TextToImageResponse, answers, body_of, errors)
@@ -36,7 +37,7 @@ RETRY_AFTER_S = 30
 MAX_PIXELS = 8192 * 8192  # png-info: larger images are refused (their pixels are never decoded either way)
 ERROR_STATUS = {ErrorKind.VALIDATION: 422, ErrorKind.BUSY: 503, ErrorKind.CANCELLED: 503, ErrorKind.MEMORY: 500,
                 ErrorKind.MODEL: 500, ErrorKind.RUNTIME: 500}
-SUPPORTED = ", ".join(("txt2img", "img2img", "progress", "interrupt", "skip", "sd-models", "samplers", "schedulers", "options",
+SUPPORTED = ", ".join(("txt2img", "img2img", "extra-single-image", "extra-batch-images", "progress", "interrupt", "skip", "sd-models", "samplers", "schedulers", "options",
                        "memory", "scripts", "png-info", *SERVED))
 
 
@@ -72,11 +73,12 @@ def build_router(api, caller_of) -> APIRouter:
     add_progress(router, api, caller_of)
     add_info(router, api, caller_of)
     add_catalog(router, api, caller_of)  # the listing endpoints, before the catch-all below
+    add_extras(router, api, caller_of, reply, read_json)
 
     @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def not_supported(rest: str):
         return reply(error_body("NotImplementedError", f"/sdapi/v1/{rest[:100]} is not supported by sdxl_ui "
-                                                       f"(no inpainting, upscaling, interrogation, …); supported: "
+                                                       f"(no interrogation, face restoration, …); supported: "
                                                        f"{SUPPORTED}"), 501)
 
     return router

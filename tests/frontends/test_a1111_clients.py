@@ -404,6 +404,6 @@ def test_sd_models_lists_only_what_the_server_was_started_with(server):
 
 
 def test_endpoints_without_a_counterpart_answer_a1111s_error_dict(server):
-    for path in ("extra-single-image", "interrogate"):
+    for path in ("interrogate", "train/embedding"):  # extras are served (test_a1111_extras.py)
         reply = requests.post(server.api + path, json={})
         assert reply.status_code == 501 and set(reply.json()) == {"error", "detail", "body", "errors"}

@@ -206,7 +206,7 @@ def _pnginfo(text):
 
 
 def test_unsupported_endpoints_answer_501_by_name(server):
-    for path in ("extra-single-image", "interrogate"):  # img2img is served (test_img2img_redraws_…)
+    for path in ("interrogate", "train/embedding"):  # img2img and the extras are served
         status, _, body = http(server.api + path, {}, login=ALICE)
         assert status == 501 and f"/sdapi/v1/{path} is not supported" in body["detail"], body
 
@@ -264,3 +264,21 @@ def test_img2img_with_a_mask_inpaints_only_the_mask(server):
     assert (np.asarray(image)[outside] == np.asarray(blank)[outside]).all()
     assert "Mask blur: 4, Masked content: fill" in result.image.info["parameters"]
 
+
+
+def test_extra_single_and_batch_images_upscale_with_webuiapi(server):
+    """webuiapi's extra_single_image / extra_batch_images: A1111's whole extras body as webuiapi sends it (face
+    restoration fields at 0, a data: URL picture); the app upscales without its model being needed."""
+    from PIL import Image
+
+    from sdxl_ui.demo import scenes as S
+
+    pixels, _ = S.render(S.Scene("red", "white", "circle", "center", "large"), jitter=False)
+    source = Image.fromarray(pixels)
+    single = client(server).extra_single_image(image=source, upscaler_1="Lanczos", upscaling_resize=2)
+    assert single.image.size == (256, 256) and "Postprocess upscaler: Lanczos" in single.info
+    reading = S.read_scene(single.image.convert("RGB"))
+    assert (reading.color, reading.shape, reading.position) == ("red", "circle", "center"), reading
+    batch = client(server).extra_batch_images(images=[source, source.resize((64, 64))], upscaler_1="Nearest",
+                                              upscaling_resize=1.5)
+    assert [i.size for i in batch.images] == [(192, 192), (96, 96)]

@@ -160,3 +160,36 @@ def test_doctor_forced_cuda_on_failed_kernel_is_an_error():
     proc = cli("doctor", "--device", "cuda", "--probe-json", str(PROBES / "rtx5090_torch_without_sm120.json"))
     assert proc.returncode == 2  # a --device this machine cannot honour: bad input
     assert "sm_120" in proc.stderr and "PyTorch build" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_upscale_command_with_a_builtin_and_the_users_model(tmp_path):
+    """``upscale IN OUT``: no model loaded, the parameters chunk kept with A1111's postprocessing one; bad input
+    exit 2 naming the field."""
+    from PIL import ImageDraw
+    from PIL.PngImagePlugin import PngInfo
+
+    from tests.pipeline.test_sr_models import tiny_esrgan
+
+    source = Image.new("RGB", (64, 48), "white")
+    ImageDraw.Draw(source).ellipse((8, 8, 56, 40), fill=(200, 20, 20))
+    info = PngInfo()
+    info.add_text("parameters", "a red circle\nSteps: 4, Seed: 1, Size: 64x48")
+    source.save(tmp_path / "in.png", pnginfo=info)
+    tiny_esrgan(tmp_path, "2x-tiny", 2)
+    proc = cli("upscale", str(tmp_path / "in.png"), str(tmp_path / "out.png"), "--scale", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"ok": True, "path": str(tmp_path / "out.png"), "width": 192, "height": 144}
+    out = Image.open(tmp_path / "out.png")
+    assert out.info["parameters"].startswith("a red circle") and \
+        out.info["postprocessing"] == "Postprocess upscale by: 3, Postprocess upscaler: Lanczos"
+    assert np.array_equal(np.asarray(out), np.asarray(source.resize((192, 144), Image.LANCZOS)))
+    proc = cli("upscale", str(tmp_path / "in.png"), str(tmp_path / "model.png"), "--upscaler", "2x-tiny",
+               "--upscaler-dir", str(tmp_path), "--width", "100", "--height", "100")
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(tmp_path / "model.png").size == (100, 100)
+    for args, field in ((["--upscaler", "4x-UltraSharp"], "upscaler_1"), (["--scale", "20"], "upscaling_resize"),
+                        (["--upscaler-dir", str(tmp_path / "nope")], "upscaler_dir")):
+        proc = cli("upscale", str(tmp_path / "in.png"), str(tmp_path / "bad.png"), *args)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: {field}:"), (args, proc.stderr)
+    proc = cli("upscale", str(tmp_path / "missing.png"), str(tmp_path / "bad.png"))
+    assert proc.returncode == 2 and "input: no such file" in proc.stderr

@@ -78,3 +78,17 @@ def test_bad_hires_fields_are_refused_by_name():
     with pytest.raises(ValidationError, match="send no init_image"):
         GenerationRequest(prompt="x", hires=HiresFix(), init_image=Image.new("RGB", (64, 64)))
     assert HiresFix(scale=1.5).target(128, 96) == (192, 144) and HiresFix(resize_x=256).target(128, 64) == (256, 128)
+
+
+def test_the_users_upscaler_model_runs_in_the_hires_fix(tmp_path):
+    """A tiny ESRGAN (random weights) in --upscaler-dir: the first pass decoded, run through it tile by tile,
+    then the second pass at the target size; named in the PNG's parameters."""
+    from tests.pipeline.test_sr_models import tiny_esrgan
+
+    tiny_esrgan(tmp_path, "2x-tiny", 2)
+    service = GenerationService(AppSettings(model="demo", device="cpu", outputs=tmp_path, upscaler_dir=tmp_path))
+    out = hires(service, "2x-tiny", strength=0.5)
+    result = out["results"][0]
+    assert result.image.size == (256, 256) and result.steps_run == 30
+    assert "Hires upscaler: 2x-tiny" in result.parameters
+    assert any("128×128 → 256×256 by 2x-tiny" in line for line in out["logs"])
