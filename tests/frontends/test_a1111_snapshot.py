@@ -186,7 +186,7 @@ CASES = [
     ("options the operator", "login", "POST", "options", ALICE, {"sd_model_checkpoint": "tiny"}),
     ("options a list", "login", "POST", "options", ALICE, [1]),
     ("img2img", "login", "POST", "img2img", ALICE, {"prompt": "x"}),
-    ("an unknown GET", "login", "GET", "extra-single-image", ALICE, None),
+    ("an unknown GET", "login", "GET", "interrogate", ALICE, None),
     ("an unknown route without a login", "login", "GET", "interrogate", None, None),
     ("open: samplers", "open", "GET", "samplers", None, None),
     ("open: txt2img", "open", "POST", "txt2img", None, {"prompt": "open fox", "seed": 8, "steps": 1}),

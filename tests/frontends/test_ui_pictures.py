@@ -77,6 +77,14 @@ def test_hires_fix_from_the_form():
     assert upscaler_names(None)[:2] == ["Latent", "Latent (antialiased)"] and "Lanczos" in upscaler_names(None)
 
 
+def test_the_hires_dropdown_offers_the_users_upscaler_models(tmp_path):
+    from tests.pipeline.test_sr_models import tiny_esrgan
+
+    tiny_esrgan(tmp_path, "4x-tiny", 4)
+    assert upscaler_names(tmp_path)[-1] == "4x-tiny" and upscaler_names(None)[-1] == "Nearest"
+    assert hires_fix(True, 2, "4X-TINY", 0, 0.5, tmp_path).upscaler == "4x-tiny"
+
+
 def test_send_to_image_to_image_puts_the_last_result_in_the_editor_and_selects_the_tab():
     value, tabs = send_to_pictures(["/cache/a.png", "/cache/b.png"])
     assert value == {"background": "/cache/b.png", "layers": [], "composite": "/cache/b.png"}
