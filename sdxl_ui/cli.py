@@ -60,10 +60,7 @@ def _parser() -> argparse.ArgumentParser:
                                            "--workers) deployed on this Ray cluster (README: Serving a team)")
 
     _upscale_args(sub)
-    doc = sub.add_parser("doctor", help="print the hardware probe, the plan and the expected report")
-    add_settings_args(doc)
-    doc.add_argument("--json", action="store_true")
-    doc.add_argument("--probe-json", help="replay a probe recorded on another machine (doctor --json output)")
+    _doctor_args(sub)
 
     bench = sub.add_parser("bench", help="benchmark the full SDXL architecture against stock diffusers")
     add_settings_args(bench)
@@ -213,8 +210,10 @@ def cmd_doctor(args) -> int:
                 raise ValidationError("probe_json", args.probe_json,
                                       f"cannot be read as probe JSON ({exc})") from None
         else:
-            from .device import probe_hardware
+            from .device import forget_op_speeds, probe_hardware
 
+            if args.remeasure:
+                forget_op_speeds()
             probe = probe_hardware()
     except ValidationError as exc:
         return fail(str(exc), EXIT_BAD_INPUT, args.json, ErrorKind.VALIDATION)
@@ -261,6 +260,8 @@ def cmd_doctor(args) -> int:
     if probe.cpu.gemm_gflops:
         print(f"GEMM {', '.join(f'{k} {v:g}' for k, v in probe.cpu.gemm_gflops.items())} GFLOP/s (int8: GOP/s), "
               f"{probe.cpu.gemm_note}")
+    for line in op_speed_lines(probe.cpu):
+        print(line)
     print(f"\nPlan: {plan.device}, {plan.dtype} — {plan.reason}")
     for warning in plan.warnings:
         print(f"⚠ {warning}")
@@ -272,6 +273,22 @@ def cmd_doctor(args) -> int:
     for row in fast_rows:
         print(f"   {row.log_line()}")
     return EXIT_OK
+
+
+def op_speed_lines(cpu) -> list[str]:
+    """doctor's table of the operation speeds per dtype (GFLOP/s; cl = channels-last layout), and how measured."""
+    if not cpu.op_speeds:
+        return []
+    from .device import OP_CLASSES
+
+    columns = sorted({k for speeds in cpu.op_speeds.values() for k in speeds},
+                     key=lambda k: (["fp32", "bf16", "fp16", "int8"].index(k.split()[0]), k))
+    lines = [f"Operation speeds, GFLOP/s ({cpu.op_note}):", "   " + f"{'':11}" + "".join(f"{c:>9}" for c in columns)]
+    for name in sorted(cpu.op_speeds, key=lambda n: list(OP_CLASSES).index(n) if n in OP_CLASSES else len(OP_CLASSES)):
+        speeds = cpu.op_speeds[name]
+        lines.append("   " + f"{name:11}" + "".join(f"{speeds[c]:>9g}" if c in speeds else f"{'—':>9}"
+                                                    for c in columns) + f"   {OP_CLASSES.get(name, '')}")
+    return lines
 
 
 def _train_demo_args(sub) -> None:
@@ -335,6 +352,15 @@ def _distill(args, out: Path) -> int:
     else:
         print(f"wrote {out} ({report['bytes'] / 1e6:.2f} MB) in {report['total_s'] / 60:.1f} min")
     return EXIT_OK
+
+
+def _doctor_args(sub) -> None:
+    doc = sub.add_parser("doctor", help="print the hardware probe, the plan and the expected report")
+    add_settings_args(doc)
+    doc.add_argument("--json", action="store_true")
+    doc.add_argument("--probe-json", help="replay a probe recorded on another machine (doctor --json output)")
+    doc.add_argument("--remeasure", action="store_true",
+                     help="measure the operation speeds again (they are kept per machine and torch version)")
 
 
 def _upscale_args(sub) -> None:

@@ -8,9 +8,11 @@ on the device and records the outcome; the policy decides from that, never from 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 import platform
+from pathlib import Path
 
 from .schema import CpuInfo, CudaInfo, HardwareProbe, MpsInfo, XformersInfo
 
@@ -58,6 +60,7 @@ def _cpu_info(torch=None) -> CpuInfo:
     memory = psutil.virtual_memory()
     logical = os.cpu_count() or 1
     gemm, note = _gemm_speeds(torch) if torch is not None else ({}, "")
+    ops, op_note = op_speeds(torch, model) if torch is not None else ({}, "")
     return CpuInfo(
         forced_dtype=forced_cpu_dtype(),
         physical_cores=psutil.cpu_count(logical=False) or logical,
@@ -68,6 +71,8 @@ def _cpu_info(torch=None) -> CpuInfo:
         ram_available_gb=_gb(memory.available),
         gemm_gflops=gemm,
         gemm_note=note,
+        op_speeds=ops,
+        op_note=op_note,
     )
 
 
@@ -106,6 +111,143 @@ def _gemm_speeds(torch, rounds: int = 7) -> tuple[dict[str, float], str]:
             best[key] = min(best[key], time.perf_counter() - t)
     out = {key: round(2 * n**3 / best[key] / 1e9, 1) for key, (_fn, n) in ops.items()}
     return out, f"{GEMM_N}² matmul (128² for fp16), {torch.get_num_threads()} threads, best of {rounds}"
+
+
+# The operation classes of an SDXL image at 1024², each at one of its real shapes: (label, what, shape).
+OP_CLASSES = {
+    "linear": "attention projection, 4096 tokens × 640 → 640 (the UNet at 64²)",
+    "conv": "3×3 convolution, 640 → 640 channels at 64² (the UNet)",
+    "attention": "SDPA, 10 heads × 4096 tokens × 64 (the UNet at 64²)",
+    "vae conv": "3×3 convolution, 256 → 256 channels at 128² (the VAE decoder)",
+}
+OP_ROUNDS = 2
+EMULATED = 0.25  # a dtype under this share of fp32's speed on a short linear is emulated: not timed at full shapes
+
+
+def op_cache_path(env=None) -> Path:
+    """Where the operation speeds are kept: $SDXL_UI_CACHE_DIR, else $XDG_CACHE_HOME/sdxl_ui, else
+    ~/.cache/sdxl_ui; one JSON file, keyed by CPU, flags, threads and torch version."""
+    env = os.environ if env is None else env
+    root = env.get("SDXL_UI_CACHE_DIR") or str(Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdxl_ui")
+    return Path(root) / "op-speeds.json"
+
+
+def _op_key(torch, model: str) -> str:
+    return f"{model} | {platform.machine()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
+def forget_op_speeds() -> bool:
+    """Drop this machine's kept measurement (``doctor --remeasure``); True when there was one."""
+    import torch
+
+    path = op_cache_path()
+    model = _cpu_model()
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    had = kept.pop(_op_key(torch, model), None) is not None
+    _write_json(path, kept)
+    return had
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only home: measured again next time, nothing else lost
+        log.info("could not keep the operation speeds in %s: %s", path, exc)
+
+
+def op_speeds(torch, model: str) -> tuple[dict, str]:
+    """GFLOP/s per operation class and dtype (``OP_CLASSES``), read from the cache when this machine and torch
+    measured them before, else measured (a few seconds, once) and kept."""
+    path, key = op_cache_path(), _op_key(torch, model)
+    try:
+        kept = json.loads(path.read_text())
+        entry = kept[key]
+        return entry["speeds"], f"{entry['note']}; kept in {path} (doctor --remeasure to measure again)"
+    except (OSError, ValueError, KeyError, TypeError):
+        kept = kept if isinstance(locals().get("kept"), dict) else {}
+    import time as _time
+
+    speeds = _measure_ops(torch)
+    note = (f"measured {_time.strftime('%Y-%m-%d')} at SDXL's 1024² shapes, {torch.get_num_threads()} threads, best "
+            f"of {OP_ROUNDS}")
+    kept[key] = {"speeds": speeds, "note": note}
+    _write_json(path, kept)
+    return speeds, note
+
+
+def _measure_ops(torch) -> dict:
+    """The measurement itself: each class in fp32, bf16 and fp16 (a dtype a short linear shows emulated, under
+    ``EMULATED`` × fp32, is left out), convolutions in both memory layouts, int8 linear by ``torch._int_mm``."""
+    import time
+
+    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    g = torch.Generator().manual_seed(0)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(OP_ROUNDS):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    def small(dt) -> float:  # a 512-token linear: enough to tell an emulated dtype (~1-20 % of fp32) apart
+        x, w = torch.randn(512, 640, generator=g).to(dt), torch.randn(640, 640, generator=g).to(dt)
+        return 1 / best(lambda: torch.nn.functional.linear(x, w))
+
+    dtypes = ["fp32"]
+    with torch.inference_mode():
+        reference = small(torch.float32)
+        for d in ("bf16", "fp16"):
+            try:
+                if small(names[d]) >= EMULATED * reference:
+                    dtypes.append(d)
+            except Exception:  # noqa: BLE001 - a dtype this build cannot multiply is not offered
+                continue
+    out: dict[str, dict[str, float]] = {name: {} for name in OP_CLASSES}
+    with torch.inference_mode():
+        for d in dtypes:
+            dt = names[d]
+            try:
+                x, w = torch.randn(4096, 640, generator=g).to(dt), torch.randn(640, 640, generator=g).to(dt)
+                out["linear"][d] = round(2 * 4096 * 640 * 640 / best(lambda: torch.nn.functional.linear(x, w)) / 1e9, 1)
+                q = torch.randn(1, 10, 4096, 64, generator=g).to(dt)
+                sdpa = torch.nn.functional.scaled_dot_product_attention
+                out["attention"][d] = round(4 * 10 * 4096 * 4096 * 64 / best(lambda: sdpa(q, q, q)) / 1e9, 1)
+                for label, channels, side in (("conv", 640, 64), ("vae conv", 256, 128)):
+                    conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(dt)
+                    image = torch.randn(1, channels, side, side, generator=g).to(dt)
+                    flops = 2 * channels * channels * 9 * side * side
+                    out[label][d] = round(flops / best(lambda: conv(image)) / 1e9, 1)
+                    conv.to(memory_format=torch.channels_last)  # the weights' layout decides oneDNN's kernel
+                    out[label][f"{d} cl"] = round(flops / best(lambda: conv(image)) / 1e9, 1)
+            except Exception:  # noqa: BLE001 - a dtype this build cannot run is simply not offered
+                continue
+        try:
+            a = torch.randint(-127, 127, (4096, 640), dtype=torch.int8, generator=g)
+            b = torch.randint(-127, 127, (640, 640), dtype=torch.int8, generator=g)
+            out["linear"]["int8"] = round(2 * 4096 * 640 * 640 / best(lambda: torch._int_mm(a, b)) / 1e9, 1)
+        except Exception:  # noqa: BLE001 - no int8 GEMM in this build
+            pass
+    return out
 
 
 def _kernel_smoke_test(torch, device: str) -> str | None:

@@ -394,6 +394,11 @@ class CpuInfo:
     # torch._int_mm) with torch's thread count at probe time. Empty in probes recorded before it was measured.
     gemm_gflops: Mapping[str, float] = field(default_factory=dict)
     gemm_note: str = ""  # how it was measured, e.g. "512² matmul, 2 threads, best of 3"
+    # Measured once per machine and torch version (device.op_speeds, kept on disk): GFLOP/s per operation class at
+    # the SDXL shapes ("linear", "conv", "attention", "vae conv") per dtype ("fp32", "bf16", "fp16"; a convolution
+    # also "<dtype> cl" = channels-last memory layout; "int8" GOP/s for linear). Empty in older probes.
+    op_speeds: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    op_note: str = ""  # how and when they were measured (and whether read from the cache)
     # The CPU's fastest exact dtype as named by SDXL_UI_CPU_DTYPE ("fp32", "bf16", "fp16"; "" = by measurement):
     # for an operator whose short measurement misleads, and for CI, which runs the suite under each plan dtype.
     forced_dtype: str = ""

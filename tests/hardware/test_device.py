@@ -33,3 +33,60 @@ def test_importing_the_package_and_the_ui_does_not_import_torch():
     code = "import sys, sdxl_ui, sdxl_ui.schema, sdxl_ui.settings, sdxl_ui.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_operation_speeds_are_measured_once_and_kept(tmp_path, monkeypatch):
+    """The operation classes (linear, conv, attention, vae conv) per dtype are measured at SDXL's shapes once per
+    machine and torch version, kept in the cache folder, read back after; ``forget_op_speeds`` (doctor
+    --remeasure) drops them; a damaged cache file is measured over."""
+    import json
+
+    import torch
+
+    from sdxl_ui import device
+
+    monkeypatch.setenv("SDXL_UI_CACHE_DIR", str(tmp_path))
+    calls = []
+    real = device._measure_ops
+
+    def counted(torch_module):
+        calls.append(1)
+        return real(torch_module)
+
+    monkeypatch.setattr(device, "_measure_ops", counted)
+    first, note = device.op_speeds(torch, "Some CPU")
+    assert calls == [1] and "kept in" not in note and note.startswith("measured ")
+    assert set(first) == {"linear", "conv", "attention", "vae conv"}
+    for name, speeds in first.items():
+        assert speeds["fp32"] > 0, name
+    assert {"fp32 cl"} <= set(first["conv"]) and {"fp32 cl"} <= set(first["vae conv"])
+    again, note = device.op_speeds(torch, "Some CPU")
+    assert calls == [1] and again == first and f"kept in {tmp_path / 'op-speeds.json'}" in note
+    kept = json.loads((tmp_path / "op-speeds.json").read_text())
+    assert [k for k in kept] == [f"Some CPU | {__import__('platform').machine()} | {torch.get_num_threads()} threads "
+                                 f"| torch {torch.__version__}"]
+    device.op_speeds(torch, "Another CPU")  # another machine: its own entry
+    assert calls == [1, 1] and len(json.loads((tmp_path / "op-speeds.json").read_text())) == 2
+    (tmp_path / "op-speeds.json").write_text("{not json")
+    device.op_speeds(torch, "Some CPU")
+    assert calls == [1, 1, 1]
+
+
+def test_the_probe_carries_the_operation_speeds_and_doctor_remeasure_redoes_them(tmp_path):
+    import json
+    import os
+
+    env = {**os.environ, "SDXL_UI_CACHE_DIR": str(tmp_path)}
+
+    def doctor(*args):
+        proc = subprocess.run([sys.executable, "-m", "sdxl_ui", "doctor", "--model", "demo", *args], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    first = json.loads(doctor("--json"))["probe"]["cpu"]
+    assert first["op_speeds"]["vae conv"]["fp32"] > 0 and "kept in" not in first["op_note"]
+    assert "kept in" in json.loads(doctor("--json"))["probe"]["cpu"]["op_note"]
+    text = doctor("--remeasure")
+    assert "Operation speeds, GFLOP/s (measured " in text and "kept in" not in text.split("Operation speeds")[1][:200]
+    assert "vae conv" in text and "channels-last VAE" in text

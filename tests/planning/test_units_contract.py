@@ -85,7 +85,8 @@ def _plans():
     variants = {"fast preset": plan(high=False), "sliced attention": plan(attention="sliced",
                                                                            feature_cache="off"),
                 "vae tiling": plan(vae_tiling="on"), "feature cache": plan(feature_cache="on"),
-                "guidance interval": plan(guidance_interval="on", feature_cache="off")}
+                "guidance interval": plan(guidance_interval="on", feature_cache="off"),
+                "channels-last VAE": dataclasses.replace(plain, vae_channels_last=True)}
     return probe, plain, variants
 
 
