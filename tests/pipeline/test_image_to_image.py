@@ -93,6 +93,33 @@ def test_the_run_shares_the_bases_weights_and_hooks(demo, monkeypatch):
     assert str(dtypes["unet"]).removeprefix("torch.") == demo.host.plan.dtype
 
 
+def test_the_picture_is_encoded_in_the_vaes_own_dtype_unless_that_is_fp16(demo, monkeypatch):
+    """diffusers casts the VAE to fp32 for each encode when its config says force_upcast (fp16 overflows); a bf16
+    or fp32 VAE encodes as it is, and the config is back afterwards. An fp16 VAE keeps the upcast."""
+    import torch
+
+    from sdxl_ui.denoise import encode_in_vae_dtype
+
+    img2img(demo, 0.2)
+    vae = demo.models.base.vae
+    seen = []
+    real = type(vae).encode
+
+    def spy(self, *args, **kwargs):
+        seen.append(next(self.parameters()).dtype)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(vae), "encode", spy)
+    img2img(demo, 0.5)
+    assert seen == [vae.dtype] and vae.dtype != torch.float16 and vae.config.force_upcast
+    half = type(vae).from_config(vae.config).to(torch.float16)
+    with encode_in_vae_dtype(half):
+        assert half.config.force_upcast  # fp16: diffusers' upcast stays
+    with encode_in_vae_dtype(vae):
+        assert not vae.config.force_upcast
+    assert vae.config.force_upcast
+
+
 def test_a_strength_under_one_step_raises_the_steps_until_one_runs(demo):
     out = run(demo, GenerationRequest(prompt=BLUE, init_image=red_circle(), strength=0.1, seed=1, steps=4,
                                       techniques={"steps_policy": "off"}))
