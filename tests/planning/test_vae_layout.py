@@ -61,3 +61,25 @@ def test_the_demo_vaes_picture_is_the_same_in_either_layout(dtype, bound):
     mse = float((((plain.clamp(-1, 1) - laid.clamp(-1, 1)) / 2) ** 2).mean())
     psnr = 10 * np.log10(1 / max(mse, 1e-20))
     assert psnr > bound, psnr
+
+
+def test_a_run_lays_out_the_vae_and_the_tiny_decoder_as_the_plan_says(tmp_path):
+    """Through the service on the demo model with its tiny decoder: the layout read back from the live weights of
+    the VAE and the decoder beside it is the plan's (channels-last on a CPU that measured it faster), and the
+    report's row says so."""
+    from sdxl_ui.optimizations import hooks
+    from sdxl_ui.schema import GenerationRequest
+    from sdxl_ui.service import GenerationService
+    from sdxl_ui.settings import AppSettings
+    from tests.helpers import run
+
+    service = GenerationService(AppSettings(model="demo", device="cpu", decoder="tiny", outputs=tmp_path))
+    out = run(service, GenerationRequest(prompt="a red circle", steps=2, seed=1))
+    assert not out["errors"], out["errors"]
+    base, plan = service.models.base, service.host.applied_plan
+    (decoder,) = hooks.modules(base)
+    assert is_channels_last(base.vae) == is_channels_last(decoder) == plan.vae_channels_last
+    row = next(r for r in service.current_report().rows if r.name == "channels-last VAE")
+    assert (row.status.value == "active") == plan.vae_channels_last
+    if plan.vae_channels_last:
+        assert "and 1 decoder(s) beside it" in row.detail
