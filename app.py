@@ -92,8 +92,8 @@ def parse_args(argv=None):
                         help="port (default 7860, or the next free one)")
     parser.add_argument("--forwarded-allow-ips", default=None, metavar="ADDRESSES",
                         help="the reverse proxies (addresses or networks, comma-separated) whose X-Forwarded-For "
-                             "names the client; default none: the client is the connecting address (README: "
-                             "Sharing safely). Env SDXL_UI_FORWARDED_ALLOW_IPS")
+                             "names the client; default none: the client is the connecting address (docs/security.md). "
+                             "Env SDXL_UI_FORWARDED_ALLOW_IPS")
     parser.add_argument("--share", action="store_true", help="also make a temporary public link (needs auth)")
     parser.add_argument("--auth", action="append", default=None, metavar="USER:PASS",
                         help="a login for the page; repeat for several users (or env SDXL_UI_AUTH, one login)")
@@ -102,7 +102,7 @@ def parse_args(argv=None):
                              "without a login: whoever connects from this machine). Env SDXL_UI_OPERATOR")
     parser.add_argument("--queue-size", type=_whole(1, 10_000), default=16, help="waiting jobs before 'queue full'")
     parser.add_argument("--max-jobs-per-user", type=_whole(0), default=0, help="jobs per user per hour; 0 = unlimited")
-    serving = parser.add_argument_group("serving a team (Ray Serve, requirements-serve.txt; README: Serving a team)")
+    serving = parser.add_argument_group("serving a team (Ray Serve, requirements-serve.txt; docs/serving.md)")
     # --workers and --worker-cpus values are checked by the Ray backend (ray_serve.py), which names them.
     serving.add_argument("--workers", type=int, default=None, metavar="N",
                          help="start a local Ray instance with N worker replicas, one job each at a time "

@@ -10,7 +10,7 @@ gives False and ``last_error`` naming the field and the value (``high_quality`` 
 a .png path, relative to the current folder like the CLI's ``--out``). ``ImageService(model="demo")`` or SDXL_UI_MODEL=demo selects the
 offline demo model (simple shapes and colours); ``model="tiny"`` the random-weight test model. Any setting can be
 given by name: ``ImageService(loras=["style.safetensors@0.8"], profile="auto")`` fuses LoRA adapters into the model
-(README: Few-step models and LoRAs).
+(docs/models.md: Few-step models and LoRAs).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ class ImageService:
                              outpaint=(), outpaint_pixels: int = 128, hires=None) -> bool:
         """Generate one image to ``output_path``. True on success; False (and ``last_error``) otherwise.
         ``num_inference_steps=None`` (or ``guidance_scale=None``): the quality preset's, or a few-step model
-        profile's own (README: Few-step models and LoRAs). ``init_image`` (a PIL image or a file's path) with
+        profile's own (docs/models.md: Few-step models and LoRAs). ``init_image`` (a PIL image or a file's path) with
         ``strength``: image to image; with ``mask`` (the same) inpainting, its options ``inpaint`` (a dict or
         ``edits.InpaintOptions``: blur, content, only_masked, padding, invert); ``outpaint`` (directions) and
         ``outpaint_pixels``: outpainting; ``hires`` (a dict or ``edits.HiresFix``: scale, upscaler, steps,

@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", help="output .png (default: a new file under --outputs)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.add_argument("--ray-address", help="send the job to the workers that `app.py --ray-address` (or "
-                                           "--workers) deployed on this Ray cluster (README: Serving a team)")
+                                           "--workers) deployed on this Ray cluster (docs/serving.md)")
 
     _upscale_args(sub)
     _doctor_args(sub)

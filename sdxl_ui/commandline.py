@@ -36,7 +36,7 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
                    help="never contact the hub (like HF_HUB_OFFLINE=1)")
     g.add_argument("--single-file-config", help="local diffusers SDXL folder giving the config for a .safetensors")
     g.add_argument("--profile", help="model family: auto (detected from the model's and the LoRAs' files; default), "
-                                     "sdxl, turbo, lightning-1/2/4/8, lcm, hyper-1/2/4/8, tcd (README: Few-step models "
+                                     "sdxl, turbo, lightning-1/2/4/8, lcm, hyper-1/2/4/8, tcd (docs/models.md: Few-step models "
                                      "and LoRAs); or $SDXL_UI_PROFILE")
     g.add_argument("--lora", action="append", default=None, metavar="SOURCE[@WEIGHT]",
                    help="a LoRA: .safetensors file, folder, or hub id[:FILE], weight default 1; repeatable; or "

@@ -1,4 +1,4 @@
-"""An AUTOMATIC1111-compatible ``/sdapi/v1`` beside the page (``app.py --api``; README: AUTOMATIC1111-compatible API).
+"""An AUTOMATIC1111-compatible ``/sdapi/v1`` beside the page (``app.py --api``; docs/api.md).
 
 ``A1111Api`` wires it: the shared ``DeviceQueue`` (page and API jobs in one line), the backend the page gets
 (``page_backend``), and the routes that app.py hands to the FastAPI app gradio serves (``routes()``).
@@ -16,7 +16,7 @@ log = logging.getLogger("sdxl_ui")
 
 
 def add_api_args(parser) -> None:
-    group = parser.add_argument_group("AUTOMATIC1111-compatible API (README: AUTOMATIC1111-compatible API)")
+    group = parser.add_argument_group("AUTOMATIC1111-compatible API (docs/api.md)")
     group.add_argument("--api", action="store_true",
                        help="also serve AUTOMATIC1111's /sdapi/v1 endpoints (txt2img, progress, …) on the same port")
     group.add_argument("--api-auth", action="append", default=None, metavar="USER:PASS[,USER:PASS]",

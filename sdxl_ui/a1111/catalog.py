@@ -1,5 +1,5 @@
 """The listing endpoints of ``/sdapi/v1`` that AUTOMATIC1111's clients call on connecting (Open WebUI, SillyTavern,
-webuiapi; README: AUTOMATIC1111-compatible API), each in A1111 v1.10.1's shape with a truthful list: empty where
+webuiapi; docs/api.md), each in A1111 v1.10.1's shape with a truthful list: empty where
 sdxl_ui has no such thing (VAEs, embeddings, …), the hires fix's upscalers for ``/upscalers`` and
 ``/latent-upscale-modes``, the LoRA folder's files for ``/loras``, the ``--styles``
 file for ``/prompt-styles``, the flags the app runs with for ``/cmd-flags``. The refresh endpoints answer ``null``,

@@ -12,7 +12,7 @@ import logging
 
 log = logging.getLogger("sdxl_ui")
 
-MAX_BODY = 16 << 20  # bytes (README: Sharing safely, what the API trusts)
+MAX_BODY = 16 << 20  # bytes (docs/security.md, what the API trusts)
 
 
 class BodyTooLarge(Exception):

@@ -36,7 +36,7 @@ ToggleName = Literal[tuple(t.value for t in Toggle)]  # type: ignore[valid-type]
 
 
 class SdxlUiExtension(BaseModel):
-    """sdxl_ui's own txt2img field (README: AUTOMATIC1111-compatible API)."""
+    """sdxl_ui's own txt2img field (docs/api.md)."""
 
     model_config = ConfigDict(extra="forbid")
     quality: Optional[QualityName] = Field(None, description="a quality preset: its steps, guidance and sampler "

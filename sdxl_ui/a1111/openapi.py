@@ -14,7 +14,7 @@ from .models import REQUESTS
 
 TITLE = "sdxl_ui: AUTOMATIC1111-compatible API"
 VERSION = "1.10.1-sdxl_ui"  # the A1111 API version whose shapes it answers in
-DESCRIPTION = ("AUTOMATIC1111's /sdapi/v1 as sdxl_ui serves it (README: AUTOMATIC1111-compatible API). Request "
+DESCRIPTION = ("AUTOMATIC1111's /sdapi/v1 as sdxl_ui serves it (docs/api.md). Request "
                "bodies are read by the server's own checks: a refused field is a 422 naming it, `field: problem "
                "(got value)`; fields A1111 does not know are ignored.")
 

@@ -292,7 +292,7 @@ async def change_options(api, request: Request, caller: str) -> Response:
     if not operator:
         log.warning("api: refused a model switch to %r from %s: not the operator", wanted, caller)
         return reply(error_body("HTTPException", "Only the operator of this app may switch the model "
-                                                 "(README: Sharing safely)"), 403)
+                                                 "(docs/security.md)"), 403)
     log.info("api: %s switched the model to %r", caller, wanted)
     backend = api.backend
     model = switch_targets(api)[wanted]

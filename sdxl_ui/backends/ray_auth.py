@@ -1,4 +1,4 @@
-"""Ray's token authentication, as a new user meets it (Ray 2.60, README: Serving a team).
+"""Ray's token authentication, as a new user meets it (Ray 2.60, docs/serving.md).
 
 ``ray start --head`` turns token authentication on when it finds a token: ``~/.ray/auth_token`` (which any local
 ``ray.init()`` writes the first time, e.g. ``python app.py --workers 2``), the file named by

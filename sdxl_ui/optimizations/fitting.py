@@ -39,7 +39,7 @@ def plan_attention(probe: HardwareProbe, settings: AppSettings, device: str, off
         if not probe.xformers.kernel_ok:
             raise PlanError(f"attention: 'xformers' {probe.xformers.version} is installed but its kernels do not "
                             f"run on this GPU ({probe.xformers.kernel_error}); install the xformers build for torch "
-                            f"{probe.torch_version} (README: xformers), or use --attention auto (PyTorch SDPA)")
+                            f"{probe.torch_version} (README: Set-up), or use --attention auto (PyTorch SDPA)")
         # xformers' memory-efficient kernel never materialises the attention matrix: slicing on top saves nothing.
         return "xformers", "chosen by --attention xformers; its kernel test passed", \
             "off: xformers' memory-efficient attention already avoids the full attention matrix"

@@ -304,7 +304,7 @@ def _wire_status(demo, page, service, config: UIConfig, status_update) -> None:
                            print_exception=False)
         if not config.access.is_operator(request):
             log.warning("refused 'continue with the demo model' from %s: not the operator", who)
-            raise gr.Error("Only the operator of this app may switch the model (README: Sharing safely).",
+            raise gr.Error("Only the operator of this app may switch the model (docs/security.md).",
                            print_exception=False)
         log.info("%s switched to the demo model", who)
         service.reconfigure(service.settings.with_(model="demo", refiner="auto", loras=(), profile="auto"))

@@ -67,7 +67,7 @@ def wire_loras(page, service, access, status_update) -> None:
         who = access.describe(request)
         if not access.is_operator(request):
             log.warning("refused 'apply LoRAs' from %s: not the operator", who)
-            raise gr.Error("Only the operator of this app may change the LoRAs (README: Sharing safely).",
+            raise gr.Error("Only the operator of this app may change the LoRAs (docs/security.md).",
                            print_exception=False)
         specs = wanted(service, table)
         try:
