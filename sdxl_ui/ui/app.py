@@ -218,7 +218,9 @@ def _advanced(service, native: int) -> dict:
 
 
 def _layout(service, status_update) -> SimpleNamespace:
-    """The page's components (inside the Blocks context), by name."""
+    """The page's components (inside the Blocks context), by name: the prompt, the quality and Generate at the top
+    with the picture beside them (the live preview is drawn in the same pane, as A1111 and Fooocus do), the status
+    as one line with the optimization report folded beneath it."""
     gr.Markdown("## sdxl_ui — Stable Diffusion XL on the hardware you have")
     status_panel = gr.HTML(status_update(), elem_id="status-panel")
     demo_button = gr.Button("Continue with the demo model (offline: simple shapes and colours — a stand-in for "
@@ -230,31 +232,32 @@ def _layout(service, status_update) -> SimpleNamespace:
                                 elem_id="prompt")
             negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
             quality = gr.Radio(list(QUALITY_LABELS), value="High quality", label="Quality", elem_id="quality")
-            advanced = _advanced(service, service.native_size())
             with gr.Tabs(selected=TAB_TEXT) as tabs:
                 with gr.Tab("Text to image", id=TAB_TEXT):
-                    hires = hires_panel(service.settings.upscaler_dir)
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                    hires = hires_panel(service.settings.upscaler_dir)
                 with gr.Tab("Image to image", id=TAB_PICTURES):
                     pictures = pictures_tab()
-            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-            progress = gr.HTML(progress_html(0, "idle"), elem_id="progress")
+            with gr.Row():
+                progress = gr.HTML(progress_html(0, "idle"), elem_id="progress")
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", scale=0, min_width=90)
+            advanced = _advanced(service, service.native_size())
             log_pane = gr.HTML(log_html([]), label="Log", show_label=True, container=True, autoscroll=True,
                                elem_id="log")
         with gr.Column(scale=2):
-            preview = gr.Image(label="Preview", type="pil", interactive=False, elem_id="preview", height=256)
-            output = gr.Image(label="Image", type="filepath", format="png", interactive=False,
-                              elem_id="output")
+            output = gr.Image(label="Image", type="filepath", format="png", interactive=False, elem_id="output",
+                              height=448)
             with gr.Row():
                 used_seed = gr.Number(label="Used seed", interactive=False, precision=0, elem_id="used-seed")
                 reuse = gr.Button("Reuse seed")
             send_btn = gr.Button("Send to image to image", elem_id="send-to-pictures")
-            gallery = gr.Gallery(label="This session's images", columns=4, height=200, elem_id="gallery")
+            gallery = gr.Gallery(label="This session's images", columns=6, height=160, object_fit="contain",
+                                 allow_preview=True, elem_id="gallery")
     history = gr.State([])
     return SimpleNamespace(
         status_panel=status_panel, demo_button=demo_button, status_timer=status_timer, prompt=prompt,
         negative=negative, quality=quality, generate_btn=generate_btn, stop_btn=stop_btn, progress=progress,
-        log_pane=log_pane, preview=preview, output=output, used_seed=used_seed, reuse=reuse, gallery=gallery,
+        log_pane=log_pane, output=output, used_seed=used_seed, reuse=reuse, gallery=gallery,
         history=history, tabs=tabs, send_btn=send_btn, **advanced, **hires, **pictures)
 
 
@@ -355,8 +358,8 @@ def _job_runner(demo, page, service, config: UIConfig, runs: _Runs, limit: Hourl
                         lines.append(event.line())
                         update = {page.log_pane: log_html(lines),
                                   page.progress: progress_html(event.fraction, event.line())}
-                        if event.preview is not None:
-                            update[page.preview] = event.preview
+                        if event.preview is not None:  # drawn in the image pane until the picture comes
+                            update[page.output] = event.preview
                         yield update
                     case ResultEvent():
                         shown = _shown_result(demo, page, event, paths)
@@ -414,7 +417,7 @@ def _with_switches(handler):
 def _started(page, run_job, build, session_history, request):
     """A Generate run as the page shows it from its first moment; a bug is one line, never a traceback."""
     lines = ["⏳ Request received"]
-    yield {page.log_pane: log_html(lines), page.progress: progress_html(0, "starting…"), page.preview: None}
+    yield {page.log_pane: log_html(lines), page.progress: progress_html(0, "starting…")}
     try:
         yield from run_job(lines, build, session_history, request)
     except Exception as exc:  # noqa: BLE001 - a bug here must not show a traceback in the page
@@ -424,7 +427,7 @@ def _started(page, run_job, build, session_history, request):
 
 
 def _results(page) -> list:
-    return [page.log_pane, page.progress, page.preview, page.output, page.used_seed, page.gallery, page.history,
+    return [page.log_pane, page.progress, page.output, page.used_seed, page.gallery, page.history,
             page.status_panel]
 
 

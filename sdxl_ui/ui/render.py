@@ -38,7 +38,7 @@ def status_html(status: dict) -> str:
                  + f" · <b>Precision</b> {e(str(status.get('dtype', '?')))}"
                  + f" · <b>State</b> {e(_state_label(status.get('state', '?')))}</div>")
     if status.get("message"):
-        parts.append(f'<div class="sdxl-warn">{e(status["message"])}</div>')
+        parts.append(message_html(status["message"]))
     if status.get("share"):
         parts.append(f'<div class="sdxl-share">{e(status["share"])}</div>')
     if status.get("replicas") is not None:
@@ -46,13 +46,35 @@ def status_html(status: dict) -> str:
     rows = status.get("rows") or []
     if rows:
         source = "read back from the loaded pipeline" if status.get("source") == "pipeline" else "planned"
-        parts.append(f'<details open><summary>Optimizations ({e(source)})</summary><table class="sdxl-report">')
+        active = [row["name"] for row in rows if row["status"] == "active"]
+        parts.append(f'<details id="sdxl-report"><summary>Optimizations ({e(source)}): {len(active)} active — '
+                     f'{e(", ".join(active) or "none")}</summary><table class="sdxl-report">')
         for row in rows:
             parts.append(f"<tr><td>{STATUS_MARK.get(row['status'], '?')}</td><td>{e(row['name'])}</td>"
                          f"<td>{e(row['status'])}</td><td>{e(row['detail'])}</td></tr>")
         parts.append("</table></details>")
     parts.append("</div>")
     return "".join(parts)
+
+
+def message_html(message: str) -> str:
+    """A status message as one sentence and, for a model that could not load, its ways out; the whole text
+    folded beneath when there is more of it (the hub library's own message is long and repeats itself)."""
+    e = html.escape
+    text = str(message).strip()
+    at = text.find("Ways out:")
+    head, ways = (text[:at], text[at:]) if at >= 0 else (text, "")
+    first = head.split("\n", 1)[0]
+    for mark in (". ", "; "):
+        if mark in first[:240]:
+            first = first[:first.index(mark, 0, 240) + 1]
+            break
+    if len(first) > 240:
+        first = first[:239] + "…"
+    shown = (first.strip() + (" " + ways if ways else "")).strip()
+    folded = f'<details class="sdxl-details"><summary>details</summary><pre>{e(text)}</pre></details>' \
+        if shown != text else ""
+    return f'<div class="sdxl-warn">{e(shown)}{folded}</div>'
 
 
 def replicas_html(replicas: list[dict]) -> str:
@@ -94,5 +116,6 @@ CSS = """
 .sdxl-status td {padding: 0 0.5em; vertical-align: top;}
 .sdxl-demo {background: #fde68a; color: #000; padding: 0 0.3em; border-radius: 0.2em;}
 .sdxl-warn {background: #fee2e2; color: #7f1d1d; padding: 0.3em; border-radius: 0.2em; margin: 0.3em 0;}
+.sdxl-details pre {white-space: pre-wrap; font-size: 0.85em; margin: 0.2em 0;}
 .sdxl-share {background: #e0f2fe; color: #0c4a6e; padding: 0.3em; border-radius: 0.2em; margin: 0.3em 0;}
 """

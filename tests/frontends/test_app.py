@@ -25,7 +25,7 @@ def test_gradio_client_generate_returns_png_with_parameters_and_log(app):
 
     client = Client(app.url, verbose=False)
     result = client.predict(prompt_text="a red fox", seed_value=7, api_name="/generate", **GENERATE_ARGS)
-    log_html, progress_html, preview, image, used_seed = result[:5]
+    log_html, progress_html, image, used_seed = result[:4]  # the preview is drawn in the image pane
     assert used_seed == 7
     params = parse_parameters(read_parameters(image))
     assert params["prompt"] == "a red fox" and params["Seed"] == "7" and params["Steps"] == "7"
@@ -108,10 +108,12 @@ def test_browser_generate_shows_steps_preview_and_image_then_stop_cancels(app, b
     page.locator("#generate").click()
     page.wait_for_function("document.querySelector('#sdxl-step')?.textContent.includes('step 1/35')",
                            timeout=30_000)
+    # The live preview is drawn in the image pane before the run ends (every 5 steps).
+    page.wait_for_function("document.querySelector('#output img') && "
+                           "!document.querySelector('#sdxl-step')?.textContent.includes('done')", timeout=60_000)
     page.wait_for_function("document.querySelector('#sdxl-step')?.textContent.includes('step 35/35')",
                            timeout=60_000)
     page.wait_for_selector("#output img", timeout=60_000)
-    page.wait_for_selector("#preview img", timeout=10_000)
     log = page.locator("#log").inner_text()
     assert "a red fox <b>not bold</b>" in log  # shown as text, not markup
     assert "✓ PyTorch SDPA attention" in log and "ETA" in log and "✅ Image saved to" in log
@@ -134,6 +136,22 @@ def test_browser_generate_shows_steps_preview_and_image_then_stop_cancels(app, b
     page.locator("#generate").click()
     page.wait_for_function("document.querySelector('#sdxl-step')?.textContent.includes('done')",
                            timeout=60_000)
+    page.close()
+
+
+def test_the_prompt_generate_and_the_picture_are_above_the_fold(app, browser):
+    """At 1280×800 the prompt, the quality, Generate and the image pane are on the first screen; the status is one
+    line with the optimization report folded beneath it (opened by a click)."""
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(app.url)
+    page.wait_for_selector("#generate")
+    for element in ("#prompt", "#quality", "#generate", "#output"):
+        box = page.locator(element).bounding_box()
+        assert box is not None and box["y"] >= 0 and box["y"] + min(box["height"], 60) <= 800, (element, box)
+    assert not page.locator("#sdxl-report table").is_visible()  # folded
+    page.locator("#sdxl-report summary").click()
+    assert page.locator("#sdxl-report table").is_visible()
+    assert "active" in page.locator("#sdxl-report summary").inner_text()
     page.close()
 
 

@@ -157,7 +157,7 @@ def test_a_session_reads_only_its_own_images(app):
 
     result = Client(app.url, verbose=False, download_files=False).predict(
         prompt_text="A's secret prompt", seed_value=14, n_steps=2, api_name="/generate", **ARGS)
-    log_html, served = result[0], result[3]["path"]
+    log_html, served = result[0], result[2]["path"]
     (saved,) = [p for p in app.outputs.rglob("*.png") if "-14." in p.name]
     # B fetches A's PNG by its name in the outputs folder (a counter and the seed): refused.
     for path in (str(saved), str(saved.resolve())):

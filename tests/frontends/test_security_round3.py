@@ -106,7 +106,7 @@ def test_with_a_login_a_stranger_cannot_stop_a_users_job(login_app):
     assert request(f"{url}gradio_api/cancel", cancel, opener=bob)[0] == 403
     assert request(f"{url}gradio_api/cancel", {**cancel, "session_hash": "bob-session"}, opener=bob)[0] == 403
     result = job.result(timeout=300)
-    assert result[3] is not None and "done" in result[1], result[1]  # the victim's job ran to its end
+    assert result[2] is not None and "done" in result[1], result[1]  # the victim's job ran to its end
     for case in ("stranger's heartbeat (login)", "stranger's cancel (login)", "another user's cancel"):
         RELIABILITY["bad_inputs"].add(case)
 
@@ -151,7 +151,7 @@ def test_without_a_login_cancel_and_disconnect_act_only_on_the_callers_own_job(o
     assert request(f"{url}gradio_api/queue/data?session_hash={victim.session_hash}", timeout=5, read=5)[0] == 403
     assert len(refused_lines(open_app, before)) == 4
     result = job.result(timeout=300)
-    assert result[3] is not None and "done" in result[1], result[1]
+    assert result[2] is not None and "done" in result[1], result[1]
     # Each update's last step, and the steps of the final log, only go up: the job was not restarted.
     peaks = [max(_steps(update) or [0]) for update in job.outputs()]
     assert peaks == sorted(peaks) and _steps(result) == sorted(_steps(result)), "the job was restarted"
@@ -336,7 +336,7 @@ def test_a_prompt_of_nuls_is_refused_and_no_control_character_reaches_the_png(op
     result = client.predict(prompt_text="a fox\x00 in\x1b[31m snow\r\n\tlate", negative_text="blur\x07",
                             seed_value=2, n_steps=2, n_images=1, api_name="/generate",
                             **{k: v for k, v in ARGS.items() if k != "negative_text"})
-    params = parse_parameters(read_parameters(result[3]))
+    params = parse_parameters(read_parameters(result[2]))
     assert params["prompt"] == "a fox in[31m snow\n\tlate" and params["negative_prompt"] == "blur"
     text = ImageParameters("a\x00b", "c\x9b", 2, "Euler", 8.0, 1, 64, 64, "m\x00", "cpu", "fp32").to_text()
     assert not any(ord(c) < 32 and c not in "\n\t" or 0x7F <= ord(c) <= 0x9F for c in text), repr(text)
