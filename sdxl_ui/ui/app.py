@@ -252,7 +252,7 @@ def _layout(service, status_update) -> SimpleNamespace:
                 reuse = gr.Button("Reuse seed")
             send_btn = gr.Button("Send to image to image", elem_id="send-to-pictures")
             gallery = gr.Gallery(label="This session's images", columns=6, height=160, object_fit="contain",
-                                 allow_preview=True, elem_id="gallery")
+                                 fit_columns=False, allow_preview=True, elem_id="gallery")  # thumbnails
     history = gr.State([])
     return SimpleNamespace(
         status_panel=status_panel, demo_button=demo_button, status_timer=status_timer, prompt=prompt,

@@ -43,7 +43,7 @@ def test_bad_input_through_the_page_handler_is_one_clear_line(app):
     log_html = client.predict(prompt_text="x", seed_value=None, api_name="/generate", **args)[0]
     assert "❌ width: must be a multiple of 8 (got 100)" in log_html and "Traceback" not in log_html
     ok = client.predict(prompt_text="a fox", seed_value=1, api_name="/generate", **GENERATE_ARGS)
-    assert ok[4] == 1  # the next request succeeds
+    assert ok[3] == 1  # the next request succeeds (its used seed)
 
 
 def test_two_clients_are_served_one_after_the_other_each_with_its_own_image(app):
@@ -59,12 +59,12 @@ def test_two_clients_are_served_one_after_the_other_each_with_its_own_image(app)
         first, second = jobs[0].status(), jobs[1].status()
         waited.append((first.code.name, second.code.name, second.rank))
         time.sleep(0.05)
-    seeds = [job.result()[4] for job in jobs]
-    images = [job.result()[3] for job in jobs]
+    seeds = [job.result()[3] for job in jobs]
+    images = [job.result()[2] for job in jobs]
     assert seeds == [101, 202]
     assert parse_parameters(read_parameters(images[0]))["Seed"] == "101"
     assert parse_parameters(read_parameters(images[1]))["Seed"] == "202"
-    assert [job.result()[5] for job in jobs][0] != [job.result()[5] for job in jobs][1]  # separate galleries
+    assert [job.result()[4] for job in jobs][0] != [job.result()[4] for job in jobs][1]  # separate galleries
     # The second job waited in gradio's queue, first in line, while the first one ran; it never reached the
     # service while the device was busy (the service would have logged "Waiting for the device").
     running = ("PROCESSING", "ITERATING", "PROGRESS")
@@ -111,10 +111,10 @@ def test_browser_generate_shows_steps_preview_and_image_then_stop_cancels(app, b
     # The live preview is drawn in the image pane before the run ends (every 5 steps).
     page.wait_for_function("document.querySelector('#output img') && "
                            "!document.querySelector('#sdxl-step')?.textContent.includes('done')", timeout=60_000)
-    page.wait_for_function("document.querySelector('#sdxl-step')?.textContent.includes('step 35/35')",
-                           timeout=60_000)
-    page.wait_for_selector("#output img", timeout=60_000)
+    page.wait_for_function("document.querySelector('#sdxl-step')?.textContent.includes('done')", timeout=60_000)
+    page.wait_for_selector("#output img", timeout=60_000)  # now the saved picture
     log = page.locator("#log").inner_text()
+    assert "step 35/35" in log
     assert "a red fox <b>not bold</b>" in log  # shown as text, not markup
     assert "✓ PyTorch SDPA attention" in log and "ETA" in log and "✅ Image saved to" in log
     assert page.locator("#log b").count() == 0

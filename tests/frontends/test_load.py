@@ -74,7 +74,7 @@ def test_8_clients_3_jobs_each_none_lost_none_mixed(app):
             assert parse_parameters(read_parameters(image))["Seed"] == str(seed)
             all_paths.add(image)
             done += 1
-        last_gallery = mine[-1][1][5]
+        last_gallery = mine[-1][1][4]
         gallery_paths = [item["image"] if isinstance(item["image"], str) else item["image"]["path"]
                          for item in last_gallery]
         gallery_seeds = sorted(int(parse_parameters(read_parameters(p))["Seed"]) for p in gallery_paths)

@@ -92,6 +92,8 @@ def test_readme_screenshot_shows_the_demo_scene_and_no_server_paths(demo_app, br
     log = page.locator("#log").inner_text()
     assert PROMPT in log and "✅ Image saved to outputs/" in log
     assert "simple shapes and colours" in page.locator("#status-panel").inner_text()
+    thumbnail = page.locator("#gallery img").first.bounding_box()  # a thumbnail, not one picture across the pane
+    assert thumbnail is not None and thumbnail["width"] < 200, thumbnail
     for path in {str(demo_app.outputs), str(demo_app.outputs.resolve()), str(ROOT), str(ROOT.resolve()),
                  str(DEMO_MODEL_DIR), str(DEMO_MODEL_DIR.resolve())}:
         assert path not in text, f"the page shows the server path {path}"
