@@ -175,14 +175,17 @@ def _write_json(path: Path, data: dict) -> None:
 def op_speeds(torch, model: str) -> tuple[dict, str]:
     """GFLOP/s per operation class and dtype (``OP_CLASSES``), read from the cache when this machine and torch
     measured them before, else measured (a few seconds, once) and kept."""
+    import time as _time
+
     path, key = op_cache_path(), _op_key(torch, model)
     try:
         kept = json.loads(path.read_text())
-        entry = kept[key]
+    except (OSError, ValueError):  # none yet, or damaged: measured (again)
+        kept = {}
+    kept = kept if isinstance(kept, dict) else {}
+    entry = kept.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("speeds"), dict) and "note" in entry:
         return entry["speeds"], f"{entry['note']}; kept in {path} (doctor --remeasure to measure again)"
-    except (OSError, ValueError, KeyError, TypeError):
-        kept = kept if isinstance(locals().get("kept"), dict) else {}
-    import time as _time
 
     speeds = _measure_ops(torch)
     note = (f"measured {_time.strftime('%Y-%m-%d')} at SDXL's 1024² shapes, {torch.get_num_threads()} threads, best "
