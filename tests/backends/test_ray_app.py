@@ -152,7 +152,7 @@ def test_app_joins_a_ray_start_cluster_with_token_auth_and_says_what_to_set_with
             prompt_text="from the team's cluster", seed_value=21, n_steps=2, api_name="/generate",
             negative_text="", quality_label="High quality", cfg=8.0, n_images=1, size_label="Native (256×256)",
             w=256, h=256, sched="auto")
-        assert out[4] == 21 and "🖥 Worker " in out[0] and "✅ Image saved to" in out[0], out[0][-2000:]
+        assert out[3] == 21 and "🖥 Worker " in out[0] and "✅ Image saved to" in out[0], out[0][-2000:]
         app.proc.send_signal(signal.SIGTERM)
         assert app.proc.wait(120) == 0
     finally:

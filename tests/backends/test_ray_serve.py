@@ -195,14 +195,14 @@ def test_8_clients_2_jobs_each_through_the_page_none_lost_none_mixed(pool, monke
     done, paths = 0, set()
     for i, mine in outcomes.items():
         for seed, result in mine:
-            log, _, _, image, used_seed, gallery = result[:6]
+            log, _, image, used_seed, gallery = result[:5]
             assert used_seed == seed and f"client {i} job" in log and "🖥 Worker " in log, (i, seed, log[-2000:])
             assert f"🖥 Worker {ran_on[seed]} on " in log  # the page's log names the replica that ran it
             assert parse_parameters(read_parameters(image))["Seed"] == str(seed)
             paths.add(image)
             done += 1
         gallery_paths = [item["image"] if isinstance(item["image"], str) else item["image"]["path"]
-                         for item in mine[-1][1][5]]
+                         for item in mine[-1][1][4]]
         seeds = sorted(int(parse_parameters(read_parameters(p))["Seed"]) for p in gallery_paths)
         assert seeds == [1000 * i, 1000 * i + 1], "a client saw another client's images"
     RELIABILITY["jobs"] += done
