@@ -18,7 +18,7 @@ from pathlib import Path
 
 # Re-exported: app.py and older callers import these from the cli.
 from .commandline import (EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, add_settings_args,  # noqa: F401
-                          add_picture_args, add_technique_args, fail, picture_fields, plan_error_code,
+                          add_picture_args, add_technique_args, check_paths, fail, picture_fields, plan_error_code,
                           settings_from_args, setup_logging, read_picture)
 from .jobs import CancelToken, capabilities_of, collect
 from .samplers import sampler_choice
@@ -390,16 +390,13 @@ def cmd_upscale(args) -> int:
     try:
         spec = Upscale(upscaler=args.upscaler, scale=args.scale, width=args.width, height=args.height,
                        crop=not args.no_crop)
-        settings = AppSettings.from_env(upscaler_dir=args.upscaler_dir, device=args.device)
-        if settings.upscaler_dir is not None and not settings.upscaler_dir.is_dir():
-            raise ValidationError("upscaler_dir", str(settings.upscaler_dir), "is not a folder")
+        settings = check_paths(AppSettings.from_env(upscaler_dir=args.upscaler_dir, device=args.device))
         picture = read_picture("input", args.input)
         out = check_output_path(args.out)
         cancel = CancelToken()
         with _stop_on_signals(cancel):
             result = GenerationService(settings).upscale([picture], spec, cancel)[0]
-        size = f"upscale by: {spec.scale:g}" if not spec.width else f"upscale to: {spec.width}x{spec.height}"
-        save_png_copy(result, out, picture, f"Postprocess {size}, Postprocess upscaler: {spec.upscaler}")
+        save_png_copy(result, out, picture, spec.infotext())
     except ValidationError as exc:
         return fail(str(exc), EXIT_BAD_INPUT, args.json, ErrorKind.VALIDATION)
     except Cancelled:

@@ -76,13 +76,7 @@ class HiresFix:
     negative_prompt: str = ""
 
     def __post_init__(self):
-        try:
-            scale = float(self.scale)
-        except (TypeError, ValueError):
-            raise ValidationError("hr_scale", self.scale, "must be a number") from None
-        if not 1.0 <= scale <= MAX_HIRES_SCALE:
-            raise ValidationError("hr_scale", self.scale, f"must be between 1 and {MAX_HIRES_SCALE:g}")
-        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "scale", _float_in("hr_scale", self.scale, 1.0, MAX_HIRES_SCALE))
         for name in ("resize_x", "resize_y"):
             side = _int_in(f"hr_{name}", getattr(self, name), 0, MAX_SIDE)
             if side and (side < MIN_SIDE or side % 8):
@@ -135,13 +129,7 @@ class Upscale:
     visibility_2: float = 0.0
 
     def __post_init__(self):
-        try:
-            scale = float(self.scale)
-        except (TypeError, ValueError):
-            raise ValidationError("upscaling_resize", self.scale, "must be a number") from None
-        if not 1.0 <= scale <= MAX_UPSCALE:
-            raise ValidationError("upscaling_resize", self.scale, f"must be between 1 and {MAX_UPSCALE:g}")
-        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "scale", _float_in("upscaling_resize", self.scale, 1.0, MAX_UPSCALE))
         for name in ("width", "height"):
             side = _int_in(f"upscaling_resize_{name[0]}", getattr(self, name), 0, MAX_UPSCALED_SIDE)
             if 0 < side < MIN_SIDE:
@@ -150,19 +138,24 @@ class Upscale:
         if bool(self.width) != bool(self.height):
             raise ValidationError("upscaling_resize_w" if not self.width else "upscaling_resize_h", 0,
                                   "must be given with the other side (or both 0: by upscaling_resize)")
-        try:
-            visibility = float(self.visibility_2)
-        except (TypeError, ValueError):
-            raise ValidationError("extras_upscaler_2_visibility", self.visibility_2, "must be a number") from None
-        if not 0.0 <= visibility <= 1.0:
-            raise ValidationError("extras_upscaler_2_visibility", self.visibility_2, "must be between 0 and 1")
-        object.__setattr__(self, "visibility_2", visibility)
+        object.__setattr__(self, "visibility_2", _float_in("extras_upscaler_2_visibility", self.visibility_2, 0.0, 1.0))
         for name, field_name in (("upscaler", "upscaler_1"), ("upscaler_2", "upscaler_2")):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ValidationError(field_name, getattr(self, name), "must be an upscaler's name "
                                                                         "(GET /sdapi/v1/upscalers)")
         if not isinstance(self.crop, bool):
             raise ValidationError("upscaling_crop", self.crop, "must be true or false")
+
+    def infotext(self) -> str:
+        """What the upscale did, in A1111's postprocessing fields (its extras' ``html_info``, the PNG's
+        ``postprocessing`` chunk)."""
+        size = f"upscale by: {self.scale:g}" if not self.width else \
+            f"upscale to: {self.width}x{self.height}, Postprocess crop to fit: {self.crop}"
+        text = f"Postprocess {size}, Postprocess upscaler: {self.upscaler}"
+        if self.visibility_2 > 0:
+            text += f", Postprocess upscaler 2: {self.upscaler_2}, Postprocess upscaler 2 visibility: " \
+                    f"{self.visibility_2:g}"
+        return text
 
     def sizes(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """For a picture of ``width`` × ``height``: the size it is upscaled to, and the size it is cropped to
@@ -181,6 +174,16 @@ class Upscale:
 
 def _multiple_of_8(value: float) -> int:
     return max(MIN_SIDE, int(round(value / 8)) * 8)
+
+
+def _float_in(field_name: str, value, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValidationError(field_name, value, "must be a number") from None
+    if not low <= number <= high:
+        raise ValidationError(field_name, value, f"must be between {low:g} and {high:g}")
+    return number
 
 
 def _int_in(field_name: str, value, low: int, high: int) -> int:

@@ -46,7 +46,12 @@ def check_output_path(path: str | Path) -> Path:
 
 
 def write_png_atomic(image, path: Path, params: ImageParameters, extra: dict, overwrite: bool) -> None:
-    """Write the PNG to a hidden temporary file in the same folder, then rename it into place, so no reader and no
+    """The PNG with its ``parameters`` chunk, written by ``write_atomic``."""
+    write_atomic(path, lambda f: save_png(image, f, params, extra), overwrite)
+
+
+def write_atomic(path: Path, write, overwrite: bool) -> None:
+    """``write(file)`` into a hidden temporary file in the same folder, then rename it into place, so no reader and no
     crash, full disk or signal ever leaves a half-written PNG under ``path``; the temporary file goes on any error.
 
     ``overwrite=False`` never replaces an existing file (FileExistsError): a hard link is the atomic
@@ -58,7 +63,7 @@ def write_png_atomic(image, path: Path, params: ImageParameters, extra: dict, ov
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            save_png(image, f, params, extra)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if overwrite:
@@ -91,14 +96,4 @@ def save_png_copy(image, path: Path, source, postprocessing: str) -> None:
     if isinstance(parameters, str):
         info.add_text("parameters", parameters)
     info.add_text("postprocessing", postprocessing)
-    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.part")
-    try:
-        with open(tmp, "xb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info), overwrite=True)

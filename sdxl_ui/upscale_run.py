@@ -47,13 +47,12 @@ def device_of(host: ModelHost) -> str:
 
 def upscale_pictures(host: ModelHost, pictures: list, spec: Upscale, cancel: CancelToken | None = None,
                      log: Callable[[str], None] | None = None) -> list:
-    """Each picture upscaled as ``spec`` says (checked first; call under the device lock). The second upscaler,
+    """Each picture upscaled as ``spec`` says (``check_upscale`` first, by the caller; under the device lock). The second upscaler,
     when visible, is blended over the first at its visibility; ``crop`` cuts the centre to the asked size. The
     ``None`` upscaler first leaves the picture as it is (A1111's extras do the same)."""
     from PIL import Image
 
     folder = host.settings.upscaler_dir
-    check_upscale(pictures, spec, folder)
     first = find(spec.upscaler, folder, "upscaler_1")
     second = find(spec.upscaler_2, folder, "upscaler_2") if spec.visibility_2 > 0 else None
     device = device_of(host)

@@ -5,9 +5,7 @@ Face restoration is not in sdxl_ui: a visibility above 0 is named in ``html_info
 from __future__ import annotations
 
 import asyncio
-import base64
 import html
-import io
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,7 +16,7 @@ from fastapi import Request
 from ..edits import Upscale
 from ..jobs import CancelToken, capabilities_of
 from ..schema import ValidationError
-from .adapter import decode_picture, detail_422, error_body
+from .adapter import decode_picture, detail_422, error_body, preview_base64
 from .models import ExtrasBatchImagesResponse, ExtrasSingleImageResponse, answers, body_of
 
 log = logging.getLogger("sdxl_ui")
@@ -82,23 +80,12 @@ def parse_extras(body: Any, batch: bool) -> Extras:
 
 def html_info(extras: Extras, results: list) -> str:
     """A1111's ``html_info``: the upscale's fields as its infotext writes them, in a paragraph."""
-    spec = extras.spec
-    size = f"Postprocess upscale by: {spec.scale:g}" if not spec.width else \
-        f"Postprocess upscale to: {spec.width}x{spec.height}, Postprocess crop to fit: {spec.crop}"
-    text = f"{size}, Postprocess upscaler: {spec.upscaler}"
-    if spec.visibility_2 > 0:
-        text += f", Postprocess upscaler 2: {spec.upscaler_2}, Postprocess upscaler 2 visibility: {spec.visibility_2:g}"
+    text = extras.spec.infotext()
     if results:
         text += f", Size: {results[0].width}x{results[0].height}"
     if extras.ignored:
         text += "; ignored: " + ", ".join(f"{k} ({v})" for k, v in extras.ignored.items())
     return f"<p>{html.escape(text)}</p>"
-
-
-def png_of(picture) -> str:
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def add_extras(router, api, caller_of, reply, read_json) -> None:
@@ -138,7 +125,7 @@ def _extras_route(api, caller_of, reply, read_json, batch: bool, name: str):
             log.exception("api: %s failed", name)
             return reply(error_body(type(exc).__name__, f"upscale failed: {str(exc)[:300]}"), 500)
         info = html_info(extras, results)
-        images = await asyncio.to_thread(lambda: [png_of(r) for r in results]) if extras.show else []
+        images = await asyncio.to_thread(lambda: [preview_base64(r) for r in results]) if extras.show else []
         if batch:
             return {"html_info": info, "images": images}
         return {"html_info": info, "image": images[0] if images else None}
