@@ -19,7 +19,7 @@ from typing import Any
 
 from .models import HUB_ID, ModelLoadError, ModelSource
 from .optimizations import hooks
-from .profiles import detect
+from .profiles import PROFILES, detect
 from .settings import LoraSpec
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -370,6 +370,30 @@ def profile_evidence(source: ModelSource, specs=()) -> tuple[str, str]:
     return detect(model, config, loras)
 
 
+def few_step_lora(source: ModelSource) -> tuple[LoraSpec, str, str] | None:
+    """(spec, family, folder name) of the few-step LoRA shipped beside a model folder (the demo's ``lcm-lora/``):
+    a sub-folder that is not one of the pipeline's components, holding a LoRA file whose folder name, file name or
+    metadata names a few-step family (``profiles.detect``); None for other sources or when there is none."""
+    if source.kind != "folder":
+        return None
+    folder = Path(source.location)
+    try:
+        components = set(json.loads((folder / "model_index.json").read_text()))
+        children = sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in components)
+    except (OSError, ValueError):
+        return None
+    for child in children:
+        files = sorted(child.glob("*.safetensors"))
+        preferred = [f for f in files if f.name == DIFFUSERS_LORA_FILE] or files[:1]
+        if not preferred:
+            continue
+        texts = [child.name, preferred[0].name, *metadata(preferred[0]).values()]
+        family, _ = detect("", None, [(child.name, texts)])
+        if PROFILES[family].few_step:
+            return LoraSpec(str(child)), family, child.name
+    return None
+
+
 # ---------------------------------------------------------------- a request's own LoRAs (<lora:NAME:WEIGHT>)
 
 def folder_lora(lora_dir: Path, name: str) -> Path:
@@ -397,16 +421,18 @@ def request_loras(settings, request) -> tuple:
     return own + tuple(spec for spec in asked if spec.source not in {s.source for s in own})
 
 
-def apply_request_loras(pipe, settings, request, plan) -> None:
-    """Fuse the request's set for its job (nothing to do while consecutive jobs ask for the same set; a job
-    without tags puts the server's own set back, bit for bit). Weights that cannot be swapped in place (int8,
-    --compile, sequential offload) take no per-request LoRA: refused by name."""
+def apply_request_loras(pipe, settings, request, plan, own: tuple) -> None:
+    """Fuse the job's set (``settings``: the job's, with Few-step's LoRA when it asks) for its job (nothing to do
+    while consecutive jobs ask for the same set; a job without tags puts the server's ``own`` set back, bit for
+    bit). Weights that cannot be swapped in place (int8, --compile, sequential offload) take no per-job LoRA:
+    refused by name (the prompt's tags, or Quality Few-step)."""
     from .schema import ValidationError
 
     specs = request_loras(settings, request)
     if tuple(lora.spec for lora in fused(pipe)) == specs:
         return
-    if request.prompt_loras and (plan.int8 or plan.compile or plan.offload == "sequential"):
-        raise ValidationError("prompt", "<lora:…>", "per-request LoRAs need weights that can be swapped in place: "
-                                                   "not with int8, --compile or sequential offload")
+    if specs != tuple(own) and (plan.int8 or plan.compile or plan.offload == "sequential"):
+        field, value = ("prompt", "<lora:…>") if request.prompt_loras else ("quality", request.quality.value)
+        raise ValidationError(field, value, "per-request LoRAs need weights that can be swapped in place: not with "
+                                            "int8, --compile or sequential offload")
     apply_loras(pipe, specs, settings.local_files_only)

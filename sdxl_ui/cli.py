@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     add_settings_args(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative", default="")
-    gen.add_argument("--quality", default="high", help="high | fast")
+    gen.add_argument("--quality", default="high", help="high | fast | few-step (the few-step LoRA beside the model, 4 steps)")
     gen.add_argument("--steps", help="requested steps (CPU runs × 0.7)")
     gen.add_argument("--guidance")
     gen.add_argument("--seed", help="0 … 4294967295; random when omitted")

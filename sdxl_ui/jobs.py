@@ -112,11 +112,13 @@ class Capabilities:
     start: bool = False  # start(): a persistent pool of workers to start (or join) before the first job
     local_files: bool = True  # an output_path given to generate is a path on this machine (False: remote workers)
     upscale: bool = False  # upscale(pictures, Upscale): pictures upscaled without the model (A1111's extras)
+    offers: bool = False  # offers(): the model's Few-step quality and tiny decoder, for the page to offer
 
 
 # The in-process GenerationService: profile defaults and LoRA switching, nothing to start, saves on this machine,
-# upscales.
-LOCAL_SERVICE = Capabilities(quality_defaults=True, loras=True, start=False, local_files=True, upscale=True)
+# upscales, offers the model's few-step path.
+LOCAL_SERVICE = Capabilities(quality_defaults=True, loras=True, start=False, local_files=True, upscale=True,
+                             offers=True)
 
 
 def capabilities_of(backend) -> Capabilities:

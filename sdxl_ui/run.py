@@ -23,7 +23,7 @@ from .metadata import ImageParameters
 from .models import LoadedModels
 from .optimizations.registry import Plan
 from .policy import plan_request
-from .profiles import profile_named
+from .profiles import choose, profile_named
 from .samplers import SCHEDULE_BY_KEY, plan_sampler, sampler_label
 from .saving import write_png_atomic
 from .schema import MAX_SEED, GenerationRequest, LogEvent, LogLevel, ProgressEvent, Quality, ResultEvent, Schedule, \
@@ -78,15 +78,20 @@ class Run:
         from .optimize import apply, report
 
         host, request, models, emit = self.host, self.request, self.models, self.emit
-        profile = profile_named(host.plan.profile)
-        size = host.size(profile)
-        width, height = self.size(size)
-        high = request.quality is Quality.HIGH
-        plan = plan_request(host.plan, host.probe, host.settings, host.model_size, width, height, high,
-                            request.techniques, host.profile_evidence)
+        settings, evidence, few_step = host.job_settings(request)  # Few-step's LoRA, the request's decoder
+        profile = profile_named(choose(settings.profile, evidence)[0])
+        width, height = self.size(host.size(profile))
+        high = request.quality.high
+        plan = plan_request(host.plan, host.probe, settings, host.model_size, width, height, high,
+                            request.techniques, evidence)
         use_refiner = plan.refiner and models.refiner is not None
-        apply_request_loras(models.base, host.settings, request, plan)  # its <lora:…> tags, for this job alone
+        # Its <lora:…> tags and Few-step's LoRA, for this job alone; the server's own set otherwise.
+        apply_request_loras(models.base, settings, request, plan, host.settings.loras)
         apply(plan, models)
+        if few_step:
+            emit(LogEvent(f"Few-step: {few_step} — profile {plan.profile}, "
+                          + ("the tiny decoder decodes the final image" if plan.decoder == "tiny"
+                             else "the full VAE decodes the final image")))
         host.applied(models, plan, use_refiner)  # the status panel reports against this, not the load plan
         # A few-step profile's own steps and guidance, unless the request sets them.
         wanted = request.steps if request.steps is not None else profile.steps_for(high) or request.requested_steps
@@ -94,7 +99,7 @@ class Run:
         guidance = request.guidance if request.guidance is not None or profile.guidance is None \
             else profile.guidance
         guidance = request.guidance_scale if guidance is None else guidance
-        mode = "HIGH QUALITY" if high else "FAST"
+        mode = {Quality.HIGH: "HIGH QUALITY", Quality.FAST: "FAST", Quality.FEW_STEP: "FEW-STEP"}[request.quality]
         # The seed's line as it was; a few-step family is named after it (its own steps and guidance).
         emit(LogEvent(f"Mode: {mode} (base steps={steps}, guidance={guidance:g})"
                       + (f" — {request.requested_steps} → {steps} on {plan.device.upper()}"
@@ -102,19 +107,20 @@ class Run:
                       + (f" — profile {plan.profile}" if profile.few_step else "")))
         emit(LogEvent("Refinement: " + (f"ENABLED (base to {REFINER_SPLIT}, refiner from {REFINER_SPLIT})"
                                         if use_refiner else _refiner_off(plan))))
-        prompts = self.prompt_arguments(steps)  # before the report: its prompt row reads this run's
-        for line in report(models, plan, host.probe, use_refiner=use_refiner).log_lines():
-            emit(LogEvent(line))
-        for warning in plan.warnings:
-            emit(LogEvent(f"⚠ {warning}", LogLevel.WARNING))
-
-        # Always from the model's original config: a previous sampler's options (e.g. Karras sigmas) must not leak.
+        # Before the report (its rows read this run's scheduler). Always from the model's original config: a previous
+        # sampler's options (e.g. Karras sigmas) must not leak.
         # A few-step profile's own scheduler when the request leaves the sampler on auto.
         own = request.scheduler is Scheduler.AUTO and profile.scheduler is not None
         models.base.scheduler = profile_scheduler(profile, request.sampler, models.scheduler_config, own,
                                                   request.schedule)
         if models.refiner is not None:
             models.refiner.scheduler = scheduler_for(request.sampler, models.scheduler_config, request.schedule)
+        prompts = self.prompt_arguments(steps)  # before the report: its prompt row reads this run's
+        for line in report(models, plan, host.probe, use_refiner=use_refiner).log_lines():
+            emit(LogEvent(line))
+        for warning in plan.warnings:
+            emit(LogEvent(f"⚠ {warning}", LogLevel.WARNING))
+
         label = profile.sampler_label if own else sampler_label(request.sampler, request.schedule)
         schedule = SCHEDULE_BY_KEY[request.schedule].label if not own and request.schedule is not \
             Schedule.AUTOMATIC else None  # A1111's "Schedule type" field, by its label

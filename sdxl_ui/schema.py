@@ -29,6 +29,16 @@ DEMO_MODEL_NOTE = "demo model — draws simple shapes and colours, a stand-in fo
 class Quality(str, enum.Enum):
     HIGH = "high"
     FAST = "fast"
+    # The model's few-step path for this job: the few-step LoRA beside the model (the demo's lcm-lora/) fused and its
+    # family's schedule, the tiny decoder beside it for the final image (``host.few_step``); or, for a model that is
+    # already few-step (Turbo, Lightning, --lora lcm-…), its own High-quality steps.
+    FEW_STEP = "few_step"
+
+    @property
+    def high(self) -> bool:
+        """Whether the plan is the exact one and a few-step family's first step count applies (High quality and
+        Few-step; Fast takes the family's second and the presets' shortcuts)."""
+        return self is not Quality.FAST
 
 
 class Scheduler(str, enum.Enum):
@@ -78,6 +88,11 @@ class Schedule(str, enum.Enum):
     BETA = "beta"
 
 
+class Decoder(str, enum.Enum):
+    """The final image's decoder for one request: the server's (``--decoder``), the full VAE or the tiny decoder."""
+    AUTO, FULL, TINY = "auto", "full", "tiny"
+
+
 class Toggle(str, enum.Enum):
     AUTO = "auto"
     ON = "on"
@@ -99,15 +114,18 @@ class QualityPreset:
 PRESETS: dict[Quality, QualityPreset] = {
     Quality.HIGH: QualityPreset(50, 8.0, Scheduler.EULER, "seed's high-quality preset"),
     Quality.FAST: QualityPreset(20, 6.0, Scheduler.DPMPP_2M_KARRAS, "DPM++ 2M Karras converges in few steps"),
+    # What a few-step run falls back to when its family says nothing (its profile's own steps win: LCM 4, guidance 1).
+    Quality.FEW_STEP: QualityPreset(4, 1.0, Scheduler.LCM, "the LCM-LoRA card's 4 steps, guidance 1"),
 }
 
 
 def parse_choice(cls, field_name: str, value: Any):
-    """A closed choice from user input (case and spaces forgiven), or an error listing the choices."""
+    """A closed choice from user input (case, spaces and few-step's hyphen forgiven), or an error listing them."""
     if isinstance(value, cls):
         return value
+    text = str(value).strip().lower()
     try:
-        return cls(str(value).strip().lower())
+        return cls(text) if text in cls._value2member_map_ else cls(text.replace("-", "_"))
     except ValueError:
         choices = ", ".join(m.value for m in cls)
         raise ValidationError(field_name, value, f"must be one of {choices}") from None
@@ -195,6 +213,7 @@ class GenerationRequest:
     images: int = 1
     schedule: Schedule = Schedule.AUTOMATIC  # the schedule type (AUTOMATIC1111's "Schedule type")
     clip_skip: int = 0  # text-encoder layers skipped beyond SDXL's penultimate one (diffusers' clip_skip; A1111's N-1)
+    decoder: Decoder = Decoder.AUTO  # the tiny decoder needs one loaded beside the model (checked when it runs)
     allow_empty_prompt: bool = False  # AUTOMATIC1111's API draws an empty prompt (an unconditioned picture)
     # Per-request technique switches by name (e.g. {"feature_cache": "off"}; auto = the quality preset's choice):
     # the names are the units' switches (``optimizations/registry.SWITCHES``), checked when the request is planned.
@@ -226,6 +245,7 @@ class GenerationRequest:
         object.__setattr__(self, "quality", parse_choice(Quality, "quality", self.quality))
         object.__setattr__(self, "scheduler", parse_choice(Scheduler, "scheduler", self.scheduler))
         object.__setattr__(self, "schedule", parse_choice(Schedule, "schedule", self.schedule))
+        object.__setattr__(self, "decoder", parse_choice(Decoder, "decoder", self.decoder))
         if not isinstance(self.techniques, Mapping):
             raise ValidationError("techniques", self.techniques, "must be a mapping of switch names to auto/on/off")
         object.__setattr__(self, "techniques", {str(k): parse_choice(Toggle, str(k), v if v is not None else "auto")

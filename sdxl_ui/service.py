@@ -107,6 +107,9 @@ class GenerationService:
     def steps_note(self, requested: int) -> str:
         return self.host.steps_note(requested)
 
+    def offers(self) -> dict:
+        return self.host.offers()
+
     def current_report(self) -> OptimizationReport | None:
         return self.host.current_report()
 

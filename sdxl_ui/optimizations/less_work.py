@@ -179,18 +179,36 @@ class TinyDecoder(Unit):
 
     key, rows = "decoder", ("tiny decoder",)
     fields = {"decoder": "full"}
-    decide_at, row_at = 150, 65
+    decide_at, apply_at, row_at = 150, 87, 65
+    per_request = ("decoder",)  # a request's own choice (GenerationRequest.decoder), over the loaded decoder
 
     def decide(self, ctx):
         tiny = ctx.settings.decoder == "tiny"
         ctx.values["decoder"] = ctx.settings.decoder
         ctx.reasons["decoder"] = (
-            "--decoder tiny: the final image is decoded by the tiny decoder, a fraction of the VAE's decode time; "
-            "it changes the picture (an approximation of the full VAE: softer detail, slightly other colours)"
+            "the tiny decoder decodes the final image (--decoder tiny, or the request's decoder): a fraction of the "
+            "VAE's decode time; it changes the picture (an approximation of the full VAE: softer detail, slightly other colours)"
             if tiny else "the full VAE decodes the final image (--decoder tiny: faster, a slightly different picture)")
 
     def expected(self, plan, probe):
         return [planned_row("tiny decoder", plan.decoder == "tiny", plan.reasons["decoder"])]
+
+    def apply(self, plan, models):
+        """The final image's decoder for this run: the loaded tiny decoder decodes it or only draws the previews.
+        A request for the tiny decoder where none is loaded is refused by name (ValidationError)."""
+        from dataclasses import replace
+
+        from ..schema import ValidationError
+        from . import tiny_decoder
+
+        final = plan.decoder == "tiny"
+        for pipe in pipes(models):
+            found = tiny_decoder.attached(pipe)
+            if found is None and final and getattr(pipe, "vae", None) is not None:  # not a stand-in (tests)
+                raise ValidationError("decoder", "tiny", "no tiny decoder is loaded beside this model (a "
+                                                         "tiny-decoder/ folder beside it, or --tiny-decoder SOURCE)")
+            if found is not None and found.final != final:
+                tiny_decoder.attach(pipe, replace(found, final=final))
 
     def live(self, live):
         from . import tiny_decoder

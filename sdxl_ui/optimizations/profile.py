@@ -21,6 +21,7 @@ class ModelProfile(Unit):
     key, rows = "profile", ("model profile",)
     fields = {"profile": "sdxl"}
     decide_at, row_at = 5, 5
+    per_request = ("profile",)  # Quality Few-step: the few-step LoRA's family for its job (host.job_settings)
 
     def decide(self, ctx):
         detected = ctx.detected or ("sdxl", "nothing read from the model's files: SDXL defaults")
@@ -47,12 +48,14 @@ class LoraAdapters(Unit):
     key, rows = "loras", ("LoRA adapters",)
     fields = {"loras": ()}
     decide_at, row_at = 6, 6
+    per_request = ("loras",)  # the job's set: the server's own, Few-step's LoRA (adapters.apply_request_loras)
 
     def decide(self, ctx):
         loras = tuple(str(spec) for spec in ctx.settings.loras)
         ctx.values["loras"] = loras
-        ctx.reasons["loras"] = ("fused into the base model's weights when it loads (diffusers load_lora_weights, "
-                                "set_adapters, fuse_lora); the refiner runs without them" if loras
+        ctx.reasons["loras"] = ("fused into the base model's weights (diffusers load_lora_weights, set_adapters, "
+                                "fuse_lora): the server's own when the model loads, a job's own for that job; the "
+                                "refiner runs without them" if loras
                                 else "none (--lora SOURCE[@WEIGHT] adds one)")
 
     def expected(self, plan, probe):

@@ -26,6 +26,7 @@ from ..schema import (
     MAX_IMAGES,
     MAX_STEPS,
     PRESETS,
+    Decoder,
     ErrorEvent,
     ErrorKind,
     GenerationRequest,
@@ -64,6 +65,7 @@ def _aspect_sizes(native: int) -> list[str]:
 
 CUSTOM = "Custom"
 QUALITY_LABELS = {"High quality": Quality.HIGH, "Fast": Quality.FAST}
+FEW_STEP_LABEL = "Few-step"  # the start of the model's own label, e.g. "Few-step (4 steps)" (host.offers)
 CONCURRENCY_ID = "device"  # one generation at a time per device (per worker replica), whatever the session
 
 
@@ -179,6 +181,27 @@ def _status_renderer(service, config: UIConfig):
     return status_update
 
 
+def _offers(service) -> dict:
+    """What the model offers beyond the presets: its Few-step quality label and a tiny decoder (host.offers)."""
+    return service.offers() if capabilities_of(service).offers else {"few_step": None, "tiny_decoder": False}
+
+
+def _quality_choices(offers: dict) -> list[str]:
+    """The Quality radio's labels: the presets', and the model's Few-step (e.g. "Few-step (4 steps)") if it has one."""
+    return [*QUALITY_LABELS, *([offers["few_step"]] if offers["few_step"] else [])]
+
+
+def quality_of(label):
+    """The Quality a radio label (or a value, from the API) names; None for anything else."""
+    if isinstance(label, Quality):
+        return label
+    if not isinstance(label, str):
+        return None
+    if label.startswith(FEW_STEP_LABEL):
+        return Quality.FEW_STEP
+    return QUALITY_LABELS.get(label) or next((q for q in Quality if q.value == label), None)
+
+
 def _quality_defaults(service, quality) -> tuple[int, float]:
     """(steps, guidance) for a quality: the model profile's (e.g. Turbo: 4 / 1 steps, guidance 0), else the preset's
     (a backend without profiles)."""
@@ -211,10 +234,15 @@ def _advanced(service, native: int) -> dict:
         with gr.Row():  # one switch per unit that offers one (optimizations/registry.py)
             switches = [gr.Dropdown([t.value for t in Toggle], value=Toggle.AUTO.value,
                                     elem_id=s.name.replace("_", "-"), label=s.label) for s in SWITCHES]
+        server = "tiny decoder" if service.settings.decoder == "tiny" else "full VAE"
+        decoder = gr.Radio([(f"Server's ({server})", Decoder.AUTO.value), ("Full VAE", Decoder.FULL.value),
+                            ("Tiny decoder (faster, softer detail)", Decoder.TINY.value)],
+                           value=Decoder.AUTO.value, label="Final decode", elem_id="decoder",
+                           visible=_offers(service)["tiny_decoder"])
         loras = lora_panel(service)
     return dict(steps=steps, steps_note=steps_note, guidance=guidance, seed=seed, images=images, size=size,
                 custom_row=custom_row, width=width, height=height, scheduler=scheduler, schedule=schedule,
-                switches=switches, **loras)
+                switches=switches, decoder=decoder, **loras)
 
 
 def _layout(service, status_update) -> SimpleNamespace:
@@ -231,7 +259,8 @@ def _layout(service, status_update) -> SimpleNamespace:
             prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red fox in the snow, golden hour",
                                 elem_id="prompt")
             negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
-            quality = gr.Radio(list(QUALITY_LABELS), value="High quality", label="Quality", elem_id="quality")
+            quality = gr.Radio(_quality_choices(_offers(service)), value="High quality", label="Quality",
+                               elem_id="quality")
             with gr.Tabs(selected=TAB_TEXT) as tabs:
                 with gr.Tab("Text to image", id=TAB_TEXT):
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -265,7 +294,7 @@ def _wire_form(page, service) -> None:
     """Small helpers of the form. preprocess=False: gradio's own checks of a value raise (and print a traceback)
     before the handler runs; these handlers take any value and ignore what they cannot use."""
     def on_quality(label):
-        quality_choice = QUALITY_LABELS.get(label) if isinstance(label, str) else None
+        quality_choice = quality_of(label)
         if quality_choice is None:
             return gr.update(), gr.update(), gr.update()
         steps, guidance = _quality_defaults(service, quality_choice)
@@ -312,19 +341,21 @@ def _wire_status(demo, page, service, config: UIConfig, status_update) -> None:
         log.info("%s switched to the demo model", who)
         service.reconfigure(service.settings.with_(model="demo", refiner="auto", loras=(), profile="auto"))
         service.preload_in_background()
-        choices = _size_choices(service.native_size())
+        choices, offers = _size_choices(service.native_size()), _offers(service)  # the demo's Few-step, decoder
         return status_update(), gr.update(visible=False), gr.Timer(active=True), gr.update(
-            choices=choices, value=choices[0])
+            choices=choices, value=choices[0]), gr.update(choices=_quality_choices(offers), value="High quality"), \
+            gr.update(visible=offers["tiny_decoder"])
 
-    page.demo_button.click(use_demo_model, None, [*outputs, page.size], queue=False, api_visibility="private")
+    page.demo_button.click(use_demo_model, None, [*outputs, page.size, page.quality, page.decoder], queue=False,
+                           api_visibility="private")
 
 
-def _request_fields(quality_label, n_steps, cfg, seed_value, n_images, sched, schedule, techniques) -> dict:
+def _request_fields(quality_label, n_steps, cfg, seed_value, n_images, sched, schedule, decoder,
+                    techniques) -> dict:
     """The fields both tabs' requests share (Quality and Advanced; the size is text to image's own)."""
-    quality_value = QUALITY_LABELS.get(quality_label, quality_label) if isinstance(
-        quality_label, str) else quality_label
+    quality_value = quality_of(quality_label) or quality_label  # anything else: refused by the request, by name
     return dict(quality=quality_value, steps=n_steps, guidance=cfg, seed=seed_value, images=n_images,
-                scheduler=sched, schedule=schedule or Schedule.AUTOMATIC.value,
+                scheduler=sched, schedule=schedule or Schedule.AUTOMATIC.value, decoder=decoder or "auto",
                 techniques={k: v for k, v in (techniques or {}).items() if v is not None})
 
 
@@ -436,7 +467,7 @@ def _wire_generate(page, service, run_job) -> None:
     @_with_switches
     def generate(prompt_text, negative_text, quality_label, n_steps, cfg, seed_value, n_images, size_label,
                  w, h, sched, schedule=Schedule.AUTOMATIC.value, hires_on=False, hires_scale=2.0,
-                 hires_upscaler="Latent", hires_steps=0, hires_strength=0.7, techniques=None,
+                 hires_upscaler="Latent", hires_steps=0, hires_strength=0.7, decoder="auto", techniques=None,
                  session_history=None, request: gr.Request = None):
         def build():
             wd, ht = _size(size_label, w, h, service.native_size())
@@ -444,7 +475,8 @@ def _wire_generate(page, service, run_job) -> None:
                               service.settings.upscaler_dir)
             return GenerationRequest.from_raw(
                 prompt=prompt_text, negative_prompt=negative_text, width=wd, height=ht, hires=hires,
-                **_request_fields(quality_label, n_steps, cfg, seed_value, n_images, sched, schedule, techniques))
+                **_request_fields(quality_label, n_steps, cfg, seed_value, n_images, sched, schedule, decoder,
+                                 techniques))
 
         yield from _started(page, run_job, build, session_history, request)
 
@@ -452,7 +484,7 @@ def _wire_generate(page, service, run_job) -> None:
         generate,
         [page.prompt, page.negative, page.quality, page.steps, page.guidance, page.seed, page.images, page.size,
          page.width, page.height, page.scheduler, page.schedule, page.hires_on, page.hires_scale,
-         page.hires_upscaler, page.hires_steps, page.hires_strength, *page.switches, page.history],
+         page.hires_upscaler, page.hires_steps, page.hires_strength, page.decoder, *page.switches, page.history],
         _results(page),
         # One job per device: 1 for the in-process service, the number of replicas for the Ray backend.
         api_name="generate", concurrency_id=CONCURRENCY_ID, concurrency_limit=service.concurrency,
@@ -471,13 +503,15 @@ def _wire_picture_generate(page, service, run_job) -> None:
     @_with_switches
     def generate_picture(prompt_text, negative_text, quality_label, n_steps, cfg, seed_value, n_images, sched,
                          schedule, editor_value, strength, mask_blur, content, area, padding, invert, outpaint,
-                         outpaint_pixels, techniques=None, session_history=None, request: gr.Request = None):
+                         outpaint_pixels, decoder="auto", techniques=None, session_history=None,
+                         request: gr.Request = None):
         def build():
             pictures = picture_fields(read_editor(page.editor, editor_value), strength, mask_blur, content, area,
                                       padding, invert, outpaint, outpaint_pixels)
             return GenerationRequest.from_raw(
                 prompt=prompt_text, negative_prompt=negative_text, **pictures,
-                **_request_fields(quality_label, n_steps, cfg, seed_value, n_images, sched, schedule, techniques))
+                **_request_fields(quality_label, n_steps, cfg, seed_value, n_images, sched, schedule, decoder,
+                                 techniques))
 
         yield from _started(page, run_job, build, session_history, request)
 
@@ -485,7 +519,8 @@ def _wire_picture_generate(page, service, run_job) -> None:
         generate_picture,
         [page.prompt, page.negative, page.quality, page.steps, page.guidance, page.seed, page.images,
          page.scheduler, page.schedule, page.editor, page.strength, page.mask_blur, page.content, page.area,
-         page.padding, page.invert, page.outpaint, page.outpaint_pixels, *page.switches, page.history],
+         page.padding, page.invert, page.outpaint, page.outpaint_pixels, page.decoder, *page.switches,
+         page.history],
         _results(page), api_name="generate_picture", api_visibility="private", concurrency_id=CONCURRENCY_ID,
         concurrency_limit=service.concurrency, show_progress="minimal", show_progress_on=[page.output],
         preprocess=False)

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from sdxl_ui.schema import GenerationRequest, HardwareProbe, Quality, Scheduler, ValidationError
+from sdxl_ui.schema import Decoder, GenerationRequest, HardwareProbe, Quality, Scheduler, ValidationError
 
 
 def test_defaults_follow_the_quality_presets():
@@ -22,13 +22,23 @@ def test_from_raw_coerces_form_and_cli_strings():
     assert blank.steps is None and blank.seed is None and blank.guidance is None
 
 
+def test_few_step_is_a_quality_spelt_either_way_and_the_decoder_a_closed_choice():
+    for spelling in ("few_step", "few-step", " Few-Step "):
+        request = GenerationRequest.from_raw(prompt="x", quality=spelling)
+        assert request.quality is Quality.FEW_STEP and request.quality.high  # exact: no Fast shortcuts
+        assert (request.requested_steps, request.guidance_scale, request.sampler) == (4, 1.0, Scheduler.LCM)
+    assert not Quality.FAST.high and Quality.HIGH.high
+    assert GenerationRequest(prompt="x").decoder is Decoder.AUTO
+    assert GenerationRequest.from_raw(prompt="x", decoder="Tiny").decoder is Decoder.TINY
+
+
 BAD = [
     ("prompt", ""), ("prompt", "   \n"), ("prompt", None), ("prompt", "x" * 10_001),
     ("width", 100), ("width", 0), ("width", -512), ("width", 1_000_000), ("width", "wide"), ("height", 1025),
     ("height", 7.5), ("steps", 0), ("steps", -1), ("steps", 10**6), ("steps", "many"), ("steps", True),
     ("guidance", -1), ("guidance", math.nan), ("guidance", math.inf), ("guidance", "nan"), ("guidance", 31),
     ("seed", -5), ("seed", 2**32), ("seed", "lucky"), ("images", 0), ("images", 5), ("quality", "ultra"),
-    ("scheduler", "heun++"),
+    ("scheduler", "heun++"), ("quality", "few steps"), ("decoder", "taesd"), ("decoder", "-"),
 ]
 
 

@@ -105,3 +105,32 @@ def test_readme_screenshot_shows_the_demo_scene_and_no_server_paths(demo_app, br
     page.screenshot(path=str(target), full_page=True)
     assert target.stat().st_size > 10_000
     page.close()
+
+
+def test_the_few_step_choice_draws_the_scene_in_4_steps_in_one_click(demo_app, browser):  # noqa: F811
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(demo_app.url)
+    page.wait_for_function("document.querySelector('#status-panel')?.textContent.includes('loaded')",
+                           timeout=30_000)
+    page.get_by_label("Prompt", exact=True).fill(PROMPT)
+    page.locator("#quality").get_by_text("Few-step (4 steps)").click()  # the demo's lcm-lora/, offered by the page
+    page.get_by_text("Advanced").click()
+    steps = page.locator("#steps input[type=number]")
+    steps.wait_for(state="visible")
+    page.wait_for_function("document.querySelector('#steps input[type=number]').value === '4'", timeout=10_000)
+    seed = page.locator("#seed input[type=number]")
+    seed.fill(str(SEED))
+    seed.blur()
+    page.wait_for_timeout(300)
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#sdxl-step')?.textContent.includes('done')", timeout=120_000)
+    page.wait_for_selector("#output img", timeout=10_000)
+    page.wait_for_function("document.querySelector('#output img').complete", timeout=10_000)
+
+    log = page.locator("#log").inner_text()
+    assert "Mode: FEW-STEP (base steps=4, guidance=1)" in log, log
+    assert "Few-step: the few-step LoRA lcm-lora/ beside the model, fused for this job" in log
+    shown = base64.b64decode(page.evaluate(FETCH_SHOWN_IMAGE))
+    wrong = judge(shown, SCENE, ("color", "shape", "background"))
+    assert wrong == [], f"the 4-step picture does not show {PROMPT!r}: {wrong}"
+    page.close()

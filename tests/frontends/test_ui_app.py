@@ -19,7 +19,8 @@ def test_missing_default_model_explains_and_offers_the_demo_model(tmp_path):
     panel, button, _timer = handler(demo, "refresh_status")()
     assert "could not load" in panel and "--model demo" in panel
     assert button["visible"] is True
-    handler(demo, "use_demo_model")(gr.Request(client={"host": "127.0.0.1"}))  # the operator: this machine
+    *_, quality, decoder = handler(demo, "use_demo_model")(gr.Request(client={"host": "127.0.0.1"}))  # the operator
+    assert quality["choices"][-1] == "Few-step (4 steps)" and decoder["visible"] is True  # the demo's own offers
     deadline = time.time() + 60
     while not service.loaded and time.time() < deadline:
         time.sleep(0.2)
@@ -44,3 +45,26 @@ def test_size_presets_follow_the_models_native_size():
     assert sdxl[:3] == ["Native (1024×1024)", "1152×896", "896×1152"]
     with pytest.raises(ValidationError, match="size"):
         _size("1152×896", None, None, 128)  # an SDXL preset is not offered for the 128-px demo model
+
+
+def _component(demo, elem_id):
+    return next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == elem_id)
+
+
+def test_the_quality_radio_offers_few_step_where_the_model_has_one_and_the_decoder_where_a_tiny_one_is(tmp_path):
+    from sdxl_ui.schema import Quality
+    from sdxl_ui.ui.app import _request_fields, quality_of
+
+    demo = build_ui(GenerationService(AppSettings(model="demo", outputs=tmp_path)))  # nothing loads
+    labels = [label for label, _ in _component(demo, "quality").choices]
+    assert labels == ["High quality", "Fast", "Few-step (4 steps)"]
+    assert _component(demo, "decoder").visible is True
+    assert quality_of("Few-step (4 steps)") is Quality.FEW_STEP and quality_of("Ultra") is None
+    fields = _request_fields("Few-step (4 steps)", None, None, 1, 1, "auto", None, "tiny", {})
+    assert fields["quality"] is Quality.FEW_STEP and fields["decoder"] == "tiny"
+    steps, guidance = handler(demo, "on_quality")("Few-step (4 steps)")[:2]
+    assert (steps["value"], guidance["value"]) == (4, 1.0)  # the LCM family's own, not the Fast preset's
+
+    tiny = build_ui(GenerationService(AppSettings(model="tiny", outputs=tmp_path)))
+    assert [label for label, _ in _component(tiny, "quality").choices] == ["High quality", "Fast"]
+    assert _component(tiny, "decoder").visible is False

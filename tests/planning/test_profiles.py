@@ -8,7 +8,7 @@ import pytest
 from tests.helpers import load_probe
 from tests.helpers.loras import save
 
-from sdxl_ui.adapters import profile_evidence
+from sdxl_ui.adapters import few_step_lora, profile_evidence
 from sdxl_ui.models import ModelSource
 from sdxl_ui.optimize import expected_report
 from sdxl_ui.policy import make_plan
@@ -74,6 +74,26 @@ def test_a_loras_name_or_metadata_wins_over_the_model(tmp_path):
     assert family == "hyper-4" and "metadata" in why
     family, why = profile_evidence(source, [LoraSpec("latent-consistency/lcm-lora-sdxl", 1.0)])
     assert family == "lcm" and "lcm-lora-sdxl" in why
+
+
+def test_the_few_step_lora_beside_a_model_folder_is_found_by_its_name_or_metadata(tmp_path):
+    import torch
+
+    spec, family, name = few_step_lora(ModelSource("folder", "assets/demo-model"))
+    assert (family, name) == ("lcm", "lcm-lora") and spec.source.endswith("lcm-lora") and spec.weight == 1.0
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"]}))
+    (folder / "unet").mkdir()
+    save({"x": torch.zeros(1)}, folder / "unet" / "lcm-lora-sdxl.safetensors")  # a component: never a LoRA
+    (folder / "style").mkdir()
+    save({"x": torch.zeros(1)}, folder / "style" / "a.safetensors", metadata={"ss_output_name": "watercolour"})
+    assert few_step_lora(ModelSource("folder", str(folder))) is None
+    (folder / "speed").mkdir()
+    save({"x": torch.zeros(1)}, folder / "speed" / "b.safetensors", metadata={"ss_output_name": "TCD-SDXL-LoRA"})
+    assert few_step_lora(ModelSource("folder", str(folder)))[1:] == ("tcd", "speed")
+    assert few_step_lora(ModelSource("hub", "stabilityai/stable-diffusion-xl-base-1.0")) is None
+    assert few_step_lora(ModelSource("folder", str(tmp_path / "missing"))) is None
 
 
 def test_a_folders_scheduler_config_and_name(tmp_path):
