@@ -12,13 +12,13 @@ import threading
 import time
 from typing import Callable
 
-from .adapters import apply_loras, check_files, few_step_lora, profile_evidence
+from .adapters import apply_loras, check_files, profile_evidence
+from .few_step import few_step
 from .models import LoadedModels, ModelLoadError, ModelSource, check_source, load_models, resolve_source
 from .optimizations.registry import Plan
 from .policy import PlanError, make_plan
-from .profiles import PROFILES, profile_named
-from .schema import (PRESETS, Decoder, HardwareProbe, LogEvent, OptimizationReport, Quality, ServiceState,
-                     ValidationError)
+from .profiles import profile_named
+from .schema import PRESETS, HardwareProbe, LogEvent, OptimizationReport, Quality, ServiceState
 from .settings import AppSettings, Toggle
 
 log = logging.getLogger("sdxl_ui")
@@ -111,68 +111,11 @@ class ModelHost:
         try:
             name = self.plan.profile
             if quality is Quality.FEW_STEP:
-                found = self.few_step()
+                found = few_step(self)
                 name = found[1][0] if found else name
         except (ModelLoadError, PlanError):
             return preset.steps, preset.guidance
         return profile_named(name).defaults(quality.high, preset.steps, preset.guidance)
-
-    def few_step(self) -> tuple[AppSettings, tuple[str, str], str] | None:
-        """What Quality Few-step runs with on this model — (the job's settings, its profile evidence, what it adds)
-        — or None when the model has none. A model already few-step (its files or --profile say so) runs as it is;
-        a model folder with a few-step LoRA beside it (the demo's lcm-lora/) gets it fused for the job alone, with
-        its family's schedule (``--profile`` does not hold for that job). Reads the files; loads nothing."""
-        plan = self.plan
-        if profile_named(plan.profile).few_step:
-            return self.settings, self.profile_evidence, f"the model's own {PROFILES[plan.profile].label} schedule"
-        found = few_step_lora(self.source)
-        if found is None:
-            return None
-        spec, family, name = found
-        settings = self.settings.with_(loras=(*self.settings.loras, spec), profile="auto")
-        label = PROFILES[family].label
-        evidence = (family, f"Quality Few-step: the few-step LoRA {name}/ beside the model ({label}), for this job")
-        return settings, evidence, f"the few-step LoRA {name}/ beside the model, fused for this job"
-
-    def offers(self) -> dict:
-        """What the page offers beyond the presets (reads the files, loads nothing): ``few_step``, its quality
-        label ('Few-step (4 steps)') or None; ``tiny_decoder``, whether a tiny decoder is there to pick for the
-        final image (loaded with the model, a tiny-decoder/ folder beside it, or --tiny-decoder)."""
-        from .optimizations import tiny_decoder
-
-        try:
-            found, plan, source = self.few_step(), self.plan, self.source
-        except (ModelLoadError, PlanError):
-            return {"few_step": None, "tiny_decoder": False}
-        # A LoRA fused per job needs weights swapped in place (adapters.apply_request_loras refuses it otherwise).
-        fixed = plan.int8 or plan.compile or plan.offload == "sequential"
-        few = found is not None and (found[0] is self.settings or not fixed)
-        models = self._models
-        if models is not None:
-            tiny = tiny_decoder.attached(models.base) is not None
-        else:
-            where, _ = tiny_decoder.locate(self.settings.tiny_decoder,
-                                           source.location if source.kind == "folder" else None)
-            tiny = where != tiny_decoder.HUB_ID or self.settings.decoder == "tiny"
-        steps = self.quality_defaults(Quality.FEW_STEP)[0]
-        return {"few_step": f"Few-step ({steps} steps)" if few else None, "tiny_decoder": tiny}
-
-    def job_settings(self, request) -> tuple[AppSettings, tuple[str, str], str | None]:
-        """(settings, profile evidence, what Few-step adds or None) one job runs with: the server's own; with
-        Quality Few-step the model's few-step path (``few_step``; ValidationError naming quality when it has none);
-        with a decoder chosen by the request, that decoder for the final image."""
-        settings, evidence, added = self.settings, self.profile_evidence, None
-        if request.quality is Quality.FEW_STEP:
-            found = self.few_step()
-            if found is None:
-                raise ValidationError("quality", request.quality.value,
-                                      "this model has no few-step path: it is not a few-step model and has no "
-                                      "few-step LoRA beside it (a folder such as lcm-lora/ in the model folder); "
-                                      "--lora SOURCE adds one (docs/models.md)")
-            settings, evidence, added = found
-        if request.decoder is not Decoder.AUTO:
-            settings = settings.with_(decoder=request.decoder.value)
-        return settings, evidence, added
 
     def steps_note(self, requested: int) -> str:
         """E.g. '50 → 35 on CPU' (the steps policy), or '' when steps run as requested."""

@@ -19,6 +19,7 @@ from .denoise import REFINER_SPLIT, decode_latents, final_decoder, latent_previe
     scheduler_for
 from .jobs import CancelToken
 from .long_prompts import Conditioning, chunk_lines, conditioning, refiner_text
+from .few_step import job_settings
 from .metadata import ImageParameters
 from .models import LoadedModels
 from .optimizations.registry import Plan
@@ -78,7 +79,7 @@ class Run:
         from .optimize import apply, report
 
         host, request, models, emit = self.host, self.request, self.models, self.emit
-        settings, evidence, few_step = host.job_settings(request)  # Few-step's LoRA, the request's decoder
+        settings, evidence, few_step = job_settings(host, request)  # Few-step's LoRA, the request's decoder
         profile = profile_named(choose(settings.profile, evidence)[0])
         width, height = self.size(host.size(profile))
         high = request.quality.high
@@ -89,9 +90,8 @@ class Run:
         apply_request_loras(models.base, settings, request, plan, host.settings.loras)
         apply(plan, models)
         if few_step:
-            emit(LogEvent(f"Few-step: {few_step} — profile {plan.profile}, "
-                          + ("the tiny decoder decodes the final image" if plan.decoder == "tiny"
-                             else "the full VAE decodes the final image")))
+            emit(LogEvent(f"Few-step: {few_step} — profile {plan.profile}, the "
+                          + ("tiny decoder" if plan.decoder == "tiny" else "full VAE") + " decodes the final image"))
         host.applied(models, plan, use_refiner)  # the status panel reports against this, not the load plan
         # A few-step profile's own steps and guidance, unless the request sets them.
         wanted = request.steps if request.steps is not None else profile.steps_for(high) or request.requested_steps
@@ -107,9 +107,8 @@ class Run:
                       + (f" — profile {plan.profile}" if profile.few_step else "")))
         emit(LogEvent("Refinement: " + (f"ENABLED (base to {REFINER_SPLIT}, refiner from {REFINER_SPLIT})"
                                         if use_refiner else _refiner_off(plan))))
-        # Before the report (its rows read this run's scheduler). Always from the model's original config: a previous
-        # sampler's options (e.g. Karras sigmas) must not leak.
-        # A few-step profile's own scheduler when the request leaves the sampler on auto.
+        # Before the report (it reads this scheduler); from the model's original config (a previous sampler's options,
+        # e.g. Karras sigmas, must not leak); a few-step profile's own when the request leaves the sampler on auto.
         own = request.scheduler is Scheduler.AUTO and profile.scheduler is not None
         models.base.scheduler = profile_scheduler(profile, request.sampler, models.scheduler_config, own,
                                                   request.schedule)

@@ -30,7 +30,7 @@ class Quality(str, enum.Enum):
     HIGH = "high"
     FAST = "fast"
     # The model's few-step path for this job: the few-step LoRA beside the model (the demo's lcm-lora/) fused and its
-    # family's schedule, the tiny decoder beside it for the final image (``host.few_step``); or, for a model that is
+    # family's schedule, the tiny decoder beside it for the final image (``few_step.few_step``); or, for a model that is
     # already few-step (Turbo, Lightning, --lora lcm-…), its own High-quality steps.
     FEW_STEP = "few_step"
 

@@ -108,7 +108,9 @@ class GenerationService:
         return self.host.steps_note(requested)
 
     def offers(self) -> dict:
-        return self.host.offers()
+        from .few_step import offers
+
+        return offers(self.host)
 
     def current_report(self) -> OptimizationReport | None:
         return self.host.current_report()

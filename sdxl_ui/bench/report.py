@@ -56,7 +56,8 @@ def format_table(s: dict) -> str:
             what = p.get("what") or (f"{p['steps']} steps {p['sampler']}, "
                                      + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in p["counts"].items()))
             lines.append(f"   {name:<10} {p['image_s']:>9.2f} s" + (f"  {p['ratio']:>6.2f}× stock" if "ratio" in p
-                                                                       else "          ") + f"  ({what})")
+                                                                       else "          ") + f"  ({what})"
+                         + (f"; {p['vs_peer']:.2f}× its peer" if "vs_peer" in p else ""))
     if "decode_1024" in s:
         d = s["decode_1024"]
         lines.append(f"decode per 1024² image: full VAE {d['full_vae_s']:.3f} s"

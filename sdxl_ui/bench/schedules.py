@@ -181,7 +181,28 @@ def per_image(results: dict, schedules: dict, unet_scale: float, vae_scale: floa
         out[name] = _preset_row(stock, unet_s, plan, decodes["full_vae_s"], sched)
         if sched.get("profile") and "tiny_decoder_s" in decodes:
             out[f"{name} tiny"] = _preset_row(stock, unet_s, plan, decodes["tiny_decoder_s"], sched, of=name)
+        peer = _peer_row(stock, base, sched, unet_scale, vae_scale, name)
+        if peer is not None:
+            out[f"{name} peer"] = peer
+            out[name]["vs_peer"] = round(peer["image_s"] / out[name]["image_s"], 2)
     return out
+
+
+def _peer_row(stock: float, base: dict, sched: dict, unet_scale: float, vae_scale: float, of: str) -> dict | None:
+    """Stock diffusers (the baseline's fp32 steps, text encoding and full VAE decode) running a few-step profile's
+    own schedule: what FastSD CPU's PyTorch path does. None for a preset, a schedule with cached calls (stock has no
+    feature cache) or a result saved before the baseline timed its conditional-only step."""
+    if not sched.get("profile") or "full_cond_s" not in base or not set(sched["calls"]) <= {"F1", "F2"}:
+        return None
+    unet_s = schedule_seconds(sched["calls"], {"full_guided": base["s_per_step"], "full_cond": base["full_cond_s"]},
+                              unet_scale)
+    image = round(unet_s + base["text_encode_s"] + base["vae_decode_s"] * vae_scale, 2)
+    return {"image_s": image, "ratio": round(stock / image, 2), "unet_s": round(unet_s, 2),
+            "text_encode_s": base["text_encode_s"], "decode_s": round(base["vae_decode_s"] * vae_scale, 4),
+            "decoder": "full", "steps": sched["steps"], "sampler": sched["sampler"], "counts": sched["counts"],
+            "dtype": base["dtype"], "peer_of": of,
+            "what": f"peer: stock diffusers {base['dtype'].replace('float', 'fp')}, the same {sched['steps']}-step "
+                    f"{sched['scheduler']} schedule, full VAE decode (FastSD CPU's PyTorch path)"}
 
 
 def _preset_row(stock: float, unet_s: float, plan: dict, decode_s: float, sched: dict, of: str | None = None):

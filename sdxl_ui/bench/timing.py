@@ -40,6 +40,9 @@ def run_configuration(spec: dict) -> dict:
 
     with grad_context():
         x, inputs = _time_steps(torch, spec, pipe, dtype, out)
+        if kind == "baseline":  # stock's conditional-only step: the peer row (its few-step schedule without CFG)
+            out["full_cond_s"] = round(_median_time(torch, device, lambda: pipe.unet(x[1:], **_halve(inputs))), 4)
+            print(f"PROGRESS baseline: conditional-only step {out['full_cond_s']:.2f} s", file=sys.stderr, flush=True)
         if kind in ("plan", "int8") and spec.get("kinds", True):
             out["kinds"] = _time_kinds(torch, pipe.unet, x, inputs, device, label=spec.get("label", kind))
         if kind == "int8":

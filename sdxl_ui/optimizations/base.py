@@ -239,6 +239,11 @@ class Unit:
         May raise ModelLoadError (``failures``) when the settings require something that cannot load."""
         return None
 
+    def offers(self, models, source, settings) -> dict:
+        """What this unit lets a request choose (``GenerationRequest`` fields the page shows only when offered):
+        name -> bool, read from the loaded ``models`` (None when nothing is loaded: from the files)."""
+        return {}
+
     def expected(self, plan, probe: HardwareProbe) -> list[OptimizationRow]:
         return []
 

@@ -210,6 +210,16 @@ class TinyDecoder(Unit):
             if found is not None and found.final != final:
                 tiny_decoder.attach(pipe, replace(found, final=final))
 
+    def offers(self, models, source, settings):
+        """``tiny_decoder``: one is loaded beside the model, or (nothing loaded) one will be: a tiny-decoder/
+        folder beside it, --tiny-decoder, or --decoder tiny (TAESDXL)."""
+        from . import tiny_decoder
+
+        if models is not None:
+            return {"tiny_decoder": tiny_decoder.attached(models.base) is not None}
+        where, _ = tiny_decoder.locate(settings.tiny_decoder, source.location if source.kind == "folder" else None)
+        return {"tiny_decoder": where != tiny_decoder.HUB_ID or settings.decoder == "tiny"}
+
     def live(self, live):
         from . import tiny_decoder
 

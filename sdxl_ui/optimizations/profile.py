@@ -21,7 +21,7 @@ class ModelProfile(Unit):
     key, rows = "profile", ("model profile",)
     fields = {"profile": "sdxl"}
     decide_at, row_at = 5, 5
-    per_request = ("profile",)  # Quality Few-step: the few-step LoRA's family for its job (host.job_settings)
+    per_request = ("profile",)  # Quality Few-step: the few-step LoRA's family for its job (few_step.job_settings)
 
     def decide(self, ctx):
         detected = ctx.detected or ("sdxl", "nothing read from the model's files: SDXL defaults")

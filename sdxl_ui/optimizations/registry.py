@@ -97,3 +97,12 @@ def after_load(models, source, settings) -> list[str]:
     lines they return. A unit may raise ModelLoadError."""
     lines = (unit.loaded(models, source, settings) for unit in DECIDE_ORDER)
     return [line for line in lines if line]
+
+
+def offers(models, source, settings) -> dict:
+    """What the units offer a request to choose beyond the presets (e.g. ``tiny_decoder``: a tiny decoder for the
+    final image), merged; read from the loaded models, or from the files when nothing is loaded."""
+    found: dict = {}
+    for unit in DECIDE_ORDER:
+        found.update(unit.offers(models, source, settings))
+    return found

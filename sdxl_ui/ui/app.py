@@ -65,7 +65,7 @@ def _aspect_sizes(native: int) -> list[str]:
 
 CUSTOM = "Custom"
 QUALITY_LABELS = {"High quality": Quality.HIGH, "Fast": Quality.FAST}
-FEW_STEP_LABEL = "Few-step"  # the start of the model's own label, e.g. "Few-step (4 steps)" (host.offers)
+FEW_STEP_LABEL = "Few-step"  # the start of the model's own label, e.g. "Few-step (4 steps)" (few_step.offers)
 CONCURRENCY_ID = "device"  # one generation at a time per device (per worker replica), whatever the session
 
 
@@ -182,7 +182,7 @@ def _status_renderer(service, config: UIConfig):
 
 
 def _offers(service) -> dict:
-    """What the model offers beyond the presets: its Few-step quality label and a tiny decoder (host.offers)."""
+    """What the model offers beyond the presets: its Few-step quality label and a tiny decoder (few_step.offers)."""
     return service.offers() if capabilities_of(service).offers else {"few_step": None, "tiny_decoder": False}
 
 

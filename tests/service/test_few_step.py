@@ -1,4 +1,4 @@
-"""Quality Few-step (host.few_step, host.job_settings, run.prepare): on the demo model the few-step LoRA beside it
+"""Quality Few-step (sdxl_ui/few_step.py, run.prepare): on the demo model the few-step LoRA beside it
 (assets/demo-model/lcm-lora) is fused for that job alone and runs its family's schedule (LCM, 4 steps, guidance 1),
 the picture judged by the scene reader; the next High quality job runs the base weights bit for bit with the SDXL
 schedule; a model without a few-step path, a tiny decoder where none is loaded and weights that cannot be swapped in

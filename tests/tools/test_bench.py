@@ -62,6 +62,14 @@ def test_bench_runs_end_to_end_with_the_high_quality_path(tmp_path):
     assert full["image_s"] - tiny["image_s"] == pytest.approx(decodes["full_vae_s"] - decodes["tiny_decoder_s"],
                                                               abs=0.011)  # each image_s is rounded to 0.01 s
     assert tiny["ratio"] == round(presets["stock"]["image_s"] / tiny["image_s"], 2)
+    # The peer: stock diffusers' own fp32 steps (its conditional-only step, timed) on the same LCM schedule, with its
+    # text encoding and full VAE decode: 4 × the step (FLOP-scaled) + text + decode, and lcm-4's ratio to it.
+    peer, base = presets["lcm-4 peer"], data["baseline"]
+    assert base["full_cond_s"] > 0 and peer["peer_of"] == "lcm-4" and peer["dtype"] == "float32"
+    scale = full["unet_s"] / (4 * data["plan"]["kinds"]["full_cond"])  # the FLOP ratio 1024² / 128² lcm-4 used
+    assert peer["unet_s"] == pytest.approx(4 * base["full_cond_s"] * scale, rel=0.01, abs=0.011)
+    assert peer["image_s"] == pytest.approx(peer["unet_s"] + base["text_encode_s"] + peer["decode_s"], abs=0.011)
+    assert full["vs_peer"] == round(peer["image_s"] / full["image_s"], 2) and "vs_peer" not in presets["high"]
     saved = tmp_path / "bench.json"
     saved.write_text(proc.stdout)
     table = cli("bench", "--from-json", str(saved))
@@ -69,11 +77,15 @@ def test_bench_runs_end_to_end_with_the_high_quality_path(tmp_path):
     assert "High-quality image, stock ÷ plan" in table.stdout and "refiner + decode" in table.stdout
     assert "Per 1024² image" in table.stdout and "Check: one real Fast image" in table.stdout
     lines = table.stdout.splitlines()
-    full_row = [line for line in lines if line.startswith("   lcm-4 ") and not line.startswith("   lcm-4 tiny")]
+    full_row = [line for line in lines
+                if line.startswith("   lcm-4 ") and not line.startswith(("   lcm-4 tiny", "   lcm-4 peer"))]
     tiny_row = [line for line in lines if line.startswith("   lcm-4 tiny ")]
     assert len(full_row) == 1 and len(tiny_row) == 1, table.stdout
     assert f"{tiny['image_s']:.2f} s" in tiny_row[0] and f"{tiny['ratio']:.2f}× stock" in tiny_row[0]
     assert f"{full['image_s']:.2f} s" in full_row[0] and "LCMScheduler" in full_row[0]
+    assert f"{full['vs_peer']:.2f}× its peer" in full_row[0]
+    assert any(line.startswith("   lcm-4 peer ") and "stock diffusers fp32, the same 4-step LCMScheduler" in line
+               and "FastSD CPU's PyTorch path" in line for line in lines), table.stdout
     assert (f"decode per 1024² image: full VAE {decodes['full_vae_s']:.3f} s, tiny decoder "
             f"{decodes['tiny_decoder_s']:.3f} s") in table.stdout
 
@@ -83,7 +95,7 @@ def test_replay_of_a_result_saved_before_the_few_step_presets():
     table = cli("bench", "--from-json", str(ROOT / "assets" / "bench-epyc-512.json"))
     assert table.returncode == 0, table.stderr
     assert "Per 1024² image" in table.stdout and "   high " in table.stdout and "   fast " in table.stdout
-    assert "lcm" not in table.stdout and "tiny decoder" not in table.stdout
+    assert "lcm" not in table.stdout and "tiny decoder" not in table.stdout and "peer" not in table.stdout
     assert "decode per 1024² image: full VAE " in table.stdout
 
 
