@@ -210,7 +210,7 @@ def _quality_defaults(service, quality) -> tuple[int, float]:
     return PRESETS[quality].steps, PRESETS[quality].guidance
 
 
-def _advanced(service, native: int) -> dict:
+def _advanced(service, native: int, offers: dict) -> dict:
     """The Advanced accordion's components."""
     sizes = _size_choices(native)
     with gr.Accordion("Advanced", open=False):
@@ -238,7 +238,7 @@ def _advanced(service, native: int) -> dict:
         decoder = gr.Radio([(f"Server's ({server})", Decoder.AUTO.value), ("Full VAE", Decoder.FULL.value),
                             ("Tiny decoder (faster, softer detail)", Decoder.TINY.value)],
                            value=Decoder.AUTO.value, label="Final decode", elem_id="decoder",
-                           visible=_offers(service)["tiny_decoder"])
+                           visible=offers["tiny_decoder"])
         loras = lora_panel(service)
     return dict(steps=steps, steps_note=steps_note, guidance=guidance, seed=seed, images=images, size=size,
                 custom_row=custom_row, width=width, height=height, scheduler=scheduler, schedule=schedule,
@@ -254,12 +254,13 @@ def _layout(service, status_update) -> SimpleNamespace:
     demo_button = gr.Button("Continue with the demo model (offline: simple shapes and colours — a stand-in for "
                             "SDXL weights)", visible=False, elem_id="use-demo")
     status_timer = gr.Timer(2.0, active=True)
+    offers = _offers(service)  # read once for the page: the model's Few-step quality, a tiny decoder
     with gr.Row():
         with gr.Column(scale=3):
             prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red fox in the snow, golden hour",
                                 elem_id="prompt")
             negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
-            quality = gr.Radio(_quality_choices(_offers(service)), value="High quality", label="Quality",
+            quality = gr.Radio(_quality_choices(offers), value="High quality", label="Quality",
                                elem_id="quality")
             with gr.Tabs(selected=TAB_TEXT) as tabs:
                 with gr.Tab("Text to image", id=TAB_TEXT):
@@ -270,7 +271,7 @@ def _layout(service, status_update) -> SimpleNamespace:
             with gr.Row():
                 progress = gr.HTML(progress_html(0, "idle"), elem_id="progress")
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", scale=0, min_width=90)
-            advanced = _advanced(service, service.native_size())
+            advanced = _advanced(service, service.native_size(), offers)
             log_pane = gr.HTML(log_html([]), label="Log", show_label=True, container=True, autoscroll=True,
                                elem_id="log")
         with gr.Column(scale=2):
