@@ -121,7 +121,9 @@ OP_CLASSES = {
     "vae conv": "3×3 convolution, 256 → 256 channels at 128² (the VAE decoder)",
 }
 OP_ROUNDS = 2
-EMULATED = 0.25  # a dtype under this share of fp32's speed on a short linear is emulated: not timed at full shapes
+EMULATED = 0.25  # a dtype under this share of fp32's speed at a case's small shape is emulated: not timed full size
+OP_BUDGET_S = 60.0  # the whole measurement's ceiling; what is left when it runs out is not measured (the note says)
+SLOW_CALL_S = 1.0  # a call this slow is timed once, not OP_ROUNDS more times
 
 
 def op_cache_path(env=None) -> Path:
@@ -174,7 +176,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 def op_speeds(torch, model: str) -> tuple[dict, str]:
     """GFLOP/s per operation class and dtype (``OP_CLASSES``), read from the cache when this machine and torch
-    measured them before, else measured (a few seconds, once) and kept."""
+    measured them before, else measured (seconds, once; never past ``OP_BUDGET_S``) and kept."""
     import time as _time
 
     path, key = op_cache_path(), _op_key(torch, model)
@@ -187,70 +189,112 @@ def op_speeds(torch, model: str) -> tuple[dict, str]:
     if isinstance(entry, dict) and isinstance(entry.get("speeds"), dict) and "note" in entry:
         return entry["speeds"], f"{entry['note']}; kept in {path} (doctor --remeasure to measure again)"
 
-    speeds = _measure_ops(torch)
+    speeds, left = _measure_ops(torch)
     note = (f"measured {_time.strftime('%Y-%m-%d')} at SDXL's 1024² shapes, {torch.get_num_threads()} threads, best "
-            f"of {OP_ROUNDS}")
+            f"of {OP_ROUNDS}" + (f"; not measured: {', '.join(left)}" if left else ""))
     kept[key] = {"speeds": speeds, "note": note}
     _write_json(path, kept)
     return speeds, note
 
 
-def _measure_ops(torch) -> dict:
-    """The measurement itself: each class in fp32, bf16 and fp16 (a dtype a short linear shows emulated, under
-    ``EMULATED`` × fp32, is left out), convolutions in both memory layouts, int8 linear by ``torch._int_mm``."""
+def _op_cases(torch, g) -> list:
+    """The measured cases, (class, layout suffix, build); ``build(dtype, small)`` returns (call, flops) at the class's
+    real shape (``OP_CLASSES``) or, ``small``, at about 1/16 of its work: the screen for an emulated kernel."""
+    f = torch.nn.functional
+
+    def linear(dt, small):
+        tokens = 256 if small else 4096
+        x, w = torch.randn(tokens, 640, generator=g).to(dt), torch.randn(640, 640, generator=g).to(dt)
+        return (lambda: f.linear(x, w)), 2 * tokens * 640 * 640
+
+    def attention(dt, small):
+        tokens = 512 if small else 4096
+        q = torch.randn(1, 10, tokens, 64, generator=g).to(dt)
+        return (lambda: f.scaled_dot_product_attention(q, q, q)), 4 * 10 * tokens * tokens * 64
+
+    def conv(channels, side, layout):
+        def build(dt, small):
+            s = side // 4 if small else side
+            layer = torch.nn.Conv2d(channels, channels, 3, padding=1).to(dt)
+            if layout:  # the weights' layout decides oneDNN's kernel
+                layer.to(memory_format=torch.channels_last)
+            image = torch.randn(1, channels, s, s, generator=g).to(dt)
+            return (lambda: layer(image)), 2 * channels * channels * 9 * s * s
+        return build
+
+    return [("linear", "", linear), ("attention", "", attention),
+            ("conv", "", conv(640, 64, False)), ("conv", " cl", conv(640, 64, True)),
+            ("vae conv", "", conv(256, 128, False)), ("vae conv", " cl", conv(256, 128, True))]
+
+
+def _best_rate(fn, flops: float, rounds: int, clock) -> float:
+    """FLOP/s of ``fn``: one warm-up call, then the best of ``rounds`` — a call over ``SLOW_CALL_S`` is timed once."""
+    t = clock()
+    fn()
+    took = clock() - t
+    if took < SLOW_CALL_S:
+        for _ in range(rounds):
+            t = clock()
+            fn()
+            took = min(took, clock() - t)
+    return flops / max(took, 1e-9)
+
+
+def _measure_cases(cases, dtypes, clock, budget_s: float = OP_BUDGET_S) -> tuple[dict, list[str]]:
+    """GFLOP/s per class and dtype (+ layout suffix), and what was not measured and why. fp32 is the reference; any
+    other dtype is first timed at a case's small shape and left out there (emulated) when under ``EMULATED`` × fp32's
+    rate at that shape, so a slow kernel costs a second, not minutes; past ``budget_s`` the rest is left out."""
+    out: dict[str, dict[str, float]] = {}
+    reference: dict[tuple[str, str], float] = {}
+    left: list[str] = []
+    started = clock()
+    for d, dt in dtypes:
+        for name, suffix, build in cases:
+            label = f"{d}{suffix} {name}"
+            if clock() - started > budget_s:
+                left.append(f"{label} (the {budget_s:g} s budget ran out)")
+                continue
+            try:
+                small = _best_rate(*build(dt, True), 1, clock)
+                if d == "fp32":
+                    reference[(name, suffix)] = small
+                elif small < EMULATED * reference.get((name, suffix), 0.0):
+                    left.append(f"{label} (emulated: {small / reference[(name, suffix)]:.0%} of fp32 at a small shape)")
+                    continue
+                out.setdefault(name, {})[f"{d}{suffix}"] = round(_best_rate(*build(dt, False), OP_ROUNDS, clock) / 1e9, 1)
+            except Exception:  # noqa: BLE001 - a dtype this build cannot run is simply not offered
+                continue
+    return out, left
+
+
+def _measure_ops(torch) -> tuple[dict, list[str]]:
+    """The measurement itself: each class in fp32, bf16 and fp16 (a dtype whose short linear runs under ``EMULATED``
+    × fp32 is left out whole), convolutions in both memory layouts, int8 linear by ``torch._int_mm``; returns the
+    speeds and what was left out and why."""
     import time
 
     names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     g = torch.Generator().manual_seed(0)
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(OP_ROUNDS):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    def small(dt) -> float:  # a 512-token linear: enough to tell an emulated dtype (~1-20 % of fp32) apart
-        x, w = torch.randn(512, 640, generator=g).to(dt), torch.randn(640, 640, generator=g).to(dt)
-        return 1 / best(lambda: torch.nn.functional.linear(x, w))
-
-    dtypes = ["fp32"]
+    cases = _op_cases(torch, g)
+    dtypes = []
     with torch.inference_mode():
-        reference = small(torch.float32)
-        for d in ("bf16", "fp16"):
+        reference = _best_rate(*cases[0][2](torch.float32, True), OP_ROUNDS, time.perf_counter)
+        for d, dt in names.items():
             try:
-                if small(names[d]) >= EMULATED * reference:
-                    dtypes.append(d)
+                if d == "fp32" or _best_rate(*cases[0][2](dt, True), 1, time.perf_counter) >= EMULATED * reference:
+                    dtypes.append((d, dt))
             except Exception:  # noqa: BLE001 - a dtype this build cannot multiply is not offered
                 continue
-    out: dict[str, dict[str, float]] = {name: {} for name in OP_CLASSES}
-    with torch.inference_mode():
-        for d in dtypes:
-            dt = names[d]
-            try:
-                x, w = torch.randn(4096, 640, generator=g).to(dt), torch.randn(640, 640, generator=g).to(dt)
-                out["linear"][d] = round(2 * 4096 * 640 * 640 / best(lambda: torch.nn.functional.linear(x, w)) / 1e9, 1)
-                q = torch.randn(1, 10, 4096, 64, generator=g).to(dt)
-                sdpa = torch.nn.functional.scaled_dot_product_attention
-                out["attention"][d] = round(4 * 10 * 4096 * 4096 * 64 / best(lambda: sdpa(q, q, q)) / 1e9, 1)
-                for label, channels, side in (("conv", 640, 64), ("vae conv", 256, 128)):
-                    conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(dt)
-                    image = torch.randn(1, channels, side, side, generator=g).to(dt)
-                    flops = 2 * channels * channels * 9 * side * side
-                    out[label][d] = round(flops / best(lambda: conv(image)) / 1e9, 1)
-                    conv.to(memory_format=torch.channels_last)  # the weights' layout decides oneDNN's kernel
-                    out[label][f"{d} cl"] = round(flops / best(lambda: conv(image)) / 1e9, 1)
-            except Exception:  # noqa: BLE001 - a dtype this build cannot run is simply not offered
-                continue
+        out, left = _measure_cases(cases, dtypes, time.perf_counter)
+        out = {name: out.get(name, {}) for name in OP_CLASSES}
         try:
             a = torch.randint(-127, 127, (4096, 640), dtype=torch.int8, generator=g)
             b = torch.randint(-127, 127, (640, 640), dtype=torch.int8, generator=g)
-            out["linear"]["int8"] = round(2 * 4096 * 640 * 640 / best(lambda: torch._int_mm(a, b)) / 1e9, 1)
+            rate = _best_rate(lambda: torch._int_mm(a, b), 2 * 4096 * 640 * 640, OP_ROUNDS, time.perf_counter)
+            out["linear"]["int8"] = round(rate / 1e9, 1)
         except Exception:  # noqa: BLE001 - no int8 GEMM in this build
             pass
-    return out
+    return out, left
 
 
 def _kernel_smoke_test(torch, device: str) -> str | None:

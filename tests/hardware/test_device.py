@@ -72,6 +72,47 @@ def test_operation_speeds_are_measured_once_and_kept(tmp_path, monkeypatch):
     assert calls == [1, 1, 1]
 
 
+def test_a_slow_kernel_is_screened_at_a_small_shape_and_the_measurement_keeps_to_its_budget():
+    """On a CPU where a dtype's linear is fast but its attention (or a layout's convolution) is emulated, the full
+    shape would cost minutes (a CI host took over 300 s): such a case is timed at its small shape only and left out
+    by name; past the budget the rest is left out, said, and never run."""
+    from sdxl_ui import device
+
+    now = [0.0]
+    ran = []
+    rates = {("fp32", "attention"): 100e9, ("bf16", "attention"): 5e9,  # bf16 attention: emulated, 5 % of fp32
+             ("fp32", "conv"): 100e9, ("bf16", "conv"): 300e9}
+
+    def case(name):
+        def build(dtype, small):
+            flops = 1e9 if small else 16e9
+
+            def call():
+                ran.append((dtype, name, small))
+                now[0] += flops / rates[(dtype, name)]
+            return call, flops
+        return name, "", build
+
+    speeds, left = device._measure_cases([case("attention"), case("conv")], [("fp32", "fp32"), ("bf16", "bf16")],
+                                         clock=lambda: now[0])
+    assert speeds == {"attention": {"fp32": 100.0}, "conv": {"fp32": 100.0, "bf16": 300.0}}
+    assert left == ["bf16 attention (emulated: 5% of fp32 at a small shape)"]
+    assert ("bf16", "attention", False) not in ran  # the emulated kernel never ran at the full shape
+    # a budget of 0.4 s: fp32 attention (small + full, 0.5 s) spends it, the rest is left out, not run
+    now[0], ran[:] = 0.0, []
+    speeds, left = device._measure_cases([case("attention"), case("conv")], [("fp32", "fp32"), ("bf16", "bf16")],
+                                         clock=lambda: now[0], budget_s=0.4)
+    assert speeds == {"attention": {"fp32": 100.0}}
+    assert left == [f"{d} {n} (the 0.4 s budget ran out)" for d, n in
+                    (("fp32", "conv"), ("bf16", "attention"), ("bf16", "conv"))]
+    assert {r[:2] for r in ran} == {("fp32", "attention")}
+    # a single call over SLOW_CALL_S is timed once, not again for the best of OP_ROUNDS
+    now[0], ran[:] = 0.0, []
+    rates[("fp32", "conv")] = 10e9  # 1.6 s at the full shape
+    device._measure_cases([case("conv")], [("fp32", "fp32")], clock=lambda: now[0])
+    assert ran.count(("fp32", "conv", False)) == 1 and ran.count(("fp32", "conv", True)) == 2
+
+
 def test_the_probe_carries_the_operation_speeds_and_doctor_remeasure_redoes_them(tmp_path):
     import json
     import os
