@@ -66,7 +66,7 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
                   note="CUDA-only kernels"),
     Configuration("fast", "Fast: feature cache + guidance interval", {}, ("cuda", "mps", "cpu"), steps=6,
                   request={"quality": "fast"}),
-    Configuration("int8", "int8 linear layers (opt-in)", {"precision": "int8"}, ("cpu",),
+    Configuration("int8", "int8 layers (opt-in)", {"precision": "int8"}, ("cpu",),
                   note="CPU only (torch._int_mm on VNNI/AMX-INT8)"),
     Configuration("compile", "torch.compile UNet", {"compile": True}, ("cuda", "mps", "cpu"), steps=3),
     Configuration("stop", "Stop mid-run, then a new run", {}, ("cuda", "mps", "cpu"), steps=10, stop=True),

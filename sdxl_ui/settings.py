@@ -36,7 +36,7 @@ class Precision(str, enum.Enum):
     FP32 = "fp32"
     FP16 = "fp16"
     BF16 = "bf16"
-    INT8 = "int8"  # CPU only, opt-in: the UNet's linear layers in int8, the rest in the best exact dtype
+    INT8 = "int8"  # CPU only, opt-in: the UNet's linear layers and convolutions in int8, the rest in the best exact dtype
 
 
 class AttentionChoice(str, enum.Enum):

@@ -1,4 +1,7 @@
-"""Int8 linear layers for the UNet on CPUs whose int8 GEMM beats their best float GEMM (our own implementation).
+"""Int8 linear layers and convolutions for the UNet on CPUs whose int8 GEMM beats their best float GEMM.
+
+Linear layers are our own (``torch._int_mm``, below); convolutions are oneDNN's quantized convolution
+(``Int8Conv2d``, further down: per-tensor dynamic activations, output written in the input's float dtype).
 
 On CPUs with VNNI / AMX-INT8, ``torch._int_mm`` (int8 × int8 → int32) runs at about twice the speed of a bf16
 matmul (2-core Zen 4: fp32 168 GFLOP/s, bf16 408, int8 878 GOP/s at 2048²). The SDXL UNet spends most of its
@@ -130,6 +133,82 @@ class Int8Linear(nn.Module):
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
 
 
+def _tensor_quantize(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """Asymmetric uint8 over the whole tensor: (q uint8, scale, zero point), ``x ≈ (q - zp) · scale``. The range
+    always holds 0 (a conv's zero padding must stay exact); a constant tensor gets scale 1."""
+    lo, hi = torch.aminmax(x)
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / 255 or 1.0
+    zp = int(round(-lo / scale))
+    # a 1-element fp32 divisor: the division runs in fp32 also for bf16 input (bf16 holds 0..255 only to ±0.5)
+    q = torch.div(x, torch.tensor([scale], dtype=torch.float32)).round_().add_(zp).clamp_(0, 255)
+    return q.to(torch.uint8), scale, zp
+
+
+class Int8Conv2d(nn.Module):
+    """A 2-D convolution with int8 weights (symmetric, per output channel) and uint8 activations (asymmetric, per
+    tensor, dynamic: measured on every call), by oneDNN's quantized convolution (``torch.ops.onednn``, the kernel
+    PyTorch's x86 inductor quantizer lowers to), accumulating in int32 and writing the input's float dtype directly
+    (no output scale to calibrate). A whole-tensor activation scale is the price of a convolution: its reduction
+    runs over input channels and the kernel window, so a per-row scale would not factor out of the sum; after
+    GroupNorm + SiLU the UNet's activations have no wild outliers, and the error is judged (``eval-demo
+    --compare``). The weight is packed for oneDNN on the first call and kept (not in the state dict)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        w = conv.weight.detach()
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        amax = w.abs().amax(dim=(1, 2, 3)).float()
+        scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+        self.register_buffer("qweight", torch.div(w, scale[:, None, None, None]).round_().clamp_(-QMAX, QMAX)
+                             .to(torch.int8))
+        self.register_buffer("w_scale", scale)
+        self.register_buffer("_dtype_ref", torch.empty(0, dtype=w.dtype, device=w.device), persistent=False)
+        self.register_parameter("bias", nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+                                if conv.bias is not None else None)
+        self._packed = None
+        self.fallbacks = 0  # calls oneDNN refused: a float convolution of the dequantized weight instead
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype_ref.dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight in the layer's float dtype (a new tensor on every read)."""
+        return (self.qweight.float() * self.w_scale[:, None, None, None]).to(self.dtype)
+
+    def _apply(self, fn, recurse=True):
+        scale = self.w_scale
+        out = super()._apply(fn, recurse)
+        if self.w_scale.dtype != torch.float32:  # the scales stay fp32 through module.to(bfloat16)
+            self.w_scale = scale.to(device=self.w_scale.device, dtype=torch.float32)
+        self._packed = None
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"int8 per-channel weights, dynamic per-tensor uint8 activations")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
+        try:
+            if self._packed is None:
+                self._packed = torch.ops.onednn.qconv_prepack(self.qweight, self.w_scale, 1.0, 0, *args, None)
+            q, scale, zp = _tensor_quantize(x)
+            bias = self.bias.float() if self.bias is not None else None
+            return torch.ops.onednn.qconv2d_pointwise(
+                q, scale, zp, self._packed, self.w_scale, torch.zeros_like(self.w_scale, dtype=torch.int64), bias,
+                *args, 1.0, 0, x.dtype, "none", [], "")
+        except (RuntimeError, AttributeError):  # no oneDNN quantized conv in this build, or a shape it refuses
+            self.fallbacks += 1
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return nn.functional.conv2d(x, self.weight.to(x.dtype), bias, self.stride, self.padding, self.dilation,
+                                        self.groups)
+
+
 # ---------------------------------------------------------------- whole modules
 
 def _wanted(include, name: str, linear: nn.Linear) -> bool:
@@ -165,7 +244,28 @@ def quantize_linears(module: nn.Module, *, min_features: int = 256,
     counts = {"quantized": counts["int8_layers"], "newly_quantized": new, "skipped": counts["float_linears"],
               "params_int8": counts["params_int8"], "params_total_linear": counts["params_total_linear"],
               "min_features": min_features}
-    setattr(module, MARKER, counts)
+    setattr(module, MARKER, {**(getattr(module, MARKER, None) or {}), **counts})
+    return counts
+
+
+def quantize_convs(module: nn.Module, *, min_channels: int = 128) -> dict:
+    """Replace every plain ``nn.Conv2d`` in ``module`` with ≥ ``min_channels`` input and output channels, stride 1
+    and no groups by an ``Int8Conv2d``; the UNet's first and last convolutions (4 latent channels) stay float, and
+    so do the two strided downsamplers (measured slower in int8 on the EPYC: 320 channels at 128², stride 2, 235 vs
+    bf16 293 GOP/s). Idempotent. Returns (and adds to ``module._sdxl_ui_int8``) the counts after the call."""
+    new = 0
+    for parent_name, parent in list(module.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if (type(child) is not nn.Conv2d or min(child.in_channels, child.out_channels) < min_channels
+                    or child.groups != 1 or tuple(child.stride) != (1, 1) or child.padding_mode != "zeros"
+                    or isinstance(child.padding, str)):
+                continue
+            setattr(parent, child_name, Int8Conv2d(child))
+            new += 1
+    c = _count(module)
+    counts = {"conv_quantized": c["int8_convs"], "conv_newly_quantized": new, "conv_skipped": c["float_convs"],
+              "conv_params_int8": c["conv_params_int8"], "min_channels": min_channels}
+    setattr(module, MARKER, {**(getattr(module, MARKER, None) or {}), **counts})
     return counts
 
 
@@ -190,7 +290,7 @@ def dequantize_linears(module: nn.Module) -> int:
 
 
 def _count(module: nn.Module) -> dict:
-    int8 = floats = p_int8 = p_float = fallbacks = 0
+    int8 = floats = p_int8 = p_float = fallbacks = convs = float_convs = p_conv = 0
     for m in module.modules():
         if isinstance(m, Int8Linear):
             int8 += 1
@@ -199,19 +299,27 @@ def _count(module: nn.Module) -> dict:
         elif isinstance(m, nn.Linear):
             floats += 1
             p_float += m.in_features * m.out_features
+        elif isinstance(m, Int8Conv2d):
+            convs += 1
+            p_conv += m.qweight.numel()
+            fallbacks += m.fallbacks
+        elif isinstance(m, nn.Conv2d):
+            float_convs += 1
     return {"int8_layers": int8, "float_linears": floats, "params_int8": p_int8,
-            "params_total_linear": p_int8 + p_float, "fallbacks": fallbacks}
+            "params_total_linear": p_int8 + p_float, "fallbacks": fallbacks, "int8_convs": convs,
+            "float_convs": float_convs, "conv_params_int8": p_conv}
 
 
 def state(module: nn.Module) -> dict:
     """What is int8 in the live module, found by walking it (not from the marker, so a layer swapped back by
-    other code shows): ``{"enabled": False}`` when no layer is int8, else the counts, the share of linear
-    weights that are int8, the forward calls that fell back to float, and ``min_features`` from the last
-    ``quantize_linears`` call (None if it was not used)."""
+    other code shows): ``{"enabled": False}`` when no layer is int8, else the counts (linear layers and
+    convolutions), the share of linear weights that are int8, the forward calls that fell back to float, and
+    ``min_features`` / ``min_channels`` from the last ``quantize_linears`` / ``quantize_convs`` calls (None if
+    not used)."""
     c = _count(module)
-    if not c["int8_layers"]:
+    if not c["int8_layers"] and not c["int8_convs"]:
         return {"enabled": False}
     marker = getattr(module, MARKER, None) or {}
     return {"enabled": True, **c,
             "int8_share": round(c["params_int8"] / c["params_total_linear"], 4) if c["params_total_linear"] else 0.0,
-            "min_features": marker.get("min_features")}
+            "min_features": marker.get("min_features"), "min_channels": marker.get("min_channels")}

@@ -1,6 +1,6 @@
 """Where and in what precision the models run: the device (CUDA only when its kernels ran, then MPS, then CPU),
 the dtype (on a CPU the fastest exact dtype by the probe's measured GEMM), the VAE's memory layout (channels-last
-where the probe measured its convolutions faster so), and opt-in int8 linear layers."""
+where the probe measured its convolutions faster so), and opt-in int8 layers (linear and convolution)."""
 from __future__ import annotations
 
 from ..schema import HardwareProbe, OptimizationRow, Status
@@ -8,6 +8,7 @@ from ..settings import PRECISION_DTYPES, AppSettings, DeviceChoice, Precision
 from .base import REQUIRED, SHORT_DTYPE, PlanError, Unit, live_row, offload_kind, pipes, planned_row, short
 
 INT8_MIN_FEATURES = 64  # linear layers narrower than this stay float (nothing to gain; SDXL's narrowest: 320)
+INT8_MIN_CHANNELS = 32  # convolutions narrower than this stay float (the UNet's 4-channel first and last)
 
 
 # ---------------------------------------------------------------- device
@@ -195,9 +196,10 @@ class PrecisionUnit(Unit):
 
 
 class Int8(Unit):
-    """Opt-in int8 linear layers in the UNet(s) (``--precision int8``): never on by itself; changes the output."""
+    """Opt-in int8 layers in the UNet(s) (``--precision int8``): linear layers and convolutions; never on by itself,
+    because it changes the output."""
 
-    key, rows = "int8", ("int8 linear layers",)
+    key, rows = "int8", ("int8 layers",)
     fields = {"int8": False}
     decide_at, apply_at, row_at = 30, 30, 30
 
@@ -210,13 +212,14 @@ class Int8(Unit):
                                    + (f"; this CPU's int8 GEMM: {gemm_line(gemm)}" if offered else ""))
             return
         if ctx.device != "cpu":
-            raise PlanError(f"precision: 'int8' runs the UNet's linear layers on the CPU's int8 GEMM (VNNI/AMX); "
+            raise PlanError(f"precision: 'int8' runs the UNet's layers on the CPU's int8 GEMM (VNNI/AMX); "
                             f"it is not offered on {ctx.device.upper()}: use --precision auto there")
         ctx.values["int8"] = True
         best_float = max((v for k, v in gemm.items() if k in ("fp32", "bf16", "fp16")), default=0.0)
         measured = f"measured: {gemm_line(gemm)}" if gemm else "not measured in this probe"
-        ctx.reasons["int8"] = (f"on (--precision int8): the UNet's linear layers run int8 GEMMs with per-channel "
-                               f"weight and per-token activation scales, other layers in "
+        ctx.reasons["int8"] = (f"on (--precision int8): the UNet's linear layers run int8 GEMMs (per-channel "
+                               f"weight, per-token activation scales) and its convolutions oneDNN's int8 "
+                               f"convolution (per-channel weight, per-tensor activation scales), other layers in "
                                f"{SHORT_DTYPE[ctx.values['dtype']]}; {measured}; CHANGES THE OUTPUT slightly "
                                "(8-bit rounding)")
         if "int8" in gemm and gemm["int8"] < 1.5 * best_float:
@@ -231,23 +234,27 @@ class Int8(Unit):
 
         for pipe in pipes(models):
             int8.quantize_linears(pipe.unet, min_features=INT8_MIN_FEATURES)
+            int8.quantize_convs(pipe.unet, min_channels=INT8_MIN_CHANNELS)
 
     def evidence(self, plan):
-        return {"int8 linear layers": "linear layers int8"} if plan.int8 else {}
+        return {"int8 layers": "linear layers int8"} if plan.int8 else {}
 
     def expected(self, plan, probe):
-        return [planned_row("int8 linear layers", plan.int8, plan.reasons["int8"])]
+        return [planned_row("int8 layers", plan.int8, plan.reasons["int8"])]
 
     def live(self, live):
         from . import int8
 
         state = int8.state(live.base.unet)
         n = state.get("int8_layers", 0) if state.get("enabled") else 0
+        convs = state.get("int8_convs", 0) if state.get("enabled") else 0
         detail = ""
-        if n:
-            detail = (f"{n} UNet linear layers int8 ({state.get('params_int8', 0) / 1e6:.1f} M parameters); "
-                      "the output differs from the exact run")
-        return [live_row("int8 linear layers", bool(n), live.plan.int8, live.plan.reasons["int8"], detail)]
+        if n or convs:
+            params = (state.get("params_int8", 0) + state.get("conv_params_int8", 0)) / 1e6
+            detail = (f"{n} UNet linear layers int8, {convs} convolutions int8 ({params:.1f} M parameters"
+                      + (f"; {state['fallbacks']} calls fell back to float" if state.get("fallbacks") else "")
+                      + "); the output differs from the exact run")
+        return [live_row("int8 layers", bool(n or convs), live.plan.int8, live.plan.reasons["int8"], detail)]
 
 
 # ---------------------------------------------------------------- memory layout

@@ -1,4 +1,4 @@
-"""Int8 linear layers (sdxl_ui.optimizations.int8): correctness only, never speed, so they pass on any CPU.
+"""Int8 linear layers and convolutions (sdxl_ui.optimizations.int8): correctness only, never speed, so they pass on any CPU.
 
 Error bounds: rounding to a step Δ = max/127 adds noise of RMS Δ/√12 per operand. For Gaussian rows of k values
 max ≈ σ·√(2 ln k), so each operand carries ≈ 0.55 % (k = 64) to 0.9 % (k = 1280) relative RMS noise and the
@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from sdxl_ui.optimizations.int8 import Int8Linear, dequantize_linears, quantize_linears, state
+from sdxl_ui.optimizations.int8 import (Int8Conv2d, Int8Linear, dequantize_linears, quantize_convs, quantize_linears,
+                                         state)
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -230,3 +231,88 @@ def test_quantized_bf16_unet_runs_in_bf16():
         out = unet(**unet_inputs(torch.bfloat16)).sample
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert rel_rms(out, ref) < 0.05
+
+
+# ---------------------------------------------------------------- convolutions
+# One convolution: Gaussian input and weights. The weight's per-channel step adds ≈ 0.9 % relative RMS (k = 9·C
+# values per channel); the input's whole-tensor asymmetric uint8 step (range/255 over a Gaussian tensor of ~10⁵
+# values, range ≈ 9 σ) adds ≈ 1 %: ≈ 1.2 % for the product (measured 1.1-1.3 %); bound 3 %.
+
+def gaussian_conv(c_in: int, c_out: int, bias: bool = True, stride: int = 1, seed: int = 0) -> nn.Conv2d:
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, stride=stride, bias=bias)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) / (9 * c_in) ** 0.5)
+        if bias:
+            conv.bias.copy_(torch.randn(c_out, generator=g) * 0.1)
+    return conv
+
+
+ONEDNN = torch.backends.mkldnn.is_available()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_conv_matches_the_float_conv_in_its_dtype(dtype, bias):
+    conv = gaussian_conv(64, 96, bias=bias)
+    x = torch.randn(2, 64, 24, 20, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = conv(x)
+        q = Int8Conv2d(conv).to(dtype)
+        out = q(x.to(dtype))
+    assert q.qweight.dtype == torch.int8 and q.w_scale.dtype == torch.float32  # scales stay fp32 through .to()
+    assert out.dtype == dtype and out.shape == ref.shape and torch.isfinite(out).all()
+    assert 0 < rel_rms(out, ref) < 0.03
+    assert q.fallbacks == (0 if ONEDNN else 1)
+    assert q.weight.shape == conv.weight.shape and rel_rms(q.weight, conv.weight) < 0.02
+
+
+def test_int8_conv_of_zeros_is_its_bias_and_padding_stays_zero():
+    conv = gaussian_conv(32, 32)
+    q = Int8Conv2d(conv)
+    with torch.inference_mode():
+        out = q(torch.zeros(1, 32, 8, 8))
+        # a positive-only input: the range still holds 0, so the zero padding is exact (edges match the float conv)
+        x = torch.rand(1, 32, 8, 8, generator=torch.Generator().manual_seed(2)) + 1.0
+        ref, got = conv(x), q(x)
+    assert torch.allclose(out, conv.bias.view(1, -1, 1, 1).expand_as(out), atol=1e-6)
+    assert rel_rms(got[..., 0, :], ref[..., 0, :]) < 0.03 and rel_rms(got[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1]) < 0.03
+
+
+def test_a_refused_int8_conv_falls_back_to_float_and_counts(monkeypatch):
+    from sdxl_ui.optimizations import int8
+
+    conv = gaussian_conv(32, 32)
+    q = Int8Conv2d(conv)
+
+    def refuse(x):
+        raise RuntimeError("quantized::packed_weights_conv2d: refused")
+
+    monkeypatch.setattr(int8, "_tensor_quantize", refuse)
+    x = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        out = q(x)
+    assert q.fallbacks == 1 and rel_rms(out, conv(x)) < 0.02  # the dequantized weight: only its own rounding
+
+
+def test_quantize_convs_skips_the_narrow_and_strided_ones_and_state_counts_them():
+    unet = tiny_unet()
+    convs = [m for m in unet.modules() if type(m) is nn.Conv2d]
+    wanted = [m for m in convs if min(m.in_channels, m.out_channels) >= 32 and m.stride == (1, 1)]
+    assert 0 < len(wanted) < len(convs)  # conv_in / conv_out (4 channels) and the downsamplers stay float
+    with torch.inference_mode():
+        ref = unet(**unet_inputs()).sample
+    counts = quantize_convs(unet, min_channels=32)
+    assert counts["conv_quantized"] == counts["conv_newly_quantized"] == len(wanted)
+    assert counts["conv_skipped"] == len(convs) - len(wanted)
+    assert isinstance(unet.conv_in, nn.Conv2d) and not isinstance(unet.conv_in, Int8Conv2d)
+    assert quantize_convs(unet, min_channels=32)["conv_newly_quantized"] == 0  # idempotent
+    st = state(unet)
+    assert st["enabled"] is True and st["int8_convs"] == len(wanted) and st["int8_layers"] == 0
+    assert st["min_channels"] == 32 and st["conv_params_int8"] == sum(m.weight.numel() for m in wanted)
+    with torch.inference_mode():
+        out = unet(**unet_inputs()).sample
+    assert out.shape == ref.shape and 0 < rel_rms(out, ref) < 0.05
+    quantize_linears(unet, min_features=64)  # both kinds: the counts of both stay on the module
+    st = state(unet)
+    assert st["int8_layers"] > 0 and st["int8_convs"] == len(wanted) and st["fallbacks"] == 0

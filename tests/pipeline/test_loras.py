@@ -104,7 +104,7 @@ def test_int8_quantizes_the_fused_weights(tmp_path, lora_files):
     svc = service(tmp_path / "b", precision="int8", loras=(str(lora_files["good"]),))
     with_lora, result = image(svc)
     rows = {r.name: r for r in result.report.rows}
-    assert rows["int8 linear layers"].status.value == "active" and rows["LoRA adapters"].status.value == "active"
+    assert rows["int8 layers"].status.value == "active" and rows["LoRA adapters"].status.value == "active"
     assert not np.array_equal(with_lora, plain)
     svc.set_loras([])  # int8 layers cannot take the weights back in place: the model reloads without the LoRA
     assert_same_picture(image(svc)[0], plain)  # new weight tensors: within the kernels' rounding

@@ -103,10 +103,10 @@ def test_every_technique_has_a_planned_row_in_doctor():
     from sdxl_ui.optimize import expected_report
 
     rep = expected_report(plan(probe_with(EPYC), high=False, precision="int8"), probe_with(EPYC))
-    assert {rep.get(n).status.value for n in ("feature cache", "guidance interval", "int8 linear layers")} == {
+    assert {rep.get(n).status.value for n in ("feature cache", "guidance interval", "int8 layers")} == {
         "active"}
     rep = expected_report(plan(probe_with(EPYC), high=True), probe_with(EPYC))
-    assert rep.get("feature cache").status.value == "off" and rep.get("int8 linear layers").status.value == "off"
+    assert rep.get("feature cache").status.value == "off" and rep.get("int8 layers").status.value == "off"
 
 
 def test_request_fields_are_validated_by_name():
@@ -200,7 +200,7 @@ def test_int8_row_counts_the_live_int8_layers():
     import torch
 
     from sdxl_ui.models import load_models, resolve_source
-    from sdxl_ui.optimizations.int8 import Int8Linear
+    from sdxl_ui.optimizations.int8 import Int8Conv2d, Int8Linear
     from sdxl_ui.optimize import apply, report
 
     probe = probe_with(EPYC)
@@ -208,18 +208,21 @@ def test_int8_row_counts_the_live_int8_layers():
     p = make_plan(probe, settings, "tiny", 64, 64, True)
     models = load_models(resolve_source("tiny"), settings.refiner_source, p.dtype, p.vae_dtype, False)
     apply(p, models)
-    row = report(models, p, probe).get("int8 linear layers")
+    row = report(models, p, probe).get("int8 layers")
     assert row.status.value == "active" and "differs from the exact run" in row.detail
     layers = [(name, m) for name, m in models.base.unet.named_modules() if isinstance(m, Int8Linear)]
-    assert layers
-    n = int(row.detail.split()[0])
-    assert n == len(layers)
-    # Swap every int8 layer back to a float Linear behind the plan's back: the row says so.
+    convs = [(name, m) for name, m in models.base.unet.named_modules() if isinstance(m, Int8Conv2d)]
+    assert layers and convs
+    assert f"{len(layers)} UNet linear layers int8, {len(convs)} convolutions int8" in row.detail
+    # Swap every int8 layer back to a float one behind the plan's back: the row says so.
     for name, m in layers:
         parent = models.base.unet.get_submodule(name.rsplit(".", 1)[0])
-        linear = torch.nn.Linear(m.in_features, m.out_features)
-        setattr(parent, name.rsplit(".", 1)[1], linear)
-    row = report(models, p, probe).get("int8 linear layers")
+        setattr(parent, name.rsplit(".", 1)[1], torch.nn.Linear(m.in_features, m.out_features))
+    assert "0 UNet linear layers int8" in report(models, p, probe).get("int8 layers").detail
+    for name, m in convs:
+        parent = models.base.unet.get_submodule(name.rsplit(".", 1)[0])
+        setattr(parent, name.rsplit(".", 1)[1], torch.nn.Conv2d(m.in_channels, m.out_channels, 3, padding=1))
+    row = report(models, p, probe).get("int8 layers")
     assert row.status.value == "off" and "not as planned" in row.detail
 
 
