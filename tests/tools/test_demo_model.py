@@ -176,3 +176,43 @@ def test_half_precision_unet_with_an_fp32_vae_decodes_the_scene():
         hook.remove()
     assert decoded_dtypes == [torch.float32]
     assert S.read_scene(image).matches(scene) == {a: True for a in S.ATTRIBUTES}
+
+
+def test_compare_judges_each_configuration_against_its_own_exact_run_and_holds_int8_to_2_points(monkeypatch):
+    """``eval-demo --compare``'s arithmetic, with the pictures' readings given: each row against the exact run of its
+    own preset (few-step against few-step), points overall and per attribute, the int8 bar (2 points overall and on
+    every attribute) only on int8 rows, and a comparison whose service is missing left out."""
+    import numpy as np
+
+    right = {"high: exact": 230, "fast: exact": 230, "few_step: exact": 230, "high: int8 only": 229,
+             "fast: preset + int8": 228, "few_step: int8": 231}
+    shape_loss = {"high: int8 only": 1, "fast: preset + int8": 2}  # answers lost on "shape", the rest on "size"
+    calls = []
+
+    def fake_run_prompts(service, scenes, keep_images=None, quality="high", **fields):
+        label = next(lab for lab, q, f, key in E.COMPARISONS if q == quality and f == fields
+                     and service is services[key] and lab not in calls)
+        calls.append(label)
+        n = len(scenes)
+        result = E.Adherence(total=n, seconds=[0.5] * n)
+        result.right = {a: 46 for a in S.ATTRIBUTES}
+        result.right["color"] += right.get(label, 230) - 230
+        result.right["shape"] -= shape_loss.get(label, 0)
+        result.right["size"] += shape_loss.get(label, 0)
+        keep_images.extend((f"p{i}", np.full((8, 8, 3), 100 + i, np.uint8)) for i in range(n))
+        return result
+
+    services = {"": object(), "int8": object(), "lcm": object(), "lcm int8": object()}
+    monkeypatch.setattr(E, "run_prompts", fake_run_prompts)
+    monkeypatch.setattr(E, "psnr", lambda a, b: 99.0)
+    out = E.compare(services[""], {k: v for k, v in services.items() if k})
+    assert list(out) == [c[0] for c in E.COMPARISONS]
+    assert out["few_step: int8"]["points_vs_exact"] == round(100 * 1 / 240, 1)  # against few-step's own exact run
+    assert out["high: int8 only"]["points_vs_exact"] == round(-100 / 240, 1)
+    assert out["high: int8 only"]["points_by_attribute"]["shape"] == round(-100 / 48, 1)
+    assert out["high: int8 only"]["within_2_points"] is False  # one shape answer of 48 lost: 2.1 points
+    assert out["fast: preset + int8"]["within_2_points"] is False and out["few_step: int8"]["within_2_points"] is True
+    assert "within_2_points" not in out["fast: preset"] and out["fast: preset"]["within_3_points"] is True
+    calls.clear()
+    out = E.compare(services[""], {})  # no int8 GEMM, no few-step LoRA: those rows are left out
+    assert list(out) == [c[0] for c in E.COMPARISONS if not c[3]]
