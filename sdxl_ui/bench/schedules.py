@@ -185,7 +185,32 @@ def per_image(results: dict, schedules: dict, unet_scale: float, vae_scale: floa
         if peer is not None:
             out[f"{name} peer"] = peer
             out[name]["vs_peer"] = round(peer["image_s"] / out[name]["image_s"], 2)
+        out.update(_int8_rows(stock, results.get("int8"), plan, sched, unet_scale, decodes, name,
+                              peer["image_s"] if peer else None))
     return out
+
+
+def _int8_rows(stock: float, i8: dict | None, plan: dict, sched: dict, unet_scale: float, decodes: dict, of: str,
+               peer_s: float | None) -> dict:
+    """A few-step profile's schedule on the opt-in int8 UNet (``--precision int8``: the int8 child's own step
+    kinds), with the full VAE and with the tiny decoder: the VAE is not int8, so the plan's decodes. None where
+    the int8 child did not run or time its kinds."""
+    if not sched.get("profile") or not i8 or "kinds" not in i8:
+        return {}
+    unet_s = schedule_seconds(sched["calls"], i8["kinds"], unet_scale)
+    rows = {}
+    for suffix, decode, tiny in (("int8", decodes["full_vae_s"], None), ("int8 tiny", decodes.get("tiny_decoder_s"),
+                                                                        of)):
+        if decode is None:
+            continue
+        row = _preset_row(stock, unet_s, plan, decode, sched, of=tiny)
+        row.pop("schedule", None)
+        row.update(schedule_of=of, dtype=f"int8 + {plan['dtype']}", int8=True,
+                   what=row.get("what", "") + "; UNet linear layers and convolutions int8 (opt-in --precision int8)")
+        if peer_s and not tiny:
+            row["vs_peer"] = round(peer_s / row["image_s"], 2)
+        rows[f"{of} {suffix}"] = row
+    return rows
 
 
 def _peer_row(stock: float, base: dict, sched: dict, unet_scale: float, vae_scale: float, of: str) -> dict | None:

@@ -70,6 +70,15 @@ def test_bench_runs_end_to_end_with_the_high_quality_path(tmp_path):
     assert peer["unet_s"] == pytest.approx(4 * base["full_cond_s"] * scale, rel=0.01, abs=0.011)
     assert peer["image_s"] == pytest.approx(peer["unet_s"] + base["text_encode_s"] + peer["decode_s"], abs=0.011)
     assert full["vs_peer"] == round(peer["image_s"] / full["image_s"], 2) and "vs_peer" not in presets["high"]
+    # Where this CPU has an int8 GEMM the int8 child ran: the same LCM schedule on its own step kinds, with the
+    # plan's decodes (the VAE is not int8), and its ratio to the peer.
+    if "int8" in data["dtype_peaks"]["gflops"]:
+        i8, i8_tiny, kinds = presets["lcm-4 int8"], presets["lcm-4 int8 tiny"], data["int8"]["kinds"]
+        assert i8["schedule_of"] == i8_tiny["schedule_of"] == "lcm-4" and i8["int8"] and i8["dtype"].startswith("int8")
+        assert i8["unet_s"] == i8_tiny["unet_s"] == pytest.approx(
+            sum(kinds[bench.KIND_NAMES[c]] for c in lcm["calls"]) * scale, rel=0.01, abs=0.011)
+        assert i8["decode_s"] == full["decode_s"] and i8_tiny["decode_s"] == tiny["decode_s"]
+        assert i8["vs_peer"] == round(peer["image_s"] / i8["image_s"], 2) and "vs_peer" not in i8_tiny
     saved = tmp_path / "bench.json"
     saved.write_text(proc.stdout)
     table = cli("bench", "--from-json", str(saved))
@@ -78,7 +87,7 @@ def test_bench_runs_end_to_end_with_the_high_quality_path(tmp_path):
     assert "Per 1024² image" in table.stdout and "Check: one real Fast image" in table.stdout
     lines = table.stdout.splitlines()
     full_row = [line for line in lines
-                if line.startswith("   lcm-4 ") and not line.startswith(("   lcm-4 tiny", "   lcm-4 peer"))]
+                if line.startswith("   lcm-4 ") and not line.startswith(("   lcm-4 tiny", "   lcm-4 peer", "   lcm-4 int8"))]
     tiny_row = [line for line in lines if line.startswith("   lcm-4 tiny ")]
     assert len(full_row) == 1 and len(tiny_row) == 1, table.stdout
     assert f"{tiny['image_s']:.2f} s" in tiny_row[0] and f"{tiny['ratio']:.2f}× stock" in tiny_row[0]
