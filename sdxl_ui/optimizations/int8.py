@@ -152,7 +152,8 @@ class Int8Conv2d(nn.Module):
     (no output scale to calibrate). A whole-tensor activation scale is the price of a convolution: its reduction
     runs over input channels and the kernel window, so a per-row scale would not factor out of the sum; after
     GroupNorm + SiLU the UNet's activations have no wild outliers, and the error is judged (``eval-demo
-    --compare``). The weight is packed for oneDNN on the first call and kept (not in the state dict)."""
+    --compare``). The weight is packed for oneDNN on the first call and kept (not in the state dict; dropped
+    by ``.to()``)."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
@@ -195,13 +196,14 @@ class Int8Conv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
         try:
-            if self._packed is None:
-                self._packed = torch.ops.onednn.qconv_prepack(self.qweight, self.w_scale, 1.0, 0, *args, None)
+            if self._packed is None:  # once per layer (again after .to()): the packed weight, zero points, fp32 bias
+                self._packed = (torch.ops.onednn.qconv_prepack(self.qweight, self.w_scale, 1.0, 0, *args, None),
+                                torch.zeros_like(self.w_scale, dtype=torch.int64),
+                                self.bias.float() if self.bias is not None else None)
+            packed, w_zps, bias = self._packed
             q, scale, zp = _tensor_quantize(x)
-            bias = self.bias.float() if self.bias is not None else None
-            return torch.ops.onednn.qconv2d_pointwise(
-                q, scale, zp, self._packed, self.w_scale, torch.zeros_like(self.w_scale, dtype=torch.int64), bias,
-                *args, 1.0, 0, x.dtype, "none", [], "")
+            return torch.ops.onednn.qconv2d_pointwise(q, scale, zp, packed, self.w_scale, w_zps, bias, *args, 1.0, 0,
+                                                      x.dtype, "none", [], "")
         except (RuntimeError, AttributeError):  # no oneDNN quantized conv in this build, or a shape it refuses
             self.fallbacks += 1
             bias = self.bias.to(x.dtype) if self.bias is not None else None
