@@ -15,6 +15,7 @@ import platform
 from pathlib import Path
 
 from .schema import CpuInfo, CudaInfo, HardwareProbe, MpsInfo, XformersInfo
+from .settings import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +128,9 @@ SLOW_CALL_S = 1.0  # a call this slow is timed once, not OP_ROUNDS more times
 
 
 def op_cache_path(env=None) -> Path:
-    """Where the operation speeds are kept: $SDXL_UI_CACHE_DIR, else $XDG_CACHE_HOME/sdxl_ui, else
-    ~/.cache/sdxl_ui; one JSON file, keyed by CPU, flags, threads and torch version."""
-    env = os.environ if env is None else env
-    root = env.get("SDXL_UI_CACHE_DIR") or str(Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdxl_ui")
-    return Path(root) / "op-speeds.json"
+    """Where the operation speeds are kept: in the cache root (settings.cache_root: $SDXL_UI_CACHE_DIR, else
+    $XDG_CACHE_HOME/sdxl_ui, else ~/.cache/sdxl_ui); one JSON file, keyed by CPU, flags, threads and torch version."""
+    return cache_root(env) / "op-speeds.json"
 
 
 def _op_key(torch, model: str) -> str:

@@ -24,6 +24,13 @@ DECODERS = ("full", "tiny")  # --decoder: the final image's decoder
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 
 
+def cache_root(env=None) -> Path:
+    """Where sdxl_ui keeps what it measured or built once per machine (the operation speeds, torch.compile's
+    compiled graphs): $SDXL_UI_CACHE_DIR, else $XDG_CACHE_HOME/sdxl_ui, else ~/.cache/sdxl_ui."""
+    env = os.environ if env is None else env
+    return Path(env.get("SDXL_UI_CACHE_DIR") or Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdxl_ui")
+
+
 class DeviceChoice(str, enum.Enum):
     AUTO = "auto"
     CUDA = "cuda"
