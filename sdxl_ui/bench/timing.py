@@ -123,7 +123,13 @@ def _time_steps(torch, spec: dict, pipe, dtype, out: dict):
     times = []
     unet = pipe.unet
     if spec.get("compile"):
-        unet = torch.compile(pipe.unet)
+        from ..optimizations.speed import compile_unet, keep_compiled_graphs
+
+        kept = keep_compiled_graphs()  # as the app compiles: with this graph kept, the warm-up is a later start's
+        graphs = kept / "fxgraph"
+        before = sum(1 for f in graphs.rglob("*") if f.is_file()) if graphs.is_dir() else 0
+        unet, freeze = compile_unet(torch, pipe.unet, device)
+        out["compile_cache"] = {"dir": str(kept), "graphs_before": before, "freezing": freeze}
     for i in range(steps + 1):  # step 0 is the warm-up (and, with --compile, the compilation)
         sync(torch, device)
         t = time.perf_counter()

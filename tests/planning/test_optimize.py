@@ -1,9 +1,13 @@
 """The report is read back from the live pipeline: change the pipeline, the report follows."""
+import os
+from pathlib import Path
+
 import pytest
 from tests.helpers import load_probe
 
 from sdxl_ui.models import load_models, resolve_source
 from sdxl_ui.optimize import apply, expected_report, report
+from sdxl_ui.optimizations.speed import compile_unet, keep_compiled_graphs
 from sdxl_ui.policy import make_plan
 from sdxl_ui.settings import AppSettings
 
@@ -114,12 +118,50 @@ def test_log_lines_are_seed_style():
     assert any(l.startswith("– attention slicing off:") and "slicing would only slow" in l for l in lines)
 
 
-def test_report_reads_torch_compile_state():
+def test_report_reads_torch_compile_state(monkeypatch, tmp_path):
+    monkeypatch.setenv("SDXL_UI_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     models, plan, probe = loaded()
     assert status(report(models, plan, probe), "torch.compile") == "off"
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ  # nothing is pointed anywhere without --compile
     compiled, plan_c, _ = loaded(compile=True)  # wrapped now, compiled lazily at the first step
-    assert status(report(compiled, plan_c, probe), "torch.compile") == "active"
-    assert "--compile" in plan_c.reasons["compile"] or "on (--compile)" in plan_c.reasons["compile"]
+    row = report(compiled, plan_c, probe).get("torch.compile")
+    assert row.status.value == "active" and "on (--compile)" in plan_c.reasons["compile"]
+    # Its compiled graphs are kept in sdxl_ui's cache root, so a later start loads them; the row says where.
+    kept = str(tmp_path / "inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == kept and kept in row.detail
+
+
+def test_a_cpu_compiles_an_exact_unet_with_freezing_and_keeps_the_graphs(monkeypatch, tmp_path):
+    monkeypatch.setenv("SDXL_UI_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    asked = []
+
+    class Torch:  # records what torch.compile is asked for
+        @staticmethod
+        def compile(module, options=None):
+            asked.append(options)
+            return module
+
+    assert compile_unet(Torch, "unet", "cpu") == ("unet", True)
+    assert compile_unet(Torch, "unet", "cpu", int8=True) == ("unet", False)  # int8 layers: no freezing
+    assert compile_unet(Torch, "unet", "cuda") == ("unet", False)
+    assert asked == [{"freezing": True}, None, None]
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+
+
+def test_compiled_graphs_go_to_the_cache_root_unless_the_user_chose_a_folder(tmp_path):
+    env = {"SDXL_UI_CACHE_DIR": str(tmp_path)}
+    assert keep_compiled_graphs(env) == tmp_path / "inductor"
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    assert keep_compiled_graphs({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "sdxl_ui" / "inductor"
+    mine = {"SDXL_UI_CACHE_DIR": str(tmp_path), "TORCHINDUCTOR_CACHE_DIR": "/srv/inductor"}
+    assert keep_compiled_graphs(mine) == Path("/srv/inductor") and mine["TORCHINDUCTOR_CACHE_DIR"] == "/srv/inductor"
+    # Inductor's own /tmp default, written into the variable once anything asked for its folder, is not a choice.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    tmp = {"SDXL_UI_CACHE_DIR": str(tmp_path), "TORCHINDUCTOR_CACHE_DIR": default_cache_dir()}
+    assert keep_compiled_graphs(tmp) == tmp_path / "inductor" == Path(tmp["TORCHINDUCTOR_CACHE_DIR"])
 
 
 def test_mps_sdpa_row_is_not_built_from_the_cpu_probe():
