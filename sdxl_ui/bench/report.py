@@ -1,6 +1,8 @@
 """The bench's table: the figures of `summarize` as printed (also of a saved `bench --json`, by --from-json)."""
 from __future__ import annotations
 
+import re
+
 
 def machine_label(probe, device) -> str:
     """The machine in the table's heading: the GPU and its memory, or the CPU, its cores and RAM."""
@@ -11,6 +13,24 @@ def machine_label(probe, device) -> str:
 
 HQ_PARTS = (("base_s", "base"), ("refiner_s", "refiner"), ("refiner_and_decode_s", "refiner + decode"),
             ("decode_s", "decode"))
+
+
+def op_dtypes(row: dict) -> str:
+    """The dtype each operation class ran in, read from a configuration's saved report (stock: fp32 throughout)."""
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(row["dtype"], row["dtype"])
+    rows = {r["name"]: r for r in row.get("report", ())}
+    if not rows:
+        return f"everything {short} (stock diffusers)"
+    int8 = rows.get("int8 layers", {})
+    linear = conv = short
+    if int8.get("status") == "active":
+        linear = "int8"
+        convs = re.search(r"(\d+) convolutions int8", int8.get("detail", ""))
+        conv = f"int8 ({convs.group(1)} of them, the rest {short})" if convs else "int8"
+    vae = re.search(r"(\w+) VAE", rows.get("precision", {}).get("detail", ""))
+    layout = " channels-last" if rows.get("channels-last VAE", {}).get("status") == "active" else ""
+    return (f"linear layers {linear}, convolutions {conv}, attention {short} (SDPA), "
+            f"VAE {vae.group(1) if vae else short}{layout}")
 
 
 def format_table(s: dict) -> str:
@@ -29,6 +49,10 @@ def format_table(s: dict) -> str:
                      f"{r['projected_1024_hq_s']:>10.1f} {r['warmup_s']:>9.1f}")
         if "peak_vram_gb" in r:
             lines[-1] += f"  VRAM {r['peak_vram_gb']} GB"
+        if "compile_cache" in r:
+            c = r["compile_cache"]
+            lines[-1] += (f"  ({c['graphs_before']} compiled graphs kept in {c['dir']} before its warm-up"
+                          f"{'; freezing' if c.get('freezing') else ''})")
     if "ratio" in s:
         lines += ["", f"per guided step, plan vs stock diffusers (baseline s/step ÷ plan s/step): {s['ratio']}×",
                   f"per 1024² High-quality image (projected, stock 50 steps vs plan's steps policy): "
@@ -43,6 +67,7 @@ def format_table(s: dict) -> str:
                          f"{'on' if h['refiner'] else 'off'}: {', '.join(parts)})")
         if "hq_ratio" in s:
             lines.append(f"High-quality image, stock ÷ plan: {s['hq_ratio']}×")
+    lines += ["", "dtype per operation class:"] + [f"   {r['kind']:<10} {op_dtypes(r)}" for r in rows]
     if "dtype_peaks" in s:
         peaks = s["dtype_peaks"]
         lines += ["", "This host's GEMM (probe): " + ", ".join(f"{k} {v:g}" for k, v in peaks["gflops"].items())
