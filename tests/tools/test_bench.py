@@ -103,20 +103,23 @@ def test_bench_runs_end_to_end_with_the_high_quality_path(tmp_path):
     assert "   baseline   everything fp32 (stock diffusers)" in lines
 
 
-def test_the_dtype_per_operation_class_is_read_from_the_configurations_report():
-    int8 = {"dtype": "bfloat16", "report": [
-        {"name": "precision", "status": "active", "detail": "bf16 UNet/text encoders, fp32 VAE (unet bf16@cpu)"},
-        {"name": "channels-last VAE", "status": "active", "detail": "the VAE's convolution weights channels-last"},
-        {"name": "int8 layers", "status": "active", "detail": "743 UNet linear layers int8, 47 convolutions int8"}]}
-    assert bench.report.op_dtypes(int8) == ("linear layers int8, convolutions int8 (47 of them, the rest bf16), "
-                                            "attention bf16 (SDPA), VAE fp32 channels-last")
-    exact = {"dtype": "float32", "report": [
-        {"name": "precision", "status": "active", "detail": "fp32 UNet/text encoders, fp32 VAE"},
-        {"name": "channels-last VAE", "status": "off", "detail": "measured: the default layout is faster"},
-        {"name": "int8 layers", "status": "off", "detail": "opt-in only (--precision int8)"}]}
-    assert bench.report.op_dtypes(exact) == ("linear layers fp32, convolutions fp32, attention fp32 (SDPA), "
-                                             "VAE fp32")
-    assert bench.report.op_dtypes({"dtype": "float32"}) == "everything fp32 (stock diffusers)"
+def _rows(dtype, vae, channels_last, int8):
+    """A configuration's saved report, the three rows op_dtypes reads."""
+    return {"dtype": dtype, "report": [
+        {"name": "precision", "status": "active", "detail": f"bf16 UNet/text encoders, {vae} VAE (unet bf16@cpu)"},
+        {"name": "channels-last VAE", "status": "active" if channels_last else "off", "detail": ""},
+        {"name": "int8 layers", "status": "active" if int8 else "off",
+         "detail": "743 UNet linear layers int8, 47 convolutions int8" if int8 else "opt-in only"}]}
+
+
+@pytest.mark.parametrize("row, expected", [
+    (_rows("bfloat16", "fp32", True, True), "linear layers int8, convolutions int8 (47 of them, the rest bf16), "
+                                            "attention bf16 (SDPA), VAE fp32 channels-last"),
+    (_rows("float32", "fp32", False, False), "linear layers fp32, convolutions fp32, attention fp32 (SDPA), VAE fp32"),
+    ({"dtype": "float32"}, "everything fp32 (stock diffusers)"),
+])
+def test_the_dtype_per_operation_class_is_read_from_the_configurations_report(row, expected):
+    assert bench.report.op_dtypes(row) == expected
 
 
 def test_replay_of_a_result_saved_before_the_few_step_presets():
