@@ -52,9 +52,9 @@ class Compile(Unit):
                 "6.24 s eager → 4.91–5.27 s (5.61–5.77 s without freezing); first start 121–148 s of compiling, "
                 "a later start ~105 s (21 s without freezing). H200: 159 s once, then 77 → 56 ms per step")
         else:
-            ctx.reasons["compile"] = ("off: the first start compiles for minutes; later steps gain ~20 % on a 2-core "
-                                      "AMX Xeon (−3 % measured on the EPYC without freezing), ~27 % on an H200; use "
-                                      "--compile for long-running servers")
+            ctx.reasons["compile"] = ("off: the first start compiles for minutes; later steps take 6–21 % less time "
+                                      "on a 2-core AMX Xeon (3 % on the EPYC, measured without freezing), ~27 % on an "
+                                      "H200; use --compile for long-running servers")
 
     def apply(self, plan, models):
         if plan.compile and not is_compiled(models.base.unet):
